@@ -1,0 +1,933 @@
+//! Host-side async client of the agent.
+//!
+//! One reader task decodes frames and routes them to the outstanding request by id;
+//! one writer task sends frames (control frames such as credits and kills first). The
+//! reader never blocks on a consumer: stream data is bounded by the credit window
+//! ([`crate::STREAM_WINDOW`]) and a guest that overruns it has that stream failed.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::Stream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::error::ProtoError;
+use crate::frame::{FrameReader, SYNC_PREAMBLE_LEN, encode_frame};
+use crate::message::{ExecEvent, ExecRequest, GuestMessage, Hello, HostMessage, Metrics};
+use crate::{EXEC_CHUNK_LEN, FILE_CHUNK_LEN, NO_REQUEST, PROTOCOL_VERSION, STREAM_WINDOW};
+
+type Reply = Result<GuestMessage, ProtoError>;
+
+/// Frames queued for the writer; bounded so bulk uploads wait for the socket.
+const DATA_QUEUE: usize = 32;
+
+/// Handle to one agent connection. Cheap to clone; the connection's tasks stop when
+/// the last clone (including exec handles and read streams) is dropped.
+#[derive(Clone)]
+pub struct AgentClient {
+    inner: Arc<Inner>,
+    _tasks: Arc<TaskGuard>,
+}
+
+struct TaskGuard(Vec<JoinHandle<()>>);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+#[derive(Clone, Default)]
+struct Status {
+    hello: Option<Hello>,
+    closed: Option<String>,
+}
+
+struct Pending {
+    op: &'static str,
+    tx: mpsc::UnboundedSender<Reply>,
+    /// Stream bytes received and not yet consumed (guest->host flow control).
+    inbound: Option<Arc<AtomicU64>>,
+    /// Credits for host->guest stream data (stdin, upload chunks).
+    credit: Option<Arc<Semaphore>>,
+}
+
+#[derive(Default)]
+struct State {
+    pending: HashMap<u64, Pending>,
+    closed: Option<String>,
+}
+
+struct Inner {
+    data_tx: mpsc::Sender<Vec<u8>>,
+    ctl_tx: mpsc::UnboundedSender<Vec<u8>>,
+    state: Mutex<State>,
+    status: watch::Sender<Status>,
+    restarts: AtomicU64,
+    decode_errors: AtomicU64,
+    next_id: AtomicU64,
+}
+
+struct Registration {
+    id: u64,
+    rx: mpsc::UnboundedReceiver<Reply>,
+    inbound: Arc<AtomicU64>,
+    credit: Arc<Semaphore>,
+    guard: PendingGuard,
+}
+
+/// Removes a pending request when its owner goes away; optionally cancels it in the guest.
+struct PendingGuard {
+    inner: Arc<Inner>,
+    id: u64,
+    cancel_on_drop: bool,
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        let removed = self.inner.lock().pending.remove(&self.id).is_some();
+        if removed && self.cancel_on_drop {
+            let _ = self.inner.send_ctl(&HostMessage::Cancel { id: self.id });
+        }
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock only means another thread panicked mid-update of plain maps.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn disconnected(&self) -> ProtoError {
+        let reason = self
+            .lock()
+            .closed
+            .clone()
+            .unwrap_or_else(|| "client shut down".into());
+        ProtoError::Disconnected { reason }
+    }
+
+    fn send_ctl(&self, msg: &HostMessage) -> Result<(), ProtoError> {
+        let frame = encode_frame(msg)?;
+        self.ctl_tx.send(frame).map_err(|_| self.disconnected())
+    }
+
+    async fn send_data(&self, msg: &HostMessage) -> Result<(), ProtoError> {
+        let frame = encode_frame(msg)?;
+        if self.lock().closed.is_some() {
+            return Err(self.disconnected());
+        }
+        self.data_tx
+            .send(frame)
+            .await
+            .map_err(|_| self.disconnected())
+    }
+
+    fn register(
+        self: &Arc<Self>,
+        op: &'static str,
+        inbound: bool,
+        credit: bool,
+    ) -> Result<Registration, ProtoError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let inbound_ctr = Arc::new(AtomicU64::new(0));
+        let sem = Arc::new(Semaphore::new(STREAM_WINDOW as usize));
+        let mut state = self.lock();
+        if let Some(reason) = &state.closed {
+            return Err(ProtoError::Disconnected {
+                reason: reason.clone(),
+            });
+        }
+        let mut id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if id == NO_REQUEST {
+            id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        }
+        state.pending.insert(
+            id,
+            Pending {
+                op,
+                tx,
+                inbound: inbound.then(|| inbound_ctr.clone()),
+                credit: credit.then(|| sem.clone()),
+            },
+        );
+        drop(state);
+        Ok(Registration {
+            id,
+            rx,
+            inbound: inbound_ctr,
+            credit: sem,
+            guard: PendingGuard {
+                inner: self.clone(),
+                id,
+                cancel_on_drop: false,
+            },
+        })
+    }
+
+    /// Fails every outstanding request with an error built from its operation name.
+    fn fail_all(&self, make: impl Fn(&'static str) -> ProtoError) {
+        let pending: Vec<Pending> = self.lock().pending.drain().map(|(_, p)| p).collect();
+        for p in pending {
+            if let Some(c) = &p.credit {
+                c.close();
+            }
+            let _ = p.tx.send(Err(make(p.op)));
+        }
+    }
+
+    fn close(&self, reason: String) {
+        {
+            let mut state = self.lock();
+            if state.closed.is_some() {
+                return;
+            }
+            tracing::warn!(%reason, "agent connection closed");
+            state.closed = Some(reason.clone());
+        }
+        self.fail_all(|_| ProtoError::Disconnected {
+            reason: reason.clone(),
+        });
+        self.status.send_modify(|s| s.closed = Some(reason.clone()));
+    }
+
+    fn on_hello(&self, hello: Hello) {
+        let mut restarted = false;
+        self.status.send_modify(|s| {
+            if let Some(prev) = &s.hello {
+                restarted = prev.pid != hello.pid || prev.boot_id != hello.boot_id;
+            }
+            s.hello = Some(hello.clone());
+        });
+        tracing::info!(
+            pid = hello.pid,
+            version = hello.version,
+            restarted,
+            "agent hello"
+        );
+        if restarted {
+            self.restarts.fetch_add(1, Ordering::Relaxed);
+            self.fail_all(|op| ProtoError::AgentRestarted { op, pid: hello.pid });
+        }
+    }
+
+    fn deliver(&self, id: u64, msg: GuestMessage, terminal: bool) {
+        let mut state = self.lock();
+        let pending = if terminal {
+            state.pending.remove(&id)
+        } else {
+            None
+        };
+        let entry = pending.as_ref().or_else(|| state.pending.get(&id));
+        let Some(entry) = entry else {
+            tracing::debug!(id, "reply for unknown request dropped");
+            return;
+        };
+        if terminal && let Some(c) = &entry.credit {
+            c.close();
+        }
+        let _ = entry.tx.send(Ok(msg));
+    }
+
+    fn on_data(&self, id: u64, len: usize, msg: GuestMessage) {
+        let mut state = self.lock();
+        let Some(entry) = state.pending.get(&id) else {
+            return;
+        };
+        let within = match &entry.inbound {
+            Some(ctr) => {
+                ctr.fetch_add(len as u64, Ordering::AcqRel) + len as u64 <= u64::from(STREAM_WINDOW)
+            }
+            None => false,
+        };
+        if within {
+            let _ = entry.tx.send(Ok(msg));
+            return;
+        }
+        if let Some(entry) = state.pending.remove(&id) {
+            drop(state);
+            let _ = entry
+                .tx
+                .send(Err(ProtoError::FlowControl { op: entry.op, id }));
+            let _ = self.send_ctl(&HostMessage::Cancel { id });
+        }
+    }
+
+    fn on_credit(&self, id: u64, bytes: u32) {
+        if let Some(c) = self.lock().pending.get(&id).and_then(|p| p.credit.as_ref()) {
+            c.add_permits(bytes as usize);
+        }
+    }
+
+    fn dispatch(&self, msg: GuestMessage) {
+        match msg {
+            GuestMessage::Hello(hello) => self.on_hello(hello),
+            GuestMessage::Credit { id, bytes } => self.on_credit(id, bytes),
+            GuestMessage::Error {
+                id: NO_REQUEST,
+                kind,
+                message,
+            } => {
+                tracing::warn!(?kind, %message, "agent reported an error outside any request");
+            }
+            GuestMessage::Exec { id, ref event } => match event {
+                ExecEvent::Stdout(d) | ExecEvent::Stderr(d) => {
+                    let len = d.len();
+                    self.on_data(id, len, msg)
+                }
+                ExecEvent::Started { .. } => self.deliver(id, msg, false),
+                ExecEvent::Exit { .. } => self.deliver(id, msg, true),
+            },
+            GuestMessage::FileChunk { id, ref data } => {
+                let len = data.len();
+                self.on_data(id, len, msg)
+            }
+            GuestMessage::Pong { id }
+            | GuestMessage::FileEnd { id, .. }
+            | GuestMessage::WriteDone { id, .. }
+            | GuestMessage::Metrics { id, .. }
+            | GuestMessage::Done { id }
+            | GuestMessage::Error { id, .. } => self.deliver(id, msg, true),
+        }
+    }
+}
+
+async fn reader_task<R: AsyncRead + Unpin>(inner: Arc<Inner>, reader: R) {
+    let mut frames = FrameReader::new(reader);
+    loop {
+        match frames.next::<GuestMessage>().await {
+            Ok(Some(Ok(msg))) => inner.dispatch(msg),
+            Ok(Some(Err(e))) => {
+                inner.decode_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "rejected a frame from the agent");
+            }
+            Ok(None) => {
+                inner.close("agent socket reached end of stream".into());
+                return;
+            }
+            Err(e) => {
+                inner.close(format!("reading from agent socket: {e}"));
+                return;
+            }
+        }
+    }
+}
+
+async fn writer_task<W: AsyncWrite + Unpin>(
+    inner: Arc<Inner>,
+    mut writer: W,
+    mut ctl_rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut data_rx: mpsc::Receiver<Vec<u8>>,
+) {
+    loop {
+        let frame = tokio::select! {
+            biased;
+            Some(f) = ctl_rx.recv() => f,
+            Some(f) = data_rx.recv() => f,
+            else => return,
+        };
+        if let Err(e) = writer.write_all(&frame).await {
+            inner.close(format!("writing to agent socket: {e}"));
+            return;
+        }
+    }
+}
+
+fn reply_error(op: &'static str, msg: GuestMessage) -> ProtoError {
+    match msg {
+        GuestMessage::Error { kind, message, .. } => ProtoError::Agent { op, kind, message },
+        other => ProtoError::UnexpectedReply {
+            op,
+            got: format!("{other:?}"),
+        },
+    }
+}
+
+fn initial_id() -> u64 {
+    // Distinct per connection so a reconnecting host never reuses ids of streams the
+    // agent may still be serving for the previous connection.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    (nanos & 0xFFFF_FFFF_FFFF) << 12 | 1
+}
+
+impl AgentClient {
+    /// Connects to the agent's unix socket and starts the connection's tasks; returns
+    /// before the agent's Hello (see [`wait_ready`](Self::wait_ready)).
+    pub async fn connect_unix(path: &Path) -> Result<AgentClient, ProtoError> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| ProtoError::Connect {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(Self::from_stream(stream))
+    }
+
+    /// Runs the protocol over any byte stream (vsock, tests). Must be called inside a
+    /// tokio runtime.
+    pub fn from_stream<S>(stream: S) -> AgentClient
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (reader, writer) = tokio::io::split(stream);
+        let (data_tx, data_rx) = mpsc::channel(DATA_QUEUE);
+        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            data_tx,
+            ctl_tx,
+            state: Mutex::new(State::default()),
+            status: watch::Sender::new(Status::default()),
+            restarts: AtomicU64::new(0),
+            decode_errors: AtomicU64::new(0),
+            next_id: AtomicU64::new(initial_id()),
+        });
+        // Flush any torn frame a previous host left in the agent's decoder, then say hello.
+        let _ = inner.ctl_tx.send(vec![0; SYNC_PREAMBLE_LEN]);
+        let _ = inner.send_ctl(&HostMessage::Hello {
+            version: PROTOCOL_VERSION,
+        });
+        let tasks = vec![
+            tokio::spawn(reader_task(inner.clone(), reader)),
+            tokio::spawn(writer_task(inner.clone(), writer, ctl_rx, data_rx)),
+        ];
+        AgentClient {
+            inner,
+            _tasks: Arc::new(TaskGuard(tasks)),
+        }
+    }
+
+    /// Waits for a Hello with a compatible version (returns at once if one was seen).
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<Hello, ProtoError> {
+        let mut rx = self.inner.status.subscribe();
+        let wait = async {
+            loop {
+                {
+                    let status = rx.borrow_and_update();
+                    if let Some(reason) = &status.closed {
+                        return Err(ProtoError::Disconnected {
+                            reason: reason.clone(),
+                        });
+                    }
+                    if let Some(hello) = &status.hello {
+                        if hello.version != PROTOCOL_VERSION {
+                            return Err(ProtoError::IncompatibleVersion {
+                                agent: hello.version,
+                                host: PROTOCOL_VERSION,
+                            });
+                        }
+                        return Ok(hello.clone());
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return Err(self.inner.disconnected());
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| ProtoError::Timeout {
+                op: "wait_ready",
+                after: timeout,
+            })?
+    }
+
+    /// The last Hello seen, if any.
+    pub fn hello(&self) -> Option<Hello> {
+        self.inner.status.borrow().hello.clone()
+    }
+
+    /// Number of agent restarts seen (Hellos from a new agent process after the first).
+    pub fn restarts(&self) -> u64 {
+        self.inner.restarts.load(Ordering::Relaxed)
+    }
+
+    /// Frames from the agent rejected as oversize or malformed.
+    pub fn decode_errors(&self) -> u64 {
+        self.inner.decode_errors.load(Ordering::Relaxed)
+    }
+
+    /// False once the socket closed; every request then fails with `Disconnected`.
+    pub fn is_connected(&self) -> bool {
+        self.inner.lock().closed.is_none()
+    }
+
+    async fn request(
+        &self,
+        op: &'static str,
+        msg: impl FnOnce(u64) -> HostMessage,
+    ) -> Result<GuestMessage, ProtoError> {
+        let mut reg = self.inner.register(op, false, false)?;
+        self.inner.send_data(&msg(reg.id)).await?;
+        match reg.rx.recv().await {
+            Some(reply) => reply,
+            None => Err(self.inner.disconnected()),
+        }
+    }
+
+    /// Round-trip time of a Ping.
+    pub async fn ping(&self, timeout: Duration) -> Result<Duration, ProtoError> {
+        let start = Instant::now();
+        let reply =
+            tokio::time::timeout(timeout, self.request("ping", |id| HostMessage::Ping { id }))
+                .await
+                .map_err(|_| ProtoError::Timeout {
+                    op: "ping",
+                    after: timeout,
+                })??;
+        match reply {
+            GuestMessage::Pong { .. } => Ok(start.elapsed()),
+            other => Err(reply_error("ping", other)),
+        }
+    }
+
+    /// Starts a command; its events arrive on the returned handle. Dropping the handle
+    /// before the `Exit` event kills the command's process group.
+    pub async fn exec(&self, req: ExecRequest) -> Result<ExecHandle, ProtoError> {
+        let with_stdin = req.stdin;
+        let mut reg = self.inner.register("exec", true, with_stdin)?;
+        reg.guard.cancel_on_drop = true;
+        self.inner
+            .send_data(&HostMessage::Exec { id: reg.id, req })
+            .await?;
+        let stdin = with_stdin.then(|| ExecStdin {
+            id: reg.id,
+            client: self.clone(),
+            credit: reg.credit.clone(),
+            closed: false,
+        });
+        Ok(ExecHandle {
+            id: reg.id,
+            rx: reg.rx,
+            inbound: reg.inbound,
+            stdin,
+            done: false,
+            _guard: reg.guard,
+            client: self.clone(),
+        })
+    }
+
+    /// Uploads `reader` to `path` in the guest (parent directory must exist; written to a
+    /// temp file and renamed). Returns the bytes written.
+    pub async fn write_file(
+        &self,
+        path: &str,
+        mode: u32,
+        mut reader: impl AsyncRead + Unpin,
+    ) -> Result<u64, ProtoError> {
+        const OP: &str = "write_file";
+        let mut reg = self.inner.register(OP, false, true)?;
+        reg.guard.cancel_on_drop = true;
+        let id = reg.id;
+        self.inner
+            .send_data(&HostMessage::WriteFile {
+                id,
+                path: path.to_owned(),
+                mode,
+            })
+            .await?;
+        let mut buf = vec![0u8; FILE_CHUNK_LEN];
+        let mut sent = 0u64;
+        loop {
+            let n = read_full(&mut reader, &mut buf).await.map_err(|source| {
+                ProtoError::WriteFileSource {
+                    path: path.to_owned(),
+                    source,
+                }
+            })?;
+            if n == 0 {
+                self.inner.send_data(&HostMessage::WriteEnd { id }).await?;
+                break;
+            }
+            // n <= FILE_CHUNK_LEN, fits u32.
+            match reg.credit.acquire_many(n as u32).await {
+                Ok(permit) => permit.forget(),
+                // Closed: the agent already answered (an error); read it below.
+                Err(_) => break,
+            }
+            self.inner
+                .send_data(&HostMessage::WriteChunk {
+                    id,
+                    data: buf[..n].to_vec(),
+                })
+                .await?;
+            sent += n as u64;
+        }
+        let reply = reg
+            .rx
+            .recv()
+            .await
+            .ok_or_else(|| self.inner.disconnected())??;
+        reg.guard.cancel_on_drop = false;
+        match reply {
+            GuestMessage::WriteDone { size, .. } if size == sent => Ok(size),
+            GuestMessage::WriteDone { size, .. } => Err(ProtoError::StreamBroken {
+                op: OP,
+                id,
+                detail: format!("sent {sent} bytes but the agent wrote {size}"),
+            }),
+            other => Err(reply_error(OP, other)),
+        }
+    }
+
+    /// Streams a file from the guest in chunks of up to [`FILE_CHUNK_LEN`] bytes. A missing
+    /// or unreadable file fails here; later failures arrive as stream items.
+    pub async fn read_file(&self, path: &str) -> Result<ReadFileStream, ProtoError> {
+        const OP: &str = "read_file";
+        let mut reg = self.inner.register(OP, true, false)?;
+        reg.guard.cancel_on_drop = true;
+        self.inner
+            .send_data(&HostMessage::ReadFile {
+                id: reg.id,
+                path: path.to_owned(),
+            })
+            .await?;
+        let mut stream = ReadFileStream {
+            id: reg.id,
+            rx: reg.rx,
+            inbound: reg.inbound,
+            received: 0,
+            first: None,
+            done: false,
+            guard: reg.guard,
+            client: self.clone(),
+        };
+        // Surface open errors from the call itself.
+        match stream.rx.recv().await {
+            None => return Err(self.inner.disconnected()),
+            Some(Err(e)) => return Err(e),
+            Some(Ok(msg)) => stream.first = Some(msg),
+        }
+        if let Some(GuestMessage::Error { .. }) = &stream.first {
+            stream.guard.cancel_on_drop = false;
+            if let Some(msg) = stream.first.take() {
+                return Err(reply_error(OP, msg));
+            }
+        }
+        Ok(stream)
+    }
+
+    /// A metrics sample of the guest.
+    pub async fn metrics(&self) -> Result<Metrics, ProtoError> {
+        match self
+            .request("metrics", |id| HostMessage::Metrics { id })
+            .await?
+        {
+            GuestMessage::Metrics { metrics, .. } => Ok(metrics),
+            other => Err(reply_error("metrics", other)),
+        }
+    }
+
+    /// Asks the agent to sync and power off (or reboot); returns once acknowledged.
+    pub async fn shutdown(&self, reboot: bool) -> Result<(), ProtoError> {
+        match self
+            .request("shutdown", |id| HostMessage::Shutdown { id, reboot })
+            .await?
+        {
+            GuestMessage::Done { .. } => Ok(()),
+            other => Err(reply_error("shutdown", other)),
+        }
+    }
+
+    /// Sets the guest's realtime clock (e.g. after restoring a snapshot).
+    pub async fn set_time(&self, time: std::time::SystemTime) -> Result<(), ProtoError> {
+        let unix_nanos = time
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        match self
+            .request("set_time", |id| HostMessage::SetTime { id, unix_nanos })
+            .await?
+        {
+            GuestMessage::Done { .. } => Ok(()),
+            other => Err(reply_error("set_time", other)),
+        }
+    }
+}
+
+async fn read_full(
+    reader: &mut (impl AsyncRead + Unpin),
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = reader.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    Ok(filled)
+}
+
+/// A running command. Events arrive in order; `Exit` is last.
+pub struct ExecHandle {
+    id: u64,
+    rx: mpsc::UnboundedReceiver<Reply>,
+    inbound: Arc<AtomicU64>,
+    stdin: Option<ExecStdin>,
+    done: bool,
+    _guard: PendingGuard,
+    client: AgentClient,
+}
+
+/// Everything a finished command produced (see [`ExecHandle::wait`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// Pid in the guest.
+    pub pid: u32,
+    /// All stdout bytes.
+    pub stdout: Vec<u8>,
+    /// All stderr bytes.
+    pub stderr: Vec<u8>,
+    /// Exit code when it exited normally.
+    pub code: Option<i32>,
+    /// Signal that killed it.
+    pub signal: Option<i32>,
+    /// Killed because of its timeout.
+    pub timed_out: bool,
+}
+
+impl ExecOutput {
+    /// Exited normally with code 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+impl ExecHandle {
+    /// The request id of this exec.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The next event; `None` after `Exit` or after an error was returned.
+    pub async fn next_event(&mut self) -> Option<Result<ExecEvent, ProtoError>> {
+        if self.done {
+            return None;
+        }
+        let item = match self.rx.recv().await {
+            Some(item) => item,
+            None => Err(self.client.inner.disconnected()),
+        };
+        let event = match item {
+            Ok(GuestMessage::Exec { event, .. }) => event,
+            Ok(other) => {
+                self.done = true;
+                return Some(Err(reply_error("exec", other)));
+            }
+            Err(e) => {
+                self.done = true;
+                return Some(Err(e));
+            }
+        };
+        match &event {
+            ExecEvent::Stdout(d) | ExecEvent::Stderr(d) => {
+                self.inbound.fetch_sub(d.len() as u64, Ordering::AcqRel);
+                // d.len() <= MAX_FRAME_LEN, fits u32.
+                let _ = self.client.inner.send_ctl(&HostMessage::Credit {
+                    id: self.id,
+                    bytes: d.len() as u32,
+                });
+            }
+            ExecEvent::Exit { .. } => self.done = true,
+            ExecEvent::Started { .. } => {}
+        }
+        Some(Ok(event))
+    }
+
+    /// Takes the stdin writer (only when the request had `stdin: true`).
+    pub fn take_stdin(&mut self) -> Option<ExecStdin> {
+        self.stdin.take()
+    }
+
+    /// Sends `signal` to the command's process group.
+    pub fn kill(&self, signal: i32) -> Result<(), ProtoError> {
+        self.client.inner.send_ctl(&HostMessage::Kill {
+            id: self.id,
+            signal,
+        })
+    }
+
+    /// Collects all output until exit (closes stdin first if it was not taken).
+    pub async fn wait(mut self) -> Result<ExecOutput, ProtoError> {
+        if let Some(stdin) = self.stdin.take() {
+            stdin.close().await?;
+        }
+        let mut out = ExecOutput::default();
+        while let Some(event) = self.next_event().await {
+            match event? {
+                ExecEvent::Started { pid } => out.pid = pid,
+                ExecEvent::Stdout(d) => out.stdout.extend(d),
+                ExecEvent::Stderr(d) => out.stderr.extend(d),
+                ExecEvent::Exit {
+                    code,
+                    signal,
+                    timed_out,
+                } => {
+                    out.code = code;
+                    out.signal = signal;
+                    out.timed_out = timed_out;
+                    return Ok(out);
+                }
+            }
+        }
+        Err(ProtoError::StreamBroken {
+            op: "exec",
+            id: self.id,
+            detail: "no exit event".into(),
+        })
+    }
+}
+
+/// Writes to a command's stdin, respecting the agent's credit window.
+pub struct ExecStdin {
+    id: u64,
+    client: AgentClient,
+    credit: Arc<Semaphore>,
+    closed: bool,
+}
+
+impl ExecStdin {
+    /// Sends bytes; waits while the agent has not consumed earlier ones.
+    pub async fn send(&mut self, data: &[u8]) -> Result<(), ProtoError> {
+        for chunk in data.chunks(EXEC_CHUNK_LEN) {
+            // chunk.len() <= EXEC_CHUNK_LEN, fits u32.
+            let permit = self
+                .credit
+                .acquire_many(chunk.len() as u32)
+                .await
+                .map_err(|_| ProtoError::StreamBroken {
+                    op: "exec stdin",
+                    id: self.id,
+                    detail: "the command already finished".into(),
+                })?;
+            permit.forget();
+            self.client
+                .inner
+                .send_data(&HostMessage::Stdin {
+                    id: self.id,
+                    data: chunk.to_vec(),
+                    eof: false,
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Closes stdin (the command sees end of file).
+    pub async fn close(mut self) -> Result<(), ProtoError> {
+        self.closed = true;
+        self.client
+            .inner
+            .send_data(&HostMessage::Stdin {
+                id: self.id,
+                data: Vec::new(),
+                eof: true,
+            })
+            .await
+    }
+}
+
+impl Drop for ExecStdin {
+    fn drop(&mut self) {
+        if !self.closed {
+            let _ = self.client.inner.send_ctl(&HostMessage::Stdin {
+                id: self.id,
+                data: Vec::new(),
+                eof: true,
+            });
+        }
+    }
+}
+
+/// Chunks of a file being read from the guest; ends after the agent's end marker.
+pub struct ReadFileStream {
+    id: u64,
+    rx: mpsc::UnboundedReceiver<Reply>,
+    inbound: Arc<AtomicU64>,
+    received: u64,
+    first: Option<GuestMessage>,
+    done: bool,
+    guard: PendingGuard,
+    client: AgentClient,
+}
+
+impl ReadFileStream {
+    fn handle(&mut self, item: Reply) -> Option<Result<Bytes, ProtoError>> {
+        const OP: &str = "read_file";
+        let msg = match item {
+            Ok(msg) => msg,
+            Err(e) => {
+                self.done = true;
+                return Some(Err(e));
+            }
+        };
+        match msg {
+            GuestMessage::FileChunk { data, .. } => {
+                let len = data.len();
+                self.received += len as u64;
+                self.inbound.fetch_sub(len as u64, Ordering::AcqRel);
+                // len <= MAX_FRAME_LEN, fits u32.
+                let _ = self.client.inner.send_ctl(&HostMessage::Credit {
+                    id: self.id,
+                    bytes: len as u32,
+                });
+                Some(Ok(Bytes::from(data)))
+            }
+            GuestMessage::FileEnd { size, .. } => {
+                self.done = true;
+                self.guard.cancel_on_drop = false;
+                if size == self.received {
+                    None
+                } else {
+                    Some(Err(ProtoError::StreamBroken {
+                        op: OP,
+                        id: self.id,
+                        detail: format!("agent sent {size} bytes but {} arrived", self.received),
+                    }))
+                }
+            }
+            other => {
+                self.done = true;
+                self.guard.cancel_on_drop = false;
+                Some(Err(reply_error(OP, other)))
+            }
+        }
+    }
+}
+
+impl Stream for ReadFileStream {
+    type Item = Result<Bytes, ProtoError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(first) = self.first.take() {
+            return Poll::Ready(self.handle(Ok(first)));
+        }
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(item)) => Poll::Ready(self.handle(item)),
+            Poll::Ready(None) => {
+                self.done = true;
+                let err = self.client.inner.disconnected();
+                Poll::Ready(Some(Err(err)))
+            }
+        }
+    }
+}

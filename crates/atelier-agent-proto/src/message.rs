@@ -1,0 +1,657 @@
+//! The message schema. Variant order is part of the wire format (postcard encodes
+//! enum variants by index): append new variants at the end and bump
+//! [`crate::PROTOCOL_VERSION`] for incompatible changes. The snapshot test at the
+//! bottom freezes the encoding of every message.
+
+use serde::{Deserialize, Serialize};
+
+/// Sent by the agent whenever it (re)starts, and in reply to [`HostMessage::Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The agent's [`crate::PROTOCOL_VERSION`].
+    pub version: u32,
+    /// The agent's crate version.
+    pub agent_version: String,
+    /// The guest kernel's boot id (`/proc/sys/kernel/random/boot_id`).
+    pub boot_id: String,
+    /// Pid of the serving agent process; a new pid means the agent restarted.
+    pub pid: u32,
+}
+
+/// A command to run in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// Program and arguments; the program is looked up in `PATH` when it has no `/`.
+    pub argv: Vec<String>,
+    /// Variables set on top of the agent's environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory; the agent's (`/`) when `None`.
+    pub cwd: Option<String>,
+    /// Kill the whole process group after this many milliseconds.
+    pub timeout_ms: Option<u64>,
+    /// Keep stdin open for [`HostMessage::Stdin`] frames; otherwise stdin is `/dev/null`.
+    pub stdin: bool,
+}
+
+impl ExecRequest {
+    /// A request for `argv` with no extra env, default cwd, no timeout, no stdin.
+    pub fn new<I, S>(argv: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self {
+            argv: argv.into_iter().map(Into::into).collect(),
+            env: Vec::new(),
+            cwd: None,
+            timeout_ms: None,
+            stdin: false,
+        }
+    }
+
+    /// Adds an environment variable.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Sets the working directory.
+    pub fn cwd(mut self, cwd: impl Into<String>) -> Self {
+        self.cwd = Some(cwd.into());
+        self
+    }
+
+    /// Sets the timeout.
+    pub fn timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.timeout_ms = Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        self
+    }
+
+    /// Keeps stdin open for streaming.
+    pub fn with_stdin(mut self) -> Self {
+        self.stdin = true;
+        self
+    }
+}
+
+/// Class of an error reported by the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// A file, directory or executable does not exist.
+    NotFound,
+    /// The agent may not do it.
+    PermissionDenied,
+    /// The target already exists.
+    AlreadyExists,
+    /// The request is malformed or refers to an unknown id.
+    Invalid,
+    /// An I/O operation failed.
+    Io,
+    /// The agent does not support this (e.g. not running in a VM).
+    Unsupported,
+    /// A bug or unexpected condition in the agent.
+    Internal,
+}
+
+impl ErrorKind {
+    /// Maps an I/O error kind to the closest protocol error kind.
+    pub fn from_io(kind: std::io::ErrorKind) -> Self {
+        match kind {
+            std::io::ErrorKind::NotFound => Self::NotFound,
+            std::io::ErrorKind::PermissionDenied => Self::PermissionDenied,
+            std::io::ErrorKind::AlreadyExists => Self::AlreadyExists,
+            std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData => Self::Invalid,
+            std::io::ErrorKind::Unsupported => Self::Unsupported,
+            _ => Self::Io,
+        }
+    }
+}
+
+/// One event of a running command, in order: `Started`, output, then `Exit` last.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExecEvent {
+    /// The process was spawned (it leads its own process group).
+    Started {
+        /// Its pid in the guest.
+        pid: u32,
+    },
+    /// Bytes from stdout, as they came (no line buffering).
+    Stdout(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Bytes from stderr, as they came.
+    Stderr(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The process exited; always the last event.
+    Exit {
+        /// Exit code when it exited normally.
+        code: Option<i32>,
+        /// Signal number when it was killed by a signal.
+        signal: Option<i32>,
+        /// Whether the agent killed it because of `timeout_ms`.
+        timed_out: bool,
+    },
+}
+
+/// Cumulative CPU time of all CPUs from the first line of `/proc/stat`, in jiffies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuTimes {
+    /// Normal user time.
+    pub user: u64,
+    /// Niced user time.
+    pub nice: u64,
+    /// Kernel time.
+    pub system: u64,
+    /// Idle time.
+    pub idle: u64,
+    /// Waiting for I/O.
+    pub iowait: u64,
+    /// Servicing interrupts.
+    pub irq: u64,
+    /// Servicing softirqs.
+    pub softirq: u64,
+    /// Stolen by the hypervisor.
+    pub steal: u64,
+}
+
+impl CpuTimes {
+    /// Sum of all fields.
+    pub fn total(&self) -> u64 {
+        self.user
+            + self.nice
+            + self.system
+            + self.idle
+            + self.iowait
+            + self.irq
+            + self.softirq
+            + self.steal
+    }
+
+    /// Busy fraction (0.0..=1.0 of all CPUs) between an earlier sample and this one.
+    pub fn busy_fraction_since(&self, earlier: &CpuTimes) -> f64 {
+        let total = self.total().saturating_sub(earlier.total());
+        if total == 0 {
+            return 0.0;
+        }
+        let idle = (self.idle + self.iowait).saturating_sub(earlier.idle + earlier.iowait);
+        1.0 - (idle.min(total) as f64 / total as f64)
+    }
+}
+
+/// A health/metrics sample of the guest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    /// Cumulative CPU times; diff two samples with [`CpuTimes::busy_fraction_since`].
+    pub cpu: CpuTimes,
+    /// Number of online CPUs.
+    pub cpu_count: u32,
+    /// `MemTotal` in bytes.
+    pub mem_total_bytes: u64,
+    /// `MemAvailable` in bytes.
+    pub mem_available_bytes: u64,
+    /// Size of the filesystem holding `/`, in bytes.
+    pub disk_total_bytes: u64,
+    /// Bytes available to unprivileged users on `/`.
+    pub disk_free_bytes: u64,
+    /// 1, 5 and 15 minute load averages.
+    pub load_avg: [f64; 3],
+    /// Seconds since the guest booted.
+    pub uptime_secs: f64,
+}
+
+/// Messages from the host (manager) to the guest agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HostMessage {
+    /// Sent when the host connects; the agent answers with its [`Hello`].
+    Hello {
+        /// The host's protocol version.
+        version: u32,
+    },
+    /// Liveness probe; answered by [`GuestMessage::Pong`].
+    Ping {
+        /// Request id.
+        id: u64,
+    },
+    /// Runs a command; answered by [`GuestMessage::Exec`] events or an error.
+    Exec {
+        /// Request id.
+        id: u64,
+        /// What to run.
+        req: ExecRequest,
+    },
+    /// Stdin bytes for the exec `id` (needs a credit, see [`crate::STREAM_WINDOW`]).
+    Stdin {
+        /// Exec request id.
+        id: u64,
+        /// Bytes to write.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        /// Close stdin after writing `data`.
+        eof: bool,
+    },
+    /// Sends a signal to the process group of exec `id`.
+    Kill {
+        /// Exec request id.
+        id: u64,
+        /// Signal number.
+        signal: i32,
+    },
+    /// The host gave up on request `id`: an exec is killed (SIGKILL to its group),
+    /// a file transfer aborted.
+    Cancel {
+        /// Request id.
+        id: u64,
+    },
+    /// The host consumed `bytes` of stream `id`; the agent may send that much more.
+    Credit {
+        /// Request id.
+        id: u64,
+        /// Bytes granted.
+        bytes: u32,
+    },
+    /// Starts a file upload; followed by `WriteChunk`s and `WriteEnd`.
+    WriteFile {
+        /// Request id.
+        id: u64,
+        /// Absolute destination path; its parent directory must exist.
+        path: String,
+        /// Permission bits of the new file.
+        mode: u32,
+    },
+    /// A piece of an upload (needs a credit).
+    WriteChunk {
+        /// Request id of the `WriteFile`.
+        id: u64,
+        /// File bytes.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// Ends an upload; the agent renames the temp file and answers `WriteDone`.
+    WriteEnd {
+        /// Request id of the `WriteFile`.
+        id: u64,
+    },
+    /// Streams a file back as `FileChunk`s and `FileEnd`.
+    ReadFile {
+        /// Request id.
+        id: u64,
+        /// Absolute path.
+        path: String,
+    },
+    /// Asks for a [`Metrics`] sample.
+    Metrics {
+        /// Request id.
+        id: u64,
+    },
+    /// Syncs and powers off (or reboots) the guest; acknowledged with `Done` first.
+    Shutdown {
+        /// Request id.
+        id: u64,
+        /// Reboot instead of power off.
+        reboot: bool,
+    },
+    /// Sets the guest's realtime clock (after a snapshot restore).
+    SetTime {
+        /// Request id.
+        id: u64,
+        /// Nanoseconds since the Unix epoch.
+        unix_nanos: u64,
+    },
+}
+
+/// Messages from the guest agent to the host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum GuestMessage {
+    /// The agent (re)started or the host said hello.
+    Hello(Hello),
+    /// Answer to `Ping`.
+    Pong {
+        /// Request id.
+        id: u64,
+    },
+    /// An event of exec `id`.
+    Exec {
+        /// Request id.
+        id: u64,
+        /// The event.
+        event: ExecEvent,
+    },
+    /// The agent consumed `bytes` of host-sent stream data (stdin, upload chunks).
+    Credit {
+        /// Request id.
+        id: u64,
+        /// Bytes granted.
+        bytes: u32,
+    },
+    /// A piece of a file being read (needs a credit).
+    FileChunk {
+        /// Request id.
+        id: u64,
+        /// File bytes.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// End of a file read.
+    FileEnd {
+        /// Request id.
+        id: u64,
+        /// Total bytes sent.
+        size: u64,
+    },
+    /// An upload was stored.
+    WriteDone {
+        /// Request id.
+        id: u64,
+        /// Bytes written.
+        size: u64,
+    },
+    /// Answer to `Metrics`.
+    Metrics {
+        /// Request id.
+        id: u64,
+        /// The sample.
+        metrics: Metrics,
+    },
+    /// Generic acknowledgement (`Shutdown`, `SetTime`).
+    Done {
+        /// Request id.
+        id: u64,
+    },
+    /// Request `id` failed; terminal for that request. `id` 0: no request.
+    Error {
+        /// Request id.
+        id: u64,
+        /// Error class.
+        kind: ErrorKind,
+        /// What failed, with which input.
+        message: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host_samples() -> Vec<HostMessage> {
+        vec![
+            HostMessage::Hello { version: 1 },
+            HostMessage::Ping { id: 1 },
+            HostMessage::Exec {
+                id: 2,
+                req: ExecRequest::new(["sh", "-c", "echo hi"])
+                    .env("A", "b")
+                    .cwd("/tmp")
+                    .timeout(std::time::Duration::from_millis(1500))
+                    .with_stdin(),
+            },
+            HostMessage::Stdin {
+                id: 2,
+                data: b"in\n".to_vec(),
+                eof: true,
+            },
+            HostMessage::Kill { id: 2, signal: 15 },
+            HostMessage::Cancel { id: 2 },
+            HostMessage::Credit {
+                id: 2,
+                bytes: 65536,
+            },
+            HostMessage::WriteFile {
+                id: 3,
+                path: "/tmp/f".into(),
+                mode: 0o644,
+            },
+            HostMessage::WriteChunk {
+                id: 3,
+                data: vec![0, 1, 2, 255],
+            },
+            HostMessage::WriteEnd { id: 3 },
+            HostMessage::ReadFile {
+                id: 4,
+                path: "/etc/hostname".into(),
+            },
+            HostMessage::Metrics { id: 5 },
+            HostMessage::Shutdown {
+                id: 6,
+                reboot: true,
+            },
+            HostMessage::SetTime {
+                id: 7,
+                unix_nanos: 1_700_000_000_000_000_000,
+            },
+        ]
+    }
+
+    fn guest_samples() -> Vec<GuestMessage> {
+        vec![
+            GuestMessage::Hello(Hello {
+                version: 1,
+                agent_version: "0.1.0".into(),
+                boot_id: "b00t".into(),
+                pid: 42,
+            }),
+            GuestMessage::Pong { id: 1 },
+            GuestMessage::Exec {
+                id: 2,
+                event: ExecEvent::Started { pid: 100 },
+            },
+            GuestMessage::Exec {
+                id: 2,
+                event: ExecEvent::Stdout(b"out".to_vec()),
+            },
+            GuestMessage::Exec {
+                id: 2,
+                event: ExecEvent::Stderr(b"err".to_vec()),
+            },
+            GuestMessage::Exec {
+                id: 2,
+                event: ExecEvent::Exit {
+                    code: Some(3),
+                    signal: None,
+                    timed_out: false,
+                },
+            },
+            GuestMessage::Exec {
+                id: 2,
+                event: ExecEvent::Exit {
+                    code: None,
+                    signal: Some(9),
+                    timed_out: true,
+                },
+            },
+            GuestMessage::Credit { id: 2, bytes: 3 },
+            GuestMessage::FileChunk {
+                id: 4,
+                data: b"host\n".to_vec(),
+            },
+            GuestMessage::FileEnd { id: 4, size: 5 },
+            GuestMessage::WriteDone { id: 3, size: 4 },
+            GuestMessage::Metrics {
+                id: 5,
+                metrics: Metrics {
+                    cpu: CpuTimes {
+                        user: 1,
+                        nice: 2,
+                        system: 3,
+                        idle: 4,
+                        iowait: 5,
+                        irq: 6,
+                        softirq: 7,
+                        steal: 8,
+                    },
+                    cpu_count: 2,
+                    mem_total_bytes: 1 << 30,
+                    mem_available_bytes: 1 << 29,
+                    disk_total_bytes: 10 << 30,
+                    disk_free_bytes: 5 << 30,
+                    load_avg: [0.5, 0.25, 0.125],
+                    uptime_secs: 12.5,
+                },
+            },
+            GuestMessage::Done { id: 6 },
+            GuestMessage::Error {
+                id: 7,
+                kind: ErrorKind::NotFound,
+                message: "no such file: /x".into(),
+            },
+        ]
+    }
+
+    /// Frozen encodings, one per sample, in order. A failure here means the wire
+    /// format changed: if intended, review compatibility, bump PROTOCOL_VERSION when
+    /// old peers would misread it, and update the strings.
+    const HOST_SNAPSHOT: &[&str] = &[
+        "0001",
+        "0101",
+        "020203027368022d63076563686f206869010141016201042f746d7001dc0b01",
+        "030203696e0a01",
+        "04021e",
+        "0502",
+        "0602808004",
+        "0703062f746d702f66a403",
+        "080304000102ff",
+        "0903",
+        "0a040d2f6574632f686f73746e616d65",
+        "0b05",
+        "0c0601",
+        "0d078080a8b1e39fe7cb17",
+    ];
+    const GUEST_SNAPSHOT: &[&str] = &[
+        "000105302e312e3004623030742a",
+        "0101",
+        "02020064",
+        "020201036f7574",
+        "02020203657272",
+        "02020301060000",
+        "02020300011201",
+        "030203",
+        "040405686f73740a",
+        "050405",
+        "060304",
+        "07050102030405060708028080808004808080800280808080288080808014\
+         000000000000e03f000000000000d03f000000000000c03f0000000000002940",
+        "0806",
+        "090700106e6f20737563682066696c653a202f78",
+    ];
+
+    fn encode_all<T: Serialize>(msgs: &[T]) -> Vec<String> {
+        msgs.iter()
+            .map(|m| hex::encode(postcard::to_stdvec(m).expect("encode")))
+            .collect()
+    }
+
+    #[test]
+    fn schema_snapshot() {
+        let host = encode_all(&host_samples());
+        let guest = encode_all(&guest_samples());
+        if std::env::var_os("ATELIER_PRINT_SNAPSHOT").is_some() {
+            println!("HOST: {host:#?}\nGUEST: {guest:#?}");
+        }
+        assert_eq!(host, HOST_SNAPSHOT, "HostMessage encoding changed");
+        assert_eq!(guest, GUEST_SNAPSHOT, "GuestMessage encoding changed");
+    }
+
+    #[test]
+    fn every_sample_roundtrips() {
+        for m in host_samples() {
+            let bytes = postcard::to_stdvec(&m).expect("encode");
+            assert_eq!(
+                postcard::from_bytes::<HostMessage>(&bytes).expect("decode"),
+                m
+            );
+        }
+        for m in guest_samples() {
+            let bytes = postcard::to_stdvec(&m).expect("encode");
+            assert_eq!(
+                postcard::from_bytes::<GuestMessage>(&bytes).expect("decode"),
+                m
+            );
+        }
+    }
+
+    #[test]
+    fn samples_cover_every_variant() {
+        // Exhaustive matches: adding a variant without a sample fails to compile.
+        let mut host_seen = [false; 14];
+        for m in host_samples() {
+            let i = match m {
+                HostMessage::Hello { .. } => 0,
+                HostMessage::Ping { .. } => 1,
+                HostMessage::Exec { .. } => 2,
+                HostMessage::Stdin { .. } => 3,
+                HostMessage::Kill { .. } => 4,
+                HostMessage::Cancel { .. } => 5,
+                HostMessage::Credit { .. } => 6,
+                HostMessage::WriteFile { .. } => 7,
+                HostMessage::WriteChunk { .. } => 8,
+                HostMessage::WriteEnd { .. } => 9,
+                HostMessage::ReadFile { .. } => 10,
+                HostMessage::Metrics { .. } => 11,
+                HostMessage::Shutdown { .. } => 12,
+                HostMessage::SetTime { .. } => 13,
+            };
+            host_seen[i] = true;
+        }
+        assert!(host_seen.iter().all(|s| *s));
+        let mut guest_seen = [false; 13];
+        for m in guest_samples() {
+            let i = match m {
+                GuestMessage::Hello(_) => 0,
+                GuestMessage::Pong { .. } => 1,
+                GuestMessage::Exec { event, .. } => match event {
+                    ExecEvent::Started { .. } => 2,
+                    ExecEvent::Stdout(_) => 3,
+                    ExecEvent::Stderr(_) => 4,
+                    ExecEvent::Exit { .. } => 5,
+                },
+                GuestMessage::Credit { .. } => 6,
+                GuestMessage::FileChunk { .. } => 7,
+                GuestMessage::FileEnd { .. } => 8,
+                GuestMessage::WriteDone { .. } => 9,
+                GuestMessage::Metrics { .. } => 10,
+                GuestMessage::Done { .. } => 11,
+                GuestMessage::Error { kind, .. } => match kind {
+                    ErrorKind::NotFound
+                    | ErrorKind::PermissionDenied
+                    | ErrorKind::AlreadyExists
+                    | ErrorKind::Invalid
+                    | ErrorKind::Io
+                    | ErrorKind::Unsupported
+                    | ErrorKind::Internal => 12,
+                },
+            };
+            guest_seen[i] = true;
+        }
+        assert!(guest_seen.iter().all(|s| *s));
+    }
+
+    #[test]
+    fn error_kind_snapshot() {
+        let kinds = [
+            ErrorKind::NotFound,
+            ErrorKind::PermissionDenied,
+            ErrorKind::AlreadyExists,
+            ErrorKind::Invalid,
+            ErrorKind::Io,
+            ErrorKind::Unsupported,
+            ErrorKind::Internal,
+        ];
+        let enc: Vec<u8> = kinds
+            .iter()
+            .flat_map(|k| postcard::to_stdvec(k).expect("encode"))
+            .collect();
+        assert_eq!(enc, vec![0, 1, 2, 3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn busy_fraction() {
+        let a = CpuTimes {
+            user: 100,
+            idle: 100,
+            ..Default::default()
+        };
+        let b = CpuTimes {
+            user: 150,
+            idle: 150,
+            ..Default::default()
+        };
+        assert!((b.busy_fraction_since(&a) - 0.5).abs() < 1e-9);
+        assert_eq!(a.busy_fraction_since(&a), 0.0);
+    }
+}

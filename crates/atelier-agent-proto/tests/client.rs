@@ -1,0 +1,334 @@
+//! `AgentClient` against a scripted fake guest: hostile input, restarts, disconnects,
+//! flow control. Every test is bounded by a timeout so a hang fails instead of stalling.
+
+use std::time::Duration;
+
+use atelier_agent_proto::frame::{FRAME_MAGIC, FrameReader};
+use atelier_agent_proto::{
+    AgentClient, ExecEvent, ExecRequest, GuestMessage, Hello, HostMessage, MAX_FRAME_LEN,
+    PROTOCOL_VERSION, ProtoError, STREAM_WINDOW, encode_frame,
+};
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::UnixStream;
+
+const T: Duration = Duration::from_secs(5);
+
+struct FakeGuest {
+    reader: FrameReader<ReadHalf<UnixStream>>,
+    writer: WriteHalf<UnixStream>,
+}
+
+impl FakeGuest {
+    async fn send(&mut self, msg: &GuestMessage) {
+        self.raw(&encode_frame(msg).expect("encode")).await;
+    }
+
+    async fn raw(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).await.expect("write");
+    }
+
+    /// Next host message other than the host Hello.
+    async fn recv(&mut self) -> HostMessage {
+        loop {
+            let msg = tokio::time::timeout(T, self.reader.next::<HostMessage>())
+                .await
+                .expect("host message in time")
+                .expect("read")
+                .expect("not eof")
+                .expect("valid frame");
+            if !matches!(msg, HostMessage::Hello { .. }) {
+                return msg;
+            }
+        }
+    }
+}
+
+fn hello(pid: u32) -> GuestMessage {
+    GuestMessage::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        agent_version: "test".into(),
+        boot_id: "boot".into(),
+        pid,
+    })
+}
+
+fn pair() -> (AgentClient, FakeGuest) {
+    let (a, b) = UnixStream::pair().expect("pair");
+    let client = AgentClient::from_stream(a);
+    let (r, w) = tokio::io::split(b);
+    (
+        client,
+        FakeGuest {
+            reader: FrameReader::new(r),
+            writer: w,
+        },
+    )
+}
+
+#[tokio::test]
+async fn garbage_and_oversize_frames_neither_panic_nor_hang() {
+    let (client, mut guest) = pair();
+    guest.raw(b"\x00\x01garbage\xA7\xA7").await;
+    // Oversize length: must be rejected without allocating 4 GiB.
+    let mut oversize = FRAME_MAGIC.to_vec();
+    oversize.extend(u32::MAX.to_le_bytes());
+    guest.raw(&oversize).await;
+    let mut big = FRAME_MAGIC.to_vec();
+    big.extend(((MAX_FRAME_LEN + 1) as u32).to_le_bytes());
+    guest.raw(&big).await;
+    // Malformed body.
+    let mut bad = FRAME_MAGIC.to_vec();
+    bad.extend(4u32.to_le_bytes());
+    bad.extend([0xEE, 0xEE, 0xEE, 0xEE]);
+    guest.raw(&bad).await;
+    guest.send(&hello(10)).await;
+    let h = client.wait_ready(T).await.expect("hello after garbage");
+    assert_eq!(h.pid, 10);
+    assert!(
+        client.decode_errors() >= 3,
+        "errors: {}",
+        client.decode_errors()
+    );
+
+    let ping = tokio::spawn({
+        let client = client.clone();
+        async move { client.ping(T).await }
+    });
+    let HostMessage::Ping { id } = guest.recv().await else {
+        panic!("expected ping")
+    };
+    guest.send(&GuestMessage::Pong { id }).await;
+    ping.await.expect("join").expect("ping");
+    assert!(client.is_connected());
+}
+
+#[tokio::test]
+async fn hello_before_or_after_wait_ready_and_version_check() {
+    let (client, mut guest) = pair();
+    let waiter = tokio::spawn({
+        let client = client.clone();
+        async move { client.wait_ready(T).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    guest.send(&hello(1)).await;
+    assert_eq!(waiter.await.expect("join").expect("ready").pid, 1);
+    // Already seen: returns at once.
+    assert_eq!(
+        client
+            .wait_ready(Duration::from_millis(10))
+            .await
+            .expect("ready")
+            .pid,
+        1
+    );
+    // Same agent re-announcing is not a restart.
+    guest.send(&hello(1)).await;
+    client.ping(Duration::from_millis(1)).await.ok();
+    assert_eq!(client.restarts(), 0);
+
+    let (client, mut guest) = pair();
+    guest
+        .send(&GuestMessage::Hello(Hello {
+            version: PROTOCOL_VERSION + 1,
+            agent_version: "future".into(),
+            boot_id: "b".into(),
+            pid: 2,
+        }))
+        .await;
+    let err = client.wait_ready(T).await.expect_err("incompatible");
+    assert!(
+        matches!(err, ProtoError::IncompatibleVersion { .. }),
+        "{err:?}"
+    );
+
+    let (client, _guest) = pair();
+    let err = client
+        .wait_ready(Duration::from_millis(50))
+        .await
+        .expect_err("no hello");
+    assert!(
+        matches!(
+            err,
+            ProtoError::Timeout {
+                op: "wait_ready",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn new_hello_fails_outstanding_requests() {
+    let (client, mut guest) = pair();
+    guest.send(&hello(1)).await;
+    client.wait_ready(T).await.expect("ready");
+    let mut exec = client
+        .exec(ExecRequest::new(["sleep", "9"]))
+        .await
+        .expect("exec");
+    let metrics = tokio::spawn({
+        let client = client.clone();
+        async move { client.metrics().await }
+    });
+    let HostMessage::Exec { id, .. } = guest.recv().await else {
+        panic!("expected exec")
+    };
+    guest
+        .send(&GuestMessage::Exec {
+            id,
+            event: ExecEvent::Started { pid: 5 },
+        })
+        .await;
+    assert!(matches!(guest.recv().await, HostMessage::Metrics { .. }));
+    assert!(matches!(
+        exec.next_event().await,
+        Some(Ok(ExecEvent::Started { pid: 5 }))
+    ));
+    guest.send(&hello(2)).await;
+    let err = exec
+        .next_event()
+        .await
+        .expect("event")
+        .expect_err("restart");
+    assert!(
+        matches!(err, ProtoError::AgentRestarted { op: "exec", pid: 2 }),
+        "{err:?}"
+    );
+    assert!(exec.next_event().await.is_none());
+    let err = metrics.await.expect("join").expect_err("restart");
+    assert!(
+        matches!(err, ProtoError::AgentRestarted { op: "metrics", .. }),
+        "{err:?}"
+    );
+    assert_eq!(client.restarts(), 1);
+    assert_eq!(client.hello().expect("hello").pid, 2);
+}
+
+#[tokio::test]
+async fn socket_close_fails_everything_and_reports_disconnected() {
+    let (client, mut guest) = pair();
+    guest.send(&hello(1)).await;
+    client.wait_ready(T).await.expect("ready");
+    let ping = tokio::spawn({
+        let client = client.clone();
+        async move { client.ping(T).await }
+    });
+    assert!(matches!(guest.recv().await, HostMessage::Ping { .. }));
+    drop(guest);
+    let err = ping.await.expect("join").expect_err("disconnected");
+    assert!(matches!(err, ProtoError::Disconnected { .. }), "{err:?}");
+    assert!(!client.is_connected());
+    let err = client.metrics().await.expect_err("closed");
+    assert!(matches!(err, ProtoError::Disconnected { .. }), "{err:?}");
+    let err = client.wait_ready(T).await.expect_err("closed");
+    assert!(matches!(err, ProtoError::Disconnected { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn guest_overrunning_the_window_fails_only_that_stream() {
+    let (client, mut guest) = pair();
+    guest.send(&hello(1)).await;
+    client.wait_ready(T).await.expect("ready");
+    let mut exec = client.exec(ExecRequest::new(["yes"])).await.expect("exec");
+    let HostMessage::Exec { id, .. } = guest.recv().await else {
+        panic!("expected exec")
+    };
+    // Send more than the window without waiting for credit; the consumer reads nothing.
+    let chunk = vec![b'y'; 64 * 1024];
+    for _ in 0..(STREAM_WINDOW as usize / chunk.len() + 2) {
+        guest
+            .send(&GuestMessage::Exec {
+                id,
+                event: ExecEvent::Stdout(chunk.clone()),
+            })
+            .await;
+    }
+    // The client cancels the stream ...
+    assert_eq!(guest.recv().await, HostMessage::Cancel { id });
+    // ... the consumer sees the buffered data, then the flow-control error.
+    let mut total = 0;
+    let err = loop {
+        match exec.next_event().await.expect("event") {
+            Ok(ExecEvent::Stdout(d)) => total += d.len(),
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(e) => break e,
+        }
+    };
+    assert!(total <= STREAM_WINDOW as usize);
+    assert!(matches!(err, ProtoError::FlowControl { .. }), "{err:?}");
+    // Other requests still work.
+    let ping = tokio::spawn({
+        let client = client.clone();
+        async move { client.ping(T).await }
+    });
+    loop {
+        match guest.recv().await {
+            HostMessage::Ping { id } => {
+                guest.send(&GuestMessage::Pong { id }).await;
+                break;
+            }
+            HostMessage::Credit { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    ping.await.expect("join").expect("ping");
+}
+
+#[tokio::test]
+async fn consumer_credits_and_early_upload_error() {
+    let (client, mut guest) = pair();
+    guest.send(&hello(1)).await;
+    client.wait_ready(T).await.expect("ready");
+    // Upload: the guest rejects it at once; the client must stop and report it.
+    let upload = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .write_file("/x/y", 0o600, &vec![0u8; 8 << 20][..])
+                .await
+        }
+    });
+    let HostMessage::WriteFile { id, path, mode } = guest.recv().await else {
+        panic!("expected write")
+    };
+    assert_eq!((path.as_str(), mode), ("/x/y", 0o600));
+    guest
+        .send(&GuestMessage::Error {
+            id,
+            kind: atelier_agent_proto::ErrorKind::NotFound,
+            message: "parent directory /x does not exist".into(),
+        })
+        .await;
+    let err = tokio::time::timeout(T, upload)
+        .await
+        .expect("no hang")
+        .expect("join")
+        .expect_err("fails");
+    assert!(
+        matches!(
+            err,
+            ProtoError::Agent {
+                op: "write_file",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // Without credits from the guest, at most one window of chunks was sent.
+    let mut chunk_bytes = 0;
+    while let Ok(Ok(Some(Ok(msg)))) = tokio::time::timeout(
+        Duration::from_millis(100),
+        guest.reader.next::<HostMessage>(),
+    )
+    .await
+    {
+        if let HostMessage::WriteChunk { data, .. } = msg {
+            chunk_bytes += data.len();
+        }
+    }
+    assert!(
+        chunk_bytes <= STREAM_WINDOW as usize,
+        "sent {chunk_bytes} bytes without credit"
+    );
+}

@@ -1,0 +1,276 @@
+//! The worker: decodes host requests and serves them concurrently.
+//!
+//! The dispatcher never blocks on a request: exec, file and metrics work runs in
+//! tasks; stream data from the host goes to per-request unbounded queues whose size
+//! the credit window bounds.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use atelier_agent_proto::frame::SYNC_PREAMBLE_LEN;
+use atelier_agent_proto::{
+    ErrorKind, FrameDecoder, GuestMessage, Hello, HostMessage, NO_REQUEST, PROTOCOL_VERSION,
+    encode_frame,
+};
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::transport::{Endpoint, Incoming, Transport};
+use crate::{exec, files, metrics, sys};
+
+/// Control state of one running exec.
+pub struct ExecCtl {
+    /// Stdin data queue (`None` when stdin is /dev/null).
+    pub stdin: Option<mpsc::UnboundedSender<(Vec<u8>, bool)>>,
+    /// Output credits granted by the host.
+    pub credit: Arc<Semaphore>,
+    /// Process group id once spawned (0 before).
+    pub pgid: Arc<AtomicI32>,
+}
+
+/// Messages to an upload task.
+pub enum WriteMsg {
+    /// File bytes.
+    Chunk(Vec<u8>),
+    /// End of the upload.
+    End,
+    /// The host gave up.
+    Cancel,
+}
+
+/// A request that receives more frames after its start.
+pub enum Stream {
+    /// A running command.
+    Exec(ExecCtl),
+    /// An upload.
+    Write(mpsc::UnboundedSender<WriteMsg>),
+    /// A download; its credits.
+    Read(Arc<Semaphore>),
+}
+
+/// Shared state of the worker.
+pub struct Agent {
+    out: mpsc::Sender<Vec<u8>>,
+    streams: Mutex<HashMap<u64, Stream>>,
+    hello: Hello,
+    /// Inside a VM: shutdown and set_time act on the system; in tests they do not.
+    pub in_vm: bool,
+}
+
+impl Agent {
+    /// Encodes and queues a message to the host.
+    pub async fn send(&self, msg: GuestMessage) {
+        match encode_frame(&msg) {
+            Ok(frame) => {
+                let _ = self.out.send(frame).await;
+            }
+            Err(e) => log!("encoding a reply failed: {e}"),
+        }
+    }
+
+    /// Reports a failed request.
+    pub async fn send_error(&self, id: u64, kind: ErrorKind, message: String) {
+        self.send(GuestMessage::Error { id, kind, message }).await;
+    }
+
+    /// The stream registry.
+    pub fn streams(&self) -> MutexGuard<'_, HashMap<u64, Stream>> {
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forgets a finished stream.
+    pub fn remove(&self, id: u64) {
+        self.streams().remove(&id);
+    }
+
+    async fn handle(self: &Arc<Self>, msg: HostMessage) {
+        match msg {
+            HostMessage::Hello { version } => {
+                if version != PROTOCOL_VERSION {
+                    log!("host speaks protocol version {version}, we speak {PROTOCOL_VERSION}");
+                }
+                self.send(GuestMessage::Hello(self.hello.clone())).await;
+            }
+            HostMessage::Ping { id } => self.send(GuestMessage::Pong { id }).await,
+            HostMessage::Exec { id, req } => exec::start(self.clone(), id, req),
+            HostMessage::Stdin { id, data, eof } => {
+                if let Some(Stream::Exec(ExecCtl {
+                    stdin: Some(tx), ..
+                })) = self.streams().get(&id)
+                {
+                    let _ = tx.send((data, eof));
+                }
+            }
+            HostMessage::Kill { id, signal } => {
+                let pgid = match self.streams().get(&id) {
+                    Some(Stream::Exec(ctl)) => ctl.pgid.load(Ordering::Acquire),
+                    _ => 0,
+                };
+                if let Err(message) = exec::signal_group(pgid, signal) {
+                    self.send_error(
+                        NO_REQUEST,
+                        ErrorKind::Invalid,
+                        format!("kill {id}: {message}"),
+                    )
+                    .await;
+                }
+            }
+            HostMessage::Cancel { id } => {
+                let stream = self.streams().remove(&id);
+                match stream {
+                    Some(Stream::Exec(ctl)) => {
+                        ctl.credit.close();
+                        let _ = exec::signal_group(ctl.pgid.load(Ordering::Acquire), libc::SIGKILL);
+                    }
+                    Some(Stream::Write(tx)) => {
+                        let _ = tx.send(WriteMsg::Cancel);
+                    }
+                    Some(Stream::Read(credit)) => credit.close(),
+                    None => {}
+                }
+            }
+            HostMessage::Credit { id, bytes } => match self.streams().get(&id) {
+                Some(Stream::Exec(ExecCtl { credit, .. })) | Some(Stream::Read(credit)) => {
+                    credit.add_permits(bytes as usize)
+                }
+                _ => {}
+            },
+            HostMessage::WriteFile { id, path, mode } => {
+                files::start_write(self.clone(), id, path, mode)
+            }
+            HostMessage::WriteChunk { id, data } => self.to_writer(id, WriteMsg::Chunk(data)),
+            HostMessage::WriteEnd { id } => self.to_writer(id, WriteMsg::End),
+            HostMessage::ReadFile { id, path } => files::start_read(self.clone(), id, path),
+            HostMessage::Metrics { id } => {
+                let agent = self.clone();
+                tokio::spawn(async move {
+                    let reply = match tokio::task::spawn_blocking(metrics::collect).await {
+                        Ok(Ok(metrics)) => GuestMessage::Metrics { id, metrics },
+                        Ok(Err(message)) => GuestMessage::Error {
+                            id,
+                            kind: ErrorKind::Io,
+                            message,
+                        },
+                        Err(e) => GuestMessage::Error {
+                            id,
+                            kind: ErrorKind::Internal,
+                            message: format!("metrics task failed: {e}"),
+                        },
+                    };
+                    agent.send(reply).await;
+                });
+            }
+            HostMessage::Shutdown { id, reboot } => self.shutdown(id, reboot).await,
+            HostMessage::SetTime { id, unix_nanos } => {
+                let reply = if self.in_vm {
+                    let ts = rustix::time::Timespec {
+                        tv_sec: (unix_nanos / 1_000_000_000) as i64,
+                        tv_nsec: (unix_nanos % 1_000_000_000) as _,
+                    };
+                    match rustix::time::clock_settime(rustix::time::ClockId::Realtime, ts) {
+                        Ok(()) => GuestMessage::Done { id },
+                        Err(e) => GuestMessage::Error {
+                            id,
+                            kind: ErrorKind::from_io(e.kind()),
+                            message: format!("setting the clock to {unix_nanos} ns: {e}"),
+                        },
+                    }
+                } else {
+                    GuestMessage::Error {
+                        id,
+                        kind: ErrorKind::Unsupported,
+                        message: "set_time is disabled outside a VM".into(),
+                    }
+                };
+                self.send(reply).await;
+            }
+        }
+    }
+
+    fn to_writer(&self, id: u64, msg: WriteMsg) {
+        if let Some(Stream::Write(tx)) = self.streams().get(&id) {
+            let _ = tx.send(msg);
+        }
+    }
+
+    async fn shutdown(&self, id: u64, reboot: bool) {
+        log!("shutdown requested (reboot: {reboot})");
+        if self.in_vm {
+            rustix::fs::sync();
+        }
+        self.send(GuestMessage::Done { id }).await;
+        // Give the writer thread a moment to deliver the acknowledgement.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if self.in_vm {
+            let failure = sys::power_off(reboot);
+            log!("{failure}");
+        } else {
+            log!("not in a VM: exiting instead of powering off");
+            std::process::exit(0);
+        }
+    }
+}
+
+/// Serves the control channel until the transport ends.
+pub fn run(endpoint: Endpoint) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("creating the runtime: {e}"))?;
+    let transport = crate::transport::open(endpoint)?;
+    rt.block_on(serve(transport));
+    Ok(())
+}
+
+async fn serve(transport: Transport) {
+    let Transport {
+        mut incoming,
+        outgoing,
+        in_vm,
+    } = transport;
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        boot_id: sys::boot_id(),
+        pid: std::process::id(),
+    };
+    let agent = Arc::new(Agent {
+        out: outgoing,
+        streams: Mutex::default(),
+        hello,
+        in_vm,
+    });
+    // Flush a frame a previous agent may have torn, then announce ourselves.
+    let _ = agent.out.send(vec![0; SYNC_PREAMBLE_LEN]).await;
+    agent.send(GuestMessage::Hello(agent.hello.clone())).await;
+    log!("ready");
+    let mut decoder = FrameDecoder::new();
+    while let Some(item) = incoming.recv().await {
+        match item {
+            Incoming::Data(data) => decoder.push(&data),
+            Incoming::HostGone => {
+                decoder.reset();
+                continue;
+            }
+            Incoming::Eof => break,
+        }
+        while let Some(frame) = decoder.next_frame::<HostMessage>() {
+            match frame {
+                Ok(msg) => agent.handle(msg).await,
+                Err(e) => {
+                    log!("rejected a frame from the host: {e}");
+                    agent
+                        .send_error(
+                            NO_REQUEST,
+                            ErrorKind::Invalid,
+                            format!("rejected frame: {e}"),
+                        )
+                        .await;
+                }
+            }
+        }
+    }
+    log!("host connection ended");
+}

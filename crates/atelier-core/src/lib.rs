@@ -1,0 +1,14 @@
+//! Domain types shared by every Atelier crate: sandbox identity, the sandbox state
+//! machine, resource limits and the error kinds every layer maps its errors onto.
+//!
+//! This crate must not depend on any other Atelier crate, on tokio, or on anything
+//! that touches the host.
+
+mod error;
+mod sandbox;
+
+pub use error::{ErrorKind, ValidationError};
+pub use sandbox::{
+    MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB, MIN_VCPUS, SandboxId, SandboxSpec, SandboxState,
+    validate_name,
+};

@@ -1,0 +1,273 @@
+use std::fmt;
+use std::str::FromStr;
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::ValidationError;
+
+/// Fewest vCPUs a sandbox may have.
+pub const MIN_VCPUS: u32 = 1;
+/// Most vCPUs a sandbox may have.
+pub const MAX_VCPUS: u32 = 8;
+/// Least guest memory, in MiB.
+pub const MIN_MEMORY_MIB: u32 = 512;
+/// Most guest memory, in MiB (16 GiB).
+pub const MAX_MEMORY_MIB: u32 = 16 * 1024;
+
+/// A sandbox id: `sb-` and 10 lowercase base-36 characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SandboxId(String);
+
+impl SandboxId {
+    /// A fresh random id.
+    pub fn generate() -> Self {
+        const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+        let mut rng = rand::rng();
+        let tail: String = (0..10)
+            .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+            .collect();
+        SandboxId(format!("sb-{tail}"))
+    }
+
+    /// Parses an id, accepting only the exact generated form.
+    pub fn parse(s: &str) -> Option<Self> {
+        let tail = s.strip_prefix("sb-")?;
+        (tail.len() == 10
+            && tail
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()))
+        .then(|| SandboxId(s.to_owned()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SandboxId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where a sandbox is in its life. Stored as text; transitions are recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxState {
+    /// Resources are being made and the VM is booting.
+    Creating,
+    /// The VM is up and its agent answered.
+    Running,
+    /// The VM is shutting down.
+    Stopping,
+    /// The VM is off; its disk is kept.
+    Stopped,
+    /// Something broke; resources have been (or are being) reclaimed except the disk.
+    Failed,
+    /// Resources are being removed.
+    Deleting,
+    /// Gone; only the history row remains.
+    Deleted,
+}
+
+impl SandboxState {
+    /// Every state, in life order.
+    pub const ALL: [SandboxState; 7] = [
+        SandboxState::Creating,
+        SandboxState::Running,
+        SandboxState::Stopping,
+        SandboxState::Stopped,
+        SandboxState::Failed,
+        SandboxState::Deleting,
+        SandboxState::Deleted,
+    ];
+
+    /// Text form, as stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Creating => "creating",
+            SandboxState::Running => "running",
+            SandboxState::Stopping => "stopping",
+            SandboxState::Stopped => "stopped",
+            SandboxState::Failed => "failed",
+            SandboxState::Deleting => "deleting",
+            SandboxState::Deleted => "deleted",
+        }
+    }
+
+    /// Whether the state machine allows going from `self` to `next`.
+    pub fn can_transition_to(self, next: SandboxState) -> bool {
+        use SandboxState::*;
+        match self {
+            Creating => matches!(next, Running | Failed | Deleting),
+            Running => matches!(next, Stopping | Failed | Deleting),
+            Stopping => matches!(next, Stopped | Failed | Deleting),
+            // A stopped sandbox starts again through Creating (boot from its kept disk).
+            Stopped => matches!(next, Creating | Deleting),
+            Failed => matches!(next, Creating | Deleting),
+            Deleting => matches!(next, Deleted | Failed),
+            Deleted => false,
+        }
+    }
+
+    /// Whether a VM process may exist in this state.
+    pub fn has_vm(self) -> bool {
+        use SandboxState::*;
+        match self {
+            Creating | Running | Stopping | Deleting => true,
+            Stopped | Failed | Deleted => false,
+        }
+    }
+}
+
+impl fmt::Display for SandboxState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SandboxState {
+    type Err = ValidationError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        SandboxState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| ValidationError::new("state", format!("unknown state {s:?}")))
+    }
+}
+
+/// What the user asks for when creating a sandbox, validated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxSpec {
+    /// Unique name among live sandboxes.
+    pub name: String,
+    /// Image name (e.g. `minimal`).
+    pub image: String,
+    /// Virtual CPUs, MIN_VCPUS..=MAX_VCPUS.
+    pub vcpus: u32,
+    /// Guest memory in MiB, MIN_MEMORY_MIB..=MAX_MEMORY_MIB.
+    pub memory_mib: u32,
+}
+
+impl SandboxSpec {
+    /// Checks every field, returning the first that is wrong.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        validate_name(&self.name)?;
+        validate_name(&self.image).map_err(|e| ValidationError::new("image", e.reason))?;
+        if !(MIN_VCPUS..=MAX_VCPUS).contains(&self.vcpus) {
+            return Err(ValidationError::new(
+                "vcpus",
+                format!(
+                    "{} is out of range; use {MIN_VCPUS} to {MAX_VCPUS}",
+                    self.vcpus
+                ),
+            ));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(ValidationError::new(
+                "memory_mib",
+                format!(
+                    "{} MiB is out of range; use {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB} MiB",
+                    self.memory_mib
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks a sandbox name: 1-63 characters of `a-z`, `0-9` and `-`, starting with a
+/// letter and not ending with `-` (a DNS label, since names appear in host names).
+pub fn validate_name(name: &str) -> Result<(), ValidationError> {
+    let bad = |reason: &str| Err(ValidationError::new("name", format!("{name:?} {reason}")));
+    if name.is_empty() || name.len() > 63 {
+        return bad("must be 1 to 63 characters long");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return bad("may contain only lowercase letters, digits and '-'");
+    }
+    if !name.as_bytes()[0].is_ascii_lowercase() {
+        return bad("must start with a lowercase letter");
+    }
+    if name.ends_with('-') {
+        return bad("must not end with '-'");
+    }
+    if name.starts_with("sb-") && SandboxId::parse(name).is_some() {
+        return bad("looks like a sandbox id; pick another name");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip_and_reject_junk() {
+        let id = SandboxId::generate();
+        assert_eq!(SandboxId::parse(id.as_str()), Some(id.clone()));
+        assert!(SandboxId::parse("sb-short").is_none());
+        assert!(SandboxId::parse("xx-abcdefghij").is_none());
+        assert!(SandboxId::parse("sb-ABCDEFGHIJ").is_none());
+    }
+
+    #[test]
+    fn names_are_dns_labels() {
+        assert!(validate_name("demo").is_ok());
+        assert!(validate_name("a-1").is_ok());
+        for bad in [
+            "",
+            "Demo",
+            "1abc",
+            "a_b",
+            "abc-",
+            "a b",
+            &"a".repeat(64),
+            "sb-abcdefghij",
+        ] {
+            assert!(validate_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn spec_limits() {
+        let ok = SandboxSpec {
+            name: "x".into(),
+            image: "minimal".into(),
+            vcpus: 2,
+            memory_mib: 1024,
+        };
+        assert!(ok.validate().is_ok());
+        for (v, m, field) in [
+            (0, 1024, "vcpus"),
+            (99, 1024, "vcpus"),
+            (1, 10, "memory_mib"),
+            (1, 1 << 20, "memory_mib"),
+        ] {
+            let err = SandboxSpec {
+                vcpus: v,
+                memory_mib: m,
+                ..ok.clone()
+            }
+            .validate()
+            .unwrap_err();
+            assert_eq!(err.field, field);
+        }
+    }
+
+    #[test]
+    fn state_text_round_trips_and_deleted_is_terminal() {
+        for st in SandboxState::ALL {
+            assert_eq!(st.as_str().parse::<SandboxState>().unwrap(), st);
+            assert!(!SandboxState::Deleted.can_transition_to(st));
+        }
+        assert!(SandboxState::Creating.can_transition_to(SandboxState::Running));
+        assert!(!SandboxState::Stopped.can_transition_to(SandboxState::Running));
+    }
+}

@@ -1,0 +1,175 @@
+//! The REST API under `/api/v1`, its bearer-token auth, error mapping and the
+//! OpenAPI document generated from the handlers.
+
+mod sandboxes;
+mod system;
+
+use std::sync::Arc;
+
+use atelier_core::ErrorKind;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+use utoipa::OpenApi;
+
+use crate::Error;
+use crate::auth::{constant_time_eq, hash_token};
+use crate::manager::Manager;
+
+pub use sandboxes::{ExecBody, ExecEventView, SandboxView};
+pub use system::StatusView;
+
+/// Shared state of every handler.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    /// The sandbox service.
+    pub mgr: Arc<Manager>,
+    /// SHA-256 hashes of valid API tokens.
+    pub token_hashes: Arc<Vec<String>>,
+    /// Where Swagger UI's static files are (npm `swagger-ui-dist`), if installed.
+    pub swagger_dir: Option<std::path::PathBuf>,
+}
+
+/// The JSON body of every error response.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ApiErrorBody {
+    /// Stable code: invalid, unauthorized, not_found, conflict, resource_exhausted, unavailable, internal.
+    pub code: ErrorKind,
+    /// What went wrong and what to do.
+    pub message: String,
+}
+
+/// An error as the API sends it.
+#[derive(Debug)]
+pub struct ApiError(pub Error);
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        ApiError(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let kind = self.0.kind;
+        let status =
+            StatusCode::from_u16(kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let message = if kind == ErrorKind::Internal {
+            // The detail goes to the log, never to the client.
+            tracing::error!(error = %self.0.message, "internal error");
+            "internal error; see the manager log".to_owned()
+        } else {
+            self.0.message
+        };
+        (
+            status,
+            Json(ApiErrorBody {
+                code: kind,
+                message,
+            }),
+        )
+            .into_response()
+    }
+}
+
+/// Handler result.
+pub type ApiResult<T> = Result<T, ApiError>;
+
+async fn require_token(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let ok = presented.is_some_and(|t| {
+        let h = hash_token(t);
+        st.token_hashes
+            .iter()
+            .fold(false, |acc, known| acc | constant_time_eq(known, &h))
+    });
+    if !ok {
+        let message = if presented.is_none() {
+            "missing API token: send `Authorization: Bearer <token>` (the CLI reads ATELIER_TOKEN)"
+        } else {
+            "invalid API token"
+        };
+        return ApiError(Error::new(ErrorKind::Unauthorized, message)).into_response();
+    }
+    next.run(req).await
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Atelier API", description = "Self-hosted VM sandboxes for AI coding agents."),
+    paths(
+        sandboxes::list, sandboxes::create, sandboxes::show, sandboxes::delete,
+        sandboxes::start, sandboxes::stop, sandboxes::exec, sandboxes::upload,
+        sandboxes::download, sandboxes::logs, sandboxes::metrics,
+        system::status, system::images,
+    ),
+    components(schemas(ApiErrorBody)),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let comps = openapi.components.get_or_insert_with(Default::default);
+        comps.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The OpenAPI document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// The whole HTTP application.
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/sandboxes", get(sandboxes::list).post(sandboxes::create))
+        .route(
+            "/sandboxes/{id}",
+            get(sandboxes::show).delete(sandboxes::delete),
+        )
+        .route("/sandboxes/{id}/start", post(sandboxes::start))
+        .route("/sandboxes/{id}/stop", post(sandboxes::stop))
+        .route("/sandboxes/{id}/exec", post(sandboxes::exec))
+        .route(
+            "/sandboxes/{id}/files",
+            get(sandboxes::download).put(sandboxes::upload),
+        )
+        .route("/sandboxes/{id}/logs", get(sandboxes::logs))
+        .route("/sandboxes/{id}/metrics", get(sandboxes::metrics))
+        .route("/status", get(system::status))
+        .route("/images", get(system::images))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .nest("/api/v1", v1)
+        .route("/api/openapi.json", get(system::openapi_json))
+        .route("/api/docs", get(system::docs_page))
+        .route("/api/docs/{file}", get(system::docs_asset))
+        .route("/healthz", get(|| async { "ok" }))
+        .fallback(|| async {
+            ApiError(Error::not_found(
+                "no such route; the API lives under /api/v1 (see /api/docs)",
+            ))
+        })
+        .with_state(state)
+}

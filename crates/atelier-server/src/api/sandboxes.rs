@@ -1,0 +1,523 @@
+//! `/api/v1/sandboxes`: create, list, show, start, stop, delete, exec (streamed
+//! NDJSON), files (streamed bodies), console logs and metrics.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use atelier_agent_proto::{ExecEvent, ExecRequest};
+use atelier_core::{SandboxSpec, SandboxState};
+use atelier_store::SandboxRecord;
+use axum::Json;
+use axum::body::Body;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::{ApiError, ApiErrorBody, ApiResult, AppState};
+use crate::Error;
+use crate::manager::{AgentHealth, Manager};
+
+/// JSON body extractor whose rejections are API errors.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        Json::<T>::from_request(req, state)
+            .await
+            .map(|Json(v)| ApiJson(v))
+            .map_err(|e: JsonRejection| {
+                ApiError(Error::invalid(format!(
+                    "bad request body: {}",
+                    e.body_text()
+                )))
+            })
+    }
+}
+
+/// Query extractor whose rejections are API errors.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(v)| ApiQuery(v))
+            .map_err(|e: QueryRejection| {
+                ApiError(Error::invalid(format!("bad query: {}", e.body_text())))
+            })
+    }
+}
+
+fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// A sandbox as the API shows it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SandboxView {
+    /// Id (`sb-` and 10 characters).
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+    /// Image it was made from.
+    pub image: String,
+    /// Current state.
+    pub state: SandboxState,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// Milliseconds from request to agent ready, for the last boot.
+    pub boot_ms: Option<i64>,
+    /// Why it failed, for failed sandboxes.
+    pub error: Option<String>,
+    /// Agent health for running sandboxes: `ready` or `unresponsive`.
+    pub agent: Option<String>,
+    /// How many times the guest agent restarted since this manager connected.
+    pub agent_restarts: Option<u64>,
+    /// Creation time (RFC 3339).
+    pub created_at: String,
+    /// Last state change (RFC 3339).
+    pub updated_at: String,
+}
+
+impl SandboxView {
+    fn new(mgr: &Manager, r: SandboxRecord) -> Self {
+        let health = mgr.agent_health(&r.id);
+        SandboxView {
+            agent: health.map(|(h, _)| match h {
+                AgentHealth::Ready => "ready".to_owned(),
+                AgentHealth::Unresponsive => "unresponsive".to_owned(),
+            }),
+            agent_restarts: health.map(|(_, n)| n),
+            id: r.id.to_string(),
+            name: r.name,
+            image: r.image,
+            state: r.state,
+            vcpus: r.vcpus,
+            memory_mib: r.memory_mib,
+            boot_ms: r.boot_ms,
+            error: r.error,
+            created_at: rfc3339(r.created_at),
+            updated_at: rfc3339(r.updated_at),
+        }
+    }
+}
+
+/// Body of a create request.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBody {
+    /// Unique name: 1-63 of a-z, 0-9 and '-', starting with a letter.
+    pub name: String,
+    /// Image name (default `minimal`).
+    #[serde(default = "default_image")]
+    pub image: String,
+    /// vCPUs, 1-8 (default 1).
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    /// Memory in MiB, 512-16384 (default 1024).
+    #[serde(default = "default_memory")]
+    pub memory_mib: u32,
+}
+
+fn default_image() -> String {
+    "minimal".into()
+}
+fn default_vcpus() -> u32 {
+    1
+}
+fn default_memory() -> u32 {
+    1024
+}
+
+/// `?wait=` for create and start.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct WaitQuery {
+    /// Wait until the agent is ready (default true); false returns at once.
+    #[serde(default = "yes")]
+    pub wait: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// List live sandboxes.
+#[utoipa::path(get, path = "/api/v1/sandboxes", tag = "sandboxes",
+    responses((status = 200, body = [SandboxView])))]
+pub async fn list(State(st): State<AppState>) -> ApiResult<Json<Vec<SandboxView>>> {
+    let rows = st
+        .mgr
+        .store()
+        .list_sandboxes(false)
+        .await
+        .map_err(Error::from)?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|r| SandboxView::new(&st.mgr, r))
+            .collect(),
+    ))
+}
+
+/// Create a sandbox and (by default) wait until its agent answers.
+#[utoipa::path(post, path = "/api/v1/sandboxes", tag = "sandboxes", params(WaitQuery),
+    request_body = CreateBody,
+    responses((status = 201, body = SandboxView), (status = 400, body = ApiErrorBody),
+              (status = 409, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
+pub async fn create(
+    State(st): State<AppState>,
+    ApiQuery(q): ApiQuery<WaitQuery>,
+    ApiJson(body): ApiJson<CreateBody>,
+) -> ApiResult<(StatusCode, Json<SandboxView>)> {
+    let spec = SandboxSpec {
+        name: body.name,
+        image: body.image,
+        vcpus: body.vcpus,
+        memory_mib: body.memory_mib,
+    };
+    let rec = st.mgr.create(spec, q.wait).await?;
+    Ok((StatusCode::CREATED, Json(SandboxView::new(&st.mgr, rec))))
+}
+
+/// Show one sandbox, by id or name.
+#[utoipa::path(get, path = "/api/v1/sandboxes/{id}", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id or name")),
+    responses((status = 200, body = SandboxView), (status = 404, body = ApiErrorBody)))]
+pub async fn show(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SandboxView>> {
+    let rec = st.mgr.get(&id).await?;
+    Ok(Json(SandboxView::new(&st.mgr, rec)))
+}
+
+/// Delete a sandbox in any state, reclaiming everything it holds.
+#[utoipa::path(delete, path = "/api/v1/sandboxes/{id}", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id or name")),
+    responses((status = 200, body = SandboxView), (status = 404, body = ApiErrorBody)))]
+pub async fn delete(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SandboxView>> {
+    let rec = st.mgr.delete(&id).await?;
+    Ok(Json(SandboxView::new(&st.mgr, rec)))
+}
+
+/// Boot a stopped or failed sandbox.
+#[utoipa::path(post, path = "/api/v1/sandboxes/{id}/start", tag = "sandboxes", params(
+    ("id" = String, Path, description = "Sandbox id or name"), WaitQuery),
+    responses((status = 200, body = SandboxView), (status = 409, body = ApiErrorBody)))]
+pub async fn start(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<WaitQuery>,
+) -> ApiResult<Json<SandboxView>> {
+    let rec = st.mgr.start(&id, q.wait).await?;
+    Ok(Json(SandboxView::new(&st.mgr, rec)))
+}
+
+/// Stop a running sandbox (its disk is kept).
+#[utoipa::path(post, path = "/api/v1/sandboxes/{id}/stop", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id or name")),
+    responses((status = 200, body = SandboxView), (status = 409, body = ApiErrorBody)))]
+pub async fn stop(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SandboxView>> {
+    let rec = st.mgr.stop(&id).await?;
+    Ok(Json(SandboxView::new(&st.mgr, rec)))
+}
+
+/// Body of an exec request.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecBody {
+    /// Program and arguments (no shell; use `["sh","-c","..."]` for one).
+    pub command: Vec<String>,
+    /// Extra environment variables.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory in the guest (default `/root`).
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Kill the command (and its process group) after this many seconds.
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+    /// Standard input, base64; stdin is /dev/null when absent.
+    #[serde(default)]
+    pub stdin: Option<String>,
+}
+
+/// One line of an exec response stream (NDJSON).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecEventView {
+    /// The process started.
+    Started {
+        /// Guest pid.
+        pid: u32,
+    },
+    /// Output on stdout (base64).
+    Stdout {
+        /// Base64 bytes.
+        data: String,
+    },
+    /// Output on stderr (base64).
+    Stderr {
+        /// Base64 bytes.
+        data: String,
+    },
+    /// The process ended; always the last line unless an error line comes instead.
+    Exit {
+        /// Exit code.
+        code: Option<i32>,
+        /// Killing signal.
+        signal: Option<i32>,
+        /// Killed because of `timeout_secs`.
+        timed_out: bool,
+    },
+    /// The stream broke (e.g. the agent restarted); no exit status is known.
+    Error {
+        /// What happened.
+        message: String,
+    },
+}
+
+const MAX_STDIN: usize = 64 << 20;
+
+/// Run a command; the response streams its output as NDJSON lines, in order, as it
+/// comes, ending with an `exit` line.
+#[utoipa::path(post, path = "/api/v1/sandboxes/{id}/exec", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id or name")), request_body = ExecBody,
+    responses((status = 200, description = "NDJSON stream of ExecEventView", content_type = "application/x-ndjson", body = ExecEventView),
+              (status = 409, body = ApiErrorBody)))]
+pub async fn exec(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<ExecBody>,
+) -> ApiResult<Response> {
+    if body.command.is_empty() || body.command[0].is_empty() {
+        return Err(Error::invalid("command must name a program").into());
+    }
+    let stdin = match &body.stdin {
+        Some(s) => {
+            let data = B64
+                .decode(s)
+                .map_err(|e| Error::invalid(format!("stdin is not base64: {e}")))?;
+            if data.len() > MAX_STDIN {
+                return Err(
+                    Error::invalid(format!("stdin is over {} MiB", MAX_STDIN >> 20)).into(),
+                );
+            }
+            Some(data)
+        }
+        None => None,
+    };
+    let (_rec, agent) = st.mgr.agent(&id).await?;
+    let mut req = ExecRequest::new(body.command.clone())
+        .cwd(body.cwd.clone().unwrap_or_else(|| "/root".into()));
+    for (k, v) in &body.env {
+        req = req.env(k, v);
+    }
+    if let Some(t) = body.timeout_secs {
+        req = req.timeout(Duration::from_secs(t));
+    }
+    if stdin.is_some() {
+        req = req.with_stdin();
+    }
+    let mut handle = agent.exec(req).await.map_err(Manager::agent_error)?;
+    if let Some(data) = stdin
+        && let Some(mut w) = handle.take_stdin()
+    {
+        tokio::spawn(async move {
+            for chunk in data.chunks(64 << 10) {
+                if w.send(chunk).await.is_err() {
+                    return;
+                }
+            }
+            let _ = w.close().await;
+        });
+    }
+    let stream = futures::stream::unfold(Some(handle), |h| async move {
+        let mut h = h?;
+        let (view, more) = match h.next_event().await? {
+            Ok(ExecEvent::Started { pid }) => (ExecEventView::Started { pid }, true),
+            Ok(ExecEvent::Stdout(d)) => (
+                ExecEventView::Stdout {
+                    data: B64.encode(d),
+                },
+                true,
+            ),
+            Ok(ExecEvent::Stderr(d)) => (
+                ExecEventView::Stderr {
+                    data: B64.encode(d),
+                },
+                true,
+            ),
+            Ok(ExecEvent::Exit {
+                code,
+                signal,
+                timed_out,
+            }) => (
+                ExecEventView::Exit {
+                    code,
+                    signal,
+                    timed_out,
+                },
+                false,
+            ),
+            Err(e) => (
+                ExecEventView::Error {
+                    message: e.to_string(),
+                },
+                false,
+            ),
+        };
+        let mut line = serde_json::to_vec(&view).unwrap_or_default();
+        line.push(b'\n');
+        Some((
+            Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line)),
+            more.then_some(h),
+        ))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// `?path=` (and `mode=` for uploads) for file transfers.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct FileQuery {
+    /// Absolute path in the guest.
+    pub path: String,
+    /// Octal mode for uploads (default 644).
+    #[serde(default)]
+    pub mode: Option<String>,
+}
+
+fn check_guest_path(p: &str) -> Result<(), Error> {
+    if !p.starts_with('/') || p.len() > 4096 || p.contains('\0') {
+        return Err(Error::invalid(format!(
+            "path {p:?} must be absolute and under 4096 bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// Upload a file into the sandbox; the body is streamed.
+#[utoipa::path(put, path = "/api/v1/sandboxes/{id}/files", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id or name"), FileQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, description = "Bytes written", body = serde_json::Value), (status = 409, body = ApiErrorBody)))]
+pub async fn upload(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<FileQuery>,
+    body: Body,
+) -> ApiResult<Json<serde_json::Value>> {
+    check_guest_path(&q.path)?;
+    let mode = match &q.mode {
+        Some(m) => u32::from_str_radix(m, 8)
+            .ok()
+            .filter(|m| *m <= 0o7777)
+            .ok_or_else(|| Error::invalid(format!("mode {m:?} is not an octal file mode")))?,
+        None => 0o644,
+    };
+    let (_rec, agent) = st.mgr.agent(&id).await?;
+    let stream = body
+        .into_data_stream()
+        .map(|r| r.map_err(std::io::Error::other));
+    let reader = tokio_util::io::StreamReader::new(stream);
+    let size = agent
+        .write_file(&q.path, mode, reader)
+        .await
+        .map_err(Manager::agent_error)?;
+    Ok(Json(serde_json::json!({ "path": q.path, "bytes": size })))
+}
+
+/// Download a file from the sandbox; the response is streamed.
+#[utoipa::path(get, path = "/api/v1/sandboxes/{id}/files", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id or name"), FileQuery),
+    responses((status = 200, description = "File bytes", content_type = "application/octet-stream"),
+              (status = 404, body = ApiErrorBody)))]
+pub async fn download(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<FileQuery>,
+) -> ApiResult<Response> {
+    check_guest_path(&q.path)?;
+    let (_rec, agent) = st.mgr.agent(&id).await?;
+    let stream = agent
+        .read_file(&q.path)
+        .await
+        .map_err(Manager::agent_error)?;
+    let body = Body::from_stream(stream.map(|r| r.map_err(std::io::Error::other)));
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
+}
+
+/// `?tail_bytes=` for logs.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct LogsQuery {
+    /// Only the last N bytes (default 1 MiB).
+    #[serde(default)]
+    pub tail_bytes: Option<u64>,
+}
+
+/// The guest's serial console log (kernel and agent messages), all boots appended.
+#[utoipa::path(get, path = "/api/v1/sandboxes/{id}/logs", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id or name"), LogsQuery),
+    responses((status = 200, content_type = "text/plain", body = String), (status = 404, body = ApiErrorBody)))]
+pub async fn logs(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<LogsQuery>,
+) -> ApiResult<Response> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let rec = st.mgr.get(&id).await?;
+    let path = st.mgr.sandbox_dir(&rec.id).join("console.log");
+    let tail = q.tail_bytes.unwrap_or(1 << 20).min(64 << 20);
+    let mut buf = Vec::new();
+    if let Ok(mut f) = tokio::fs::File::open(&path).await {
+        let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+        let _ = f
+            .seek(std::io::SeekFrom::Start(len.saturating_sub(tail)))
+            .await;
+        let _ = f.take(tail).read_to_end(&mut buf).await;
+    }
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], buf).into_response())
+}
+
+/// A metrics sample from the guest agent.
+#[utoipa::path(get, path = "/api/v1/sandboxes/{id}/metrics", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id or name")),
+    responses((status = 200, body = serde_json::Value), (status = 409, body = ApiErrorBody)))]
+pub async fn metrics(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let (_rec, agent) = st.mgr.agent(&id).await?;
+    let m = agent.metrics().await.map_err(Manager::agent_error)?;
+    Ok(Json(
+        serde_json::to_value(m).map_err(|e| Error::internal(e.to_string()))?,
+    ))
+}

@@ -1,0 +1,15 @@
+//! The Atelier manager: the sandbox service (create, start, stop, delete, exec,
+//! files), the resource journal and its reconcile loop, and the REST API over it.
+//!
+//! Host side effects go through their owners: VMM processes through `atelier-vmm`,
+//! disks through `atelier-storage`, rows through `atelier-store`. This crate
+//! orchestrates them and journals every resource before it is made.
+
+pub mod api;
+pub mod auth;
+mod error;
+pub mod manager;
+mod reconcile;
+
+pub use error::Error;
+pub use manager::{Manager, ManagerConfig};

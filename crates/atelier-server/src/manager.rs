@@ -1,0 +1,690 @@
+//! The sandbox service. Every operation on one sandbox runs under that sandbox's
+//! lock; every host resource is journaled in the store before it is made and
+//! forgotten only after it is gone, so `reconcile` can finish or undo any operation
+//! a crash interrupted.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, Instant};
+
+use atelier_agent_proto::{AgentClient, Hello};
+use atelier_core::{ErrorKind, SandboxId, SandboxSpec, SandboxState};
+use atelier_storage::{BackendChoice, Pool};
+use atelier_store::{ResourceRecord, SandboxRecord, Store, now_ms};
+use atelier_vmm::qemu::Qemu;
+use atelier_vmm::{Accel, AccelChoice, Hypervisor, ProbeOutcome, RunPaths, VmConfig, VmProcess};
+use tokio::sync::{Mutex, OnceCell, OwnedMutexGuard};
+
+use crate::Error;
+
+/// Journal kind: a sandbox's directory (run files and console log).
+pub const RES_DIR: &str = "dir";
+/// Journal kind: a sandbox's disk clone in the pool.
+pub const RES_DISK: &str = "disk";
+/// Journal kind: a VMM process, located by its run directory.
+pub const RES_PROCESS: &str = "process";
+
+/// Manager settings.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// Where everything lives: database, images, pool, sandboxes.
+    pub data_dir: PathBuf,
+    /// Accelerator choice (`ATELIER_ACCEL`).
+    pub accel: AccelChoice,
+    /// The QEMU binary.
+    pub qemu_binary: PathBuf,
+    /// Storage backend choice.
+    pub storage: BackendChoice,
+    /// How often the reconcile loop runs.
+    pub reconcile_interval: Duration,
+}
+
+impl ManagerConfig {
+    /// Defaults for `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        ManagerConfig {
+            data_dir: data_dir.into(),
+            accel: AccelChoice::Auto,
+            qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            storage: BackendChoice::Auto,
+            reconcile_interval: Duration::from_secs(30),
+        }
+    }
+
+    /// Directory of built images.
+    pub fn images_dir(&self) -> PathBuf {
+        self.data_dir.join("images")
+    }
+
+    /// Directory holding one directory per sandbox.
+    pub fn sandboxes_dir(&self) -> PathBuf {
+        self.data_dir.join("sandboxes")
+    }
+}
+
+/// A VM this manager is driving.
+pub(crate) struct RunningVm {
+    pub(crate) process: VmProcess,
+    pub(crate) agent: AgentClient,
+    pub(crate) responsive: AtomicBool,
+}
+
+impl std::fmt::Debug for RunningVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningVm")
+            .field("pid", &self.process.pid())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The agent's health as last seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentHealth {
+    /// Answered the last ping.
+    Ready,
+    /// Did not answer the last ping in time.
+    Unresponsive,
+}
+
+/// The sandbox service.
+#[derive(Debug)]
+pub struct Manager {
+    pub(crate) cfg: ManagerConfig,
+    pub(crate) store: Store,
+    pub(crate) pool: Pool,
+    pub(crate) hv: Arc<dyn Hypervisor>,
+    accel: OnceCell<ProbeOutcome>,
+    pub(crate) vms: StdMutex<HashMap<SandboxId, Arc<RunningVm>>>,
+    locks: StdMutex<HashMap<SandboxId, Arc<Mutex<()>>>>,
+    started: Instant,
+    qemu_version: String,
+}
+
+fn lock_map<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Manager {
+    /// Opens the data directory (database, pool), reconciles the journal with the
+    /// host, and returns the manager. Call [`Manager::spawn_background`] after.
+    pub async fn open(cfg: ManagerConfig) -> Result<Arc<Manager>, Error> {
+        for d in [cfg.data_dir.clone(), cfg.images_dir(), cfg.sandboxes_dir()] {
+            std::fs::create_dir_all(&d)
+                .map_err(|e| Error::internal(format!("cannot create {}: {e}", d.display())))?;
+        }
+        let store = Store::open(&cfg.data_dir.join("atelier.db")).await?;
+        let storage = cfg.storage;
+        let dd = cfg.data_dir.clone();
+        let pool = tokio::task::spawn_blocking(move || Pool::open(&dd, storage))
+            .await
+            .map_err(|e| Error::internal(e.to_string()))??;
+        let qemu = Qemu::new(cfg.qemu_binary.clone());
+        let qemu_version = qemu
+            .version()
+            .await
+            .unwrap_or_else(|e| format!("unavailable: {e}"));
+        let mgr = Arc::new(Manager {
+            cfg,
+            store,
+            pool,
+            hv: Arc::new(qemu),
+            accel: OnceCell::new(),
+            vms: StdMutex::new(HashMap::new()),
+            locks: StdMutex::new(HashMap::new()),
+            started: Instant::now(),
+            qemu_version,
+        });
+        mgr.reconcile_at_start().await?;
+        Ok(mgr)
+    }
+
+    /// Starts the periodic reconcile and agent health loops.
+    pub fn spawn_background(self: &Arc<Self>) {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(me.cfg.reconcile_interval);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Err(e) = me.reconcile_orphans().await {
+                    tracing::warn!(error = %e, "periodic reconcile failed");
+                }
+            }
+        });
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                me.check_agents().await;
+            }
+        });
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ManagerConfig {
+        &self.cfg
+    }
+
+    /// The volume pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// QEMU's version line.
+    pub fn qemu_version(&self) -> &str {
+        &self.qemu_version
+    }
+
+    /// Seconds since the manager started.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The accelerator, if it has been decided yet.
+    pub fn accel_if_known(&self) -> Option<&ProbeOutcome> {
+        self.accel.get()
+    }
+
+    /// The accelerator to use: forced by configuration, or probed once (booting the
+    /// given image's kernel under KVM) and cached in the store for this QEMU version.
+    pub async fn accel(&self, image: &atelier_image::Image) -> &ProbeOutcome {
+        self.accel
+            .get_or_init(|| async {
+                if let AccelChoice::Forced(a) = self.cfg.accel {
+                    return ProbeOutcome { accel: a, reason: "set by ATELIER_ACCEL".into() };
+                }
+                let key = format!("accel-probe:{}:{}", self.qemu_version, image.manifest.kernel_release);
+                if let Ok(Some(v)) = self.store.setting(&key).await
+                    && let Some((a, reason)) = v.split_once('|')
+                    && let Some(accel) = Accel::parse(a)
+                {
+                    return ProbeOutcome { accel, reason: format!("{reason} (cached)") };
+                }
+                let out = atelier_vmm::probe_accel(
+                    &self.cfg.qemu_binary,
+                    &image.kernel(),
+                    &image.initrd(),
+                    &self.cfg.data_dir.join("probe"),
+                    Duration::from_secs(20),
+                )
+                .await;
+                tracing::info!(accel = out.accel.as_str(), reason = %out.reason, "accelerator chosen");
+                let _ = self.store.put_setting(&key, &format!("{}|{}", out.accel.as_str(), out.reason)).await;
+                out
+            })
+            .await
+    }
+
+    pub(crate) async fn lock(&self, id: &SandboxId) -> OwnedMutexGuard<()> {
+        let m = Arc::clone(lock_map(&self.locks).entry(id.clone()).or_default());
+        m.lock_owned().await
+    }
+
+    pub(crate) fn try_lock(&self, id: &SandboxId) -> Option<OwnedMutexGuard<()>> {
+        let m = Arc::clone(lock_map(&self.locks).entry(id.clone()).or_default());
+        m.try_lock_owned().ok()
+    }
+
+    pub(crate) fn vm(&self, id: &SandboxId) -> Option<Arc<RunningVm>> {
+        lock_map(&self.vms).get(id).cloned()
+    }
+
+    /// The agent's health for a running sandbox, with its restart count.
+    pub fn agent_health(&self, id: &SandboxId) -> Option<(AgentHealth, u64)> {
+        self.vm(id).map(|vm| {
+            let h = if vm.responsive.load(Ordering::Relaxed) {
+                AgentHealth::Ready
+            } else {
+                AgentHealth::Unresponsive
+            };
+            (h, vm.agent.restarts())
+        })
+    }
+
+    /// A sandbox's directory (its run files and console log).
+    pub fn sandbox_dir(&self, id: &SandboxId) -> PathBuf {
+        self.cfg.sandboxes_dir().join(id.as_str())
+    }
+
+    /// A live sandbox by id or name.
+    pub async fn get(&self, id_or_name: &str) -> Result<SandboxRecord, Error> {
+        Ok(self.store.find_sandbox(id_or_name).await?)
+    }
+
+    /// Finds the newest built image called `name`.
+    pub fn image(&self, name: &str) -> Result<atelier_image::Image, Error> {
+        match atelier_image::find(&self.cfg.images_dir(), name) {
+            Ok(Some(img)) => Ok(img),
+            Ok(None) => Err(Error::not_found(format!(
+                "image {name:?} is not built; run `atelier image build {name}` first"
+            ))),
+            Err(e) => Err(Error::internal(format!("cannot read images: {e}"))),
+        }
+    }
+
+    /// Creates a sandbox: records it, clones its disk, boots it. With `wait` the call
+    /// returns when the agent answers (or the create failed and was cleaned up);
+    /// without, it returns the `creating` record at once.
+    pub async fn create(
+        self: &Arc<Self>,
+        spec: SandboxSpec,
+        wait: bool,
+    ) -> Result<SandboxRecord, Error> {
+        spec.validate()?;
+        let image = self.image(&spec.image)?;
+        let now = now_ms();
+        let rec = SandboxRecord {
+            id: SandboxId::generate(),
+            name: spec.name.clone(),
+            image: spec.image.clone(),
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            state: SandboxState::Creating,
+            error: None,
+            boot_ms: None,
+            created_at: now,
+            updated_at: now,
+        };
+        let guard = self.lock(&rec.id).await;
+        self.store.insert_sandbox(&rec).await?;
+        tracing::info!(sandbox = %rec.id, name = %rec.name, "creating sandbox");
+        let me = Arc::clone(self);
+        let id = rec.id.clone();
+        // The work runs in its own task so a client that goes away mid-create does
+        // not leave it half done.
+        let task = tokio::spawn(async move {
+            let _guard = guard;
+            me.provision(&id, &image, true).await
+        });
+        if !wait {
+            return Ok(rec);
+        }
+        task.await
+            .map_err(|e| Error::internal(format!("create task: {e}")))?
+    }
+
+    /// Boots a stopped or failed sandbox again (from its kept disk, or a fresh clone
+    /// when the disk was reclaimed).
+    pub async fn start(
+        self: &Arc<Self>,
+        id_or_name: &str,
+        wait: bool,
+    ) -> Result<SandboxRecord, Error> {
+        let rec = self.get(id_or_name).await?;
+        let guard = self.lock(&rec.id).await;
+        let rec = self.store.get_sandbox(&rec.id).await?;
+        if !matches!(rec.state, SandboxState::Stopped | SandboxState::Failed) {
+            return Err(Error::conflict(format!(
+                "sandbox {} is {}; only a stopped or failed sandbox can be started",
+                rec.name, rec.state
+            )));
+        }
+        let image = self.image(&rec.image)?;
+        let rec = self
+            .store
+            .transition(&rec.id, SandboxState::Creating, "start", None)
+            .await?;
+        let me = Arc::clone(self);
+        let id = rec.id.clone();
+        let task = tokio::spawn(async move {
+            let _guard = guard;
+            me.provision(&id, &image, false).await
+        });
+        if !wait {
+            return Ok(rec);
+        }
+        task.await
+            .map_err(|e| Error::internal(format!("start task: {e}")))?
+    }
+
+    /// Does the work of create/start under the sandbox lock; on failure reclaims the
+    /// VMM and disk and marks the sandbox failed.
+    async fn provision(
+        self: &Arc<Self>,
+        id: &SandboxId,
+        image: &atelier_image::Image,
+        fresh: bool,
+    ) -> Result<SandboxRecord, Error> {
+        let started = Instant::now();
+        match self.provision_inner(id, image, fresh).await {
+            Ok(()) => {
+                let ms = started.elapsed().as_millis() as i64;
+                self.store.set_boot_ms(id, ms).await?;
+                let rec = self
+                    .store
+                    .transition(id, SandboxState::Running, "agent ready", None)
+                    .await?;
+                tracing::info!(sandbox = %id, boot_ms = ms, "sandbox running");
+                Ok(rec)
+            }
+            Err(e) => {
+                tracing::warn!(sandbox = %id, error = %e, "create failed; reclaiming");
+                self.drop_vm(id).await;
+                if let Err(re) = self.reclaim(id, &[RES_PROCESS, RES_DISK]).await {
+                    tracing::error!(sandbox = %id, error = %re, "reclaim after failed create");
+                }
+                // A create that failed leaves only the row (with the reason) and the
+                // console log for diagnosis; `rm` removes both.
+                let _ = self
+                    .store
+                    .transition(id, SandboxState::Failed, "create failed", Some(&e.message))
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn provision_inner(
+        self: &Arc<Self>,
+        id: &SandboxId,
+        image: &atelier_image::Image,
+        fresh: bool,
+    ) -> Result<(), Error> {
+        let rec = self.store.get_sandbox(id).await?;
+        let dir = self.sandbox_dir(id);
+        self.store
+            .record_resource(id, RES_DIR, &dir.display().to_string())
+            .await?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::internal(format!("cannot create {}: {e}", dir.display())))?;
+
+        let disk = self.pool.disk_path(id.as_str());
+        if fresh || !disk.exists() {
+            self.store
+                .record_resource(id, RES_DISK, &disk.display().to_string())
+                .await?;
+            let pool = self.pool.clone();
+            let (rootfs, hash, d) = (image.rootfs(), image.manifest.hash.clone(), disk.clone());
+            tokio::task::spawn_blocking(move || -> Result<_, atelier_storage::StorageError> {
+                let base = pool.import_base(&rootfs, &hash)?;
+                let _ = pool.remove_disk(&d);
+                pool.clone_disk(&base, &d)
+            })
+            .await
+            .map_err(|e| Error::internal(e.to_string()))??;
+        }
+
+        let accel = self.accel(image).await.accel;
+        let cfg = VmConfig {
+            name: id.to_string(),
+            run_dir: dir.clone(),
+            kernel: image.kernel(),
+            initrd: image.initrd(),
+            cmdline: format!("{} atelier.hostname={}", image.cmdline(), rec.name),
+            disk: disk.clone(),
+            disk_format: match self.pool.backend() {
+                atelier_storage::Backend::Reflink => "raw".into(),
+                atelier_storage::Backend::Qcow2 => "qcow2".into(),
+            },
+            vcpus: rec.vcpus,
+            memory_mib: rec.memory_mib,
+            accel,
+        };
+        self.store
+            .record_resource(id, RES_PROCESS, &dir.display().to_string())
+            .await?;
+        let process = self.hv.launch(&cfg).await?;
+        let paths = process.paths().clone();
+        let agent = AgentClient::connect_unix(&paths.agent).await.map_err(|e| {
+            Error::unavailable(format!(
+                "cannot connect to the agent socket {}: {e}",
+                paths.agent.display()
+            ))
+        })?;
+        let timeout = match accel {
+            Accel::Kvm => Duration::from_secs(60),
+            Accel::Tcg => Duration::from_secs(240),
+        };
+        let mut exited = process.exit_watch();
+        let hello: Hello = tokio::select! {
+            r = agent.wait_ready(timeout) => r.map_err(|e| Error::unavailable(format!(
+                "the agent in sandbox {} did not answer within {} s ({e}); see `atelier sandbox logs {}`",
+                rec.name, timeout.as_secs(), rec.name
+            )))?,
+            _ = exited.wait_for(|e| *e) => {
+                return Err(Error::internal(format!(
+                    "the VM of sandbox {} exited while booting; see `atelier sandbox logs {}`",
+                    rec.name, rec.name
+                )));
+            }
+        };
+        tracing::debug!(sandbox = %id, agent = ?hello, "agent ready");
+        self.register_vm(id, process, agent);
+        Ok(())
+    }
+
+    /// Keeps a VM in the running map and watches for its VMM dying.
+    pub(crate) fn register_vm(
+        self: &Arc<Self>,
+        id: &SandboxId,
+        process: VmProcess,
+        agent: AgentClient,
+    ) {
+        let mut exited = process.exit_watch();
+        let vm = Arc::new(RunningVm {
+            process,
+            agent,
+            responsive: AtomicBool::new(true),
+        });
+        lock_map(&self.vms).insert(id.clone(), Arc::clone(&vm));
+        let me = Arc::clone(self);
+        let id = id.clone();
+        tokio::spawn(async move {
+            let _ = exited.wait_for(|e| *e).await;
+            let _guard = me.lock(&id).await;
+            // Only a VM that is still the registered one and whose sandbox is running
+            // died unexpectedly; stop/delete handle their own exits.
+            let current = me.vm(&id).is_some_and(|v| Arc::ptr_eq(&v, &vm));
+            let Ok(rec) = me.store.get_sandbox(&id).await else {
+                return;
+            };
+            if !current || rec.state != SandboxState::Running {
+                return;
+            }
+            let log = std::fs::read_to_string(&vm.process.paths().vmm_log).unwrap_or_default();
+            let why = format!("the VM process exited unexpectedly {}", log.trim());
+            tracing::warn!(sandbox = %id, "{why}");
+            me.drop_vm(&id).await;
+            if let Err(e) = me.reclaim(&id, &[RES_PROCESS, RES_DISK]).await {
+                tracing::error!(sandbox = %id, error = %e, "reclaim after vm exit");
+            }
+            let _ = me
+                .store
+                .transition(&id, SandboxState::Failed, "vm exited", Some(why.trim()))
+                .await;
+        });
+    }
+
+    /// Removes a VM from the running map, killing its VMM if still alive.
+    pub(crate) async fn drop_vm(&self, id: &SandboxId) {
+        let vm = lock_map(&self.vms).remove(id);
+        if let Some(vm) = vm
+            && let Err(e) = vm.process.kill().await
+        {
+            tracing::warn!(sandbox = %id, error = %e, "kill vmm");
+        }
+    }
+
+    /// Stops a running sandbox: asks the agent to power off, then QEMU to quit, then
+    /// kills it. The disk is kept.
+    pub async fn stop(self: &Arc<Self>, id_or_name: &str) -> Result<SandboxRecord, Error> {
+        let rec = self.get(id_or_name).await?;
+        let _guard = self.lock(&rec.id).await;
+        let rec = self.store.get_sandbox(&rec.id).await?;
+        if rec.state == SandboxState::Stopped {
+            return Ok(rec);
+        }
+        if rec.state != SandboxState::Running {
+            return Err(Error::conflict(format!(
+                "sandbox {} is {}; only a running sandbox can be stopped",
+                rec.name, rec.state
+            )));
+        }
+        self.store
+            .transition(&rec.id, SandboxState::Stopping, "stop", None)
+            .await?;
+        if let Some(vm) = self.vm(&rec.id) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), vm.agent.shutdown(false)).await;
+            if !vm.process.wait_exit(Duration::from_secs(15)).await {
+                let _ = vm
+                    .process
+                    .qmp()
+                    .execute_timeout("quit", None, Duration::from_secs(5))
+                    .await;
+                vm.process.wait_exit(Duration::from_secs(5)).await;
+            }
+        }
+        self.drop_vm(&rec.id).await;
+        self.reclaim(&rec.id, &[RES_PROCESS]).await?;
+        Ok(self
+            .store
+            .transition(&rec.id, SandboxState::Stopped, "stop", None)
+            .await?)
+    }
+
+    /// Deletes a sandbox in any state, reclaiming everything it holds on the host.
+    pub async fn delete(self: &Arc<Self>, id_or_name: &str) -> Result<SandboxRecord, Error> {
+        let rec = self.get(id_or_name).await?;
+        let _guard = self.lock(&rec.id).await;
+        let rec = self.store.get_sandbox(&rec.id).await?;
+        if rec.state == SandboxState::Deleted {
+            return Err(Error::not_found(format!("sandbox {id_or_name} not found")));
+        }
+        if rec.state != SandboxState::Deleting {
+            self.store
+                .transition(&rec.id, SandboxState::Deleting, "delete", None)
+                .await?;
+        }
+        self.drop_vm(&rec.id).await;
+        self.reclaim(&rec.id, &[RES_PROCESS, RES_DISK, RES_DIR])
+            .await?;
+        tracing::info!(sandbox = %rec.id, "sandbox deleted");
+        Ok(self
+            .store
+            .transition(&rec.id, SandboxState::Deleted, "delete", None)
+            .await?)
+    }
+
+    /// Reclaims the journaled resources of `id` whose kind is in `kinds`, newest
+    /// first, forgetting each once it is gone.
+    pub(crate) async fn reclaim(&self, id: &SandboxId, kinds: &[&str]) -> Result<(), Error> {
+        for r in self.store.resources(Some(id)).await? {
+            if kinds.contains(&r.kind.as_str()) {
+                self.reclaim_one(&r).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes one resource from the host, then from the journal.
+    pub(crate) async fn reclaim_one(&self, r: &ResourceRecord) -> Result<(), Error> {
+        match r.kind.as_str() {
+            RES_PROCESS => {
+                kill_vmms(&r.locator).await;
+                let paths = RunPaths::new(Path::new(&r.locator));
+                for f in [&paths.qmp, &paths.agent, &paths.pidfile] {
+                    let _ = std::fs::remove_file(f);
+                }
+            }
+            RES_DISK => self.pool.remove_disk(Path::new(&r.locator))?,
+            RES_DIR => match std::fs::remove_dir_all(&r.locator) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::internal(format!("cannot remove {}: {e}", r.locator)));
+                }
+                _ => {}
+            },
+            other => {
+                tracing::warn!(kind = other, locator = %r.locator, "unknown resource kind; forgetting it")
+            }
+        }
+        tracing::debug!(sandbox = %r.sandbox_id, kind = %r.kind, locator = %r.locator, "reclaimed");
+        self.store.forget_resource(r.id).await?;
+        Ok(())
+    }
+
+    /// The agent of a running sandbox, or a conflict error saying why there is none.
+    pub async fn agent(&self, id_or_name: &str) -> Result<(SandboxRecord, AgentClient), Error> {
+        let rec = self.get(id_or_name).await?;
+        match (rec.state, self.vm(&rec.id)) {
+            (SandboxState::Running, Some(vm)) => Ok((rec, vm.agent.clone())),
+            (SandboxState::Running, None) => Err(Error::unavailable(format!(
+                "sandbox {} is running but its agent is not connected yet; retry shortly",
+                rec.name
+            ))),
+            (state, _) => Err(Error::conflict(format!(
+                "sandbox {} is {state}; start it first with `atelier sandbox start {}`",
+                rec.name, rec.name
+            ))),
+        }
+    }
+
+    /// Pings every running agent and records whether it answered.
+    async fn check_agents(&self) {
+        let vms: Vec<_> = lock_map(&self.vms)
+            .iter()
+            .map(|(k, v)| (k.clone(), Arc::clone(v)))
+            .collect();
+        for (id, vm) in vms {
+            let ok = vm.agent.ping(Duration::from_secs(5)).await.is_ok();
+            if vm.responsive.swap(ok, Ordering::Relaxed) != ok {
+                if ok {
+                    tracing::info!(sandbox = %id, "agent answers again");
+                } else {
+                    tracing::warn!(sandbox = %id, "agent is unresponsive");
+                }
+            }
+        }
+    }
+
+    /// Counts of live sandboxes per state.
+    pub async fn counts(&self) -> Result<HashMap<SandboxState, usize>, Error> {
+        let mut counts = HashMap::new();
+        for r in self.store.list_sandboxes(false).await? {
+            *counts.entry(r.state).or_insert(0) += 1;
+        }
+        Ok(counts)
+    }
+
+    /// The kind to report for an error talking to an agent.
+    pub fn agent_error(e: atelier_agent_proto::ProtoError) -> Error {
+        use atelier_agent_proto::ProtoError as P;
+        let text = e.to_string();
+        match e {
+            P::Agent { kind, .. } => {
+                use atelier_agent_proto::ErrorKind as K;
+                let k = match kind {
+                    K::NotFound => ErrorKind::NotFound,
+                    K::Invalid | K::PermissionDenied | K::AlreadyExists | K::Unsupported => {
+                        ErrorKind::Invalid
+                    }
+                    K::Io | K::Internal => ErrorKind::Internal,
+                };
+                Error::new(k, text)
+            }
+            _ => Error::unavailable(format!("agent: {text}")),
+        }
+    }
+}
+
+/// Kills every process whose command line holds `run_dir` and waits for them.
+pub(crate) async fn kill_vmms(run_dir: &str) {
+    let marker = format!("{run_dir}/");
+    for _ in 0..100 {
+        let pids = atelier_vmm::process::find_pids(&marker);
+        if pids.is_empty() {
+            return;
+        }
+        for pid in pids {
+            atelier_vmm::process::kill_pid(pid);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::error!(run_dir, "vmm processes survive SIGKILL");
+}

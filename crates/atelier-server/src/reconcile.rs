@@ -1,0 +1,181 @@
+//! Reconciling the resource journal with the host. At start-up every sandbox caught
+//! in the middle of an operation is driven to a resting state (an interrupted
+//! create fails and is reclaimed, an interrupted delete completes, running VMs are
+//! adopted); periodically, anything on the host that no live sandbox owns is
+//! reclaimed: journal rows of deleted sandboxes, stray sandbox directories, disks
+//! and VMM processes.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use atelier_agent_proto::AgentClient;
+use atelier_core::SandboxState;
+
+use crate::Error;
+use crate::manager::{Manager, RES_DIR, RES_DISK, RES_PROCESS, kill_vmms};
+
+impl Manager {
+    /// Start-up reconcile; runs before the API serves.
+    pub(crate) async fn reconcile_at_start(self: &Arc<Self>) -> Result<(), Error> {
+        for rec in self.store.list_sandboxes(false).await? {
+            let id = rec.id.clone();
+            let _guard = self.lock(&id).await;
+            match rec.state {
+                SandboxState::Creating => {
+                    tracing::warn!(sandbox = %id, "create was interrupted; reclaiming");
+                    self.reclaim(&id, &[RES_PROCESS, RES_DISK]).await?;
+                    self.store
+                        .transition(
+                            &id,
+                            SandboxState::Failed,
+                            "reconcile",
+                            Some("the manager stopped during create"),
+                        )
+                        .await?;
+                }
+                SandboxState::Deleting => {
+                    tracing::warn!(sandbox = %id, "delete was interrupted; finishing it");
+                    self.reclaim(&id, &[RES_PROCESS, RES_DISK, RES_DIR]).await?;
+                    self.store
+                        .transition(&id, SandboxState::Deleted, "reconcile", None)
+                        .await?;
+                }
+                SandboxState::Stopping => {
+                    self.reclaim(&id, &[RES_PROCESS]).await?;
+                    self.store
+                        .transition(&id, SandboxState::Stopped, "reconcile", None)
+                        .await?;
+                }
+                SandboxState::Running => {
+                    if !self.adopt(&id).await {
+                        tracing::warn!(sandbox = %id, "running sandbox has no live VM; marking failed");
+                        self.reclaim(&id, &[RES_PROCESS, RES_DISK]).await?;
+                        self.store
+                            .transition(
+                                &id,
+                                SandboxState::Failed,
+                                "reconcile",
+                                Some("the VM was gone after a manager restart"),
+                            )
+                            .await?;
+                    }
+                }
+                SandboxState::Stopped | SandboxState::Failed => {
+                    self.reclaim(&id, &[RES_PROCESS]).await?;
+                }
+                SandboxState::Deleted => {}
+            }
+        }
+        self.reconcile_orphans().await
+    }
+
+    /// Reconnects to the VM of a sandbox that was running before a restart.
+    async fn adopt(self: &Arc<Self>, id: &atelier_core::SandboxId) -> bool {
+        let dir = self.sandbox_dir(id);
+        let process = match self.hv.adopt(&dir).await {
+            Ok(Some(p)) => p,
+            Ok(None) => return false,
+            Err(e) => {
+                tracing::warn!(sandbox = %id, error = %e, "cannot adopt vm");
+                return false;
+            }
+        };
+        let agent = match AgentClient::connect_unix(&process.paths().agent).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(sandbox = %id, error = %e, "cannot reconnect to agent");
+                return false;
+            }
+        };
+        // The agent greets on every (re)connection; accept a slow answer.
+        if let Err(e) = agent.ping(Duration::from_secs(20)).await {
+            tracing::warn!(sandbox = %id, error = %e, "adopted vm's agent does not answer");
+            return false;
+        }
+        tracing::info!(sandbox = %id, pid = process.pid(), "adopted running vm");
+        self.register_vm(id, process, agent);
+        true
+    }
+
+    /// Reclaims what no live sandbox owns. Skips sandboxes whose lock is held (an
+    /// operation is in flight and owns its resources).
+    pub(crate) async fn reconcile_orphans(self: &Arc<Self>) -> Result<(), Error> {
+        let all = self.store.list_sandboxes(true).await?;
+        let live: HashSet<String> = all
+            .iter()
+            .filter(|r| r.state != SandboxState::Deleted)
+            .map(|r| r.id.to_string())
+            .collect();
+        let with_vm: HashSet<String> = all
+            .iter()
+            .filter(|r| r.state.has_vm())
+            .map(|r| r.id.to_string())
+            .collect();
+
+        // Journal rows whose sandbox is deleted or unknown.
+        for r in self.store.resources(None).await? {
+            if !live.contains(r.sandbox_id.as_str())
+                && let Some(_g) = self.try_lock(&r.sandbox_id)
+            {
+                tracing::warn!(sandbox = %r.sandbox_id, kind = %r.kind, "reclaiming orphaned resource");
+                self.reclaim_one(&r).await?;
+            }
+        }
+        let journaled: HashSet<String> = self
+            .store
+            .resources(None)
+            .await?
+            .into_iter()
+            .map(|r| r.locator)
+            .collect();
+
+        // VMM processes of sandboxes that should have none.
+        let sandboxes_dir = self.cfg.sandboxes_dir();
+        let marker = format!("{}/", sandboxes_dir.display());
+        for pid in atelier_vmm::process::find_pids(&marker) {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let text = String::from_utf8_lossy(&cmdline);
+            let Some(id) = text.split(&marker).nth(1).and_then(|t| t.split('/').next()) else {
+                continue;
+            };
+            if with_vm.contains(id) {
+                continue;
+            }
+            if let Some(sid) = atelier_core::SandboxId::parse(id)
+                && self.try_lock(&sid).is_none()
+            {
+                continue;
+            }
+            tracing::warn!(pid, sandbox = id, "killing orphaned vmm process");
+            kill_vmms(&format!("{}{id}", marker)).await;
+        }
+
+        // Sandbox directories and disks nobody journals.
+        let dirs = std::fs::read_dir(&sandboxes_dir)
+            .into_iter()
+            .flatten()
+            .flatten();
+        for entry in dirs {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !live.contains(&name) && !journaled.contains(&path.display().to_string()) {
+                tracing::warn!(path = %path.display(), "removing orphaned sandbox directory");
+                let _ = std::fs::remove_dir_all(&path);
+            }
+        }
+        for disk in self.pool.list_disks()? {
+            let stem = disk
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if !live.contains(&stem) && !journaled.contains(&disk.display().to_string()) {
+                tracing::warn!(path = %disk.display(), "removing orphaned disk");
+                self.pool.remove_disk(&disk)?;
+            }
+        }
+        Ok(())
+    }
+}

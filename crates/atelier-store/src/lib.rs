@@ -1,0 +1,579 @@
+//! Atelier's persistent state in SQLite (WAL): sandboxes and their recorded state
+//! transitions, the host resource journal, hashed API tokens and settings.
+//!
+//! The store knows nothing about the host: it never creates or removes a resource,
+//! it only records them. It depends on `atelier-core` alone among Atelier crates.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use atelier_core::{SandboxId, SandboxState};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+/// Errors from the store; each names the operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database file could not be opened or migrated.
+    #[error("cannot open database {path}: {source}")]
+    Open {
+        /// Database path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// Migrations failed.
+    #[error("cannot migrate database: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A live sandbox already has this name.
+    #[error("a sandbox named {0:?} already exists")]
+    NameTaken(String),
+    /// No such sandbox.
+    #[error("sandbox {0} not found")]
+    SandboxNotFound(String),
+    /// The state machine forbids this transition.
+    #[error("sandbox {id} is {from}; it cannot become {to}")]
+    BadTransition {
+        /// Sandbox id.
+        id: SandboxId,
+        /// Current state.
+        from: SandboxState,
+        /// Requested state.
+        to: SandboxState,
+    },
+    /// A query failed.
+    #[error("database query {op} failed: {source}")]
+    Query {
+        /// Which operation.
+        op: &'static str,
+        /// Cause.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// A row holds a value this version cannot read.
+    #[error("corrupt row in {table}: {detail}")]
+    Corrupt {
+        /// Table.
+        table: &'static str,
+        /// What was wrong.
+        detail: String,
+    },
+}
+
+fn q(op: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |source| StoreError::Query { op, source }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis() as i64
+}
+
+/// A sandbox row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxRecord {
+    /// Id.
+    pub id: SandboxId,
+    /// Unique live name.
+    pub name: String,
+    /// Image name.
+    pub image: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// Current state.
+    pub state: SandboxState,
+    /// Last error, for failed sandboxes.
+    pub error: Option<String>,
+    /// Milliseconds from the create/start request to the agent answering.
+    pub boot_ms: Option<i64>,
+    /// Creation time, ms since epoch.
+    pub created_at: i64,
+    /// Last change, ms since epoch.
+    pub updated_at: i64,
+}
+
+/// A recorded state transition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    /// Previous state (none for the first).
+    pub from: Option<SandboxState>,
+    /// New state.
+    pub to: SandboxState,
+    /// Why, when known.
+    pub reason: Option<String>,
+    /// When, ms since epoch.
+    pub at: i64,
+}
+
+/// One journaled host resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceRecord {
+    /// Journal row id.
+    pub id: i64,
+    /// Owning sandbox.
+    pub sandbox_id: SandboxId,
+    /// Kind (`dir`, `disk`, `process`, ...), owned by the crate that makes it.
+    pub kind: String,
+    /// Where it is: a path, usually.
+    pub locator: String,
+}
+
+/// Handle to the database; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+fn parse_state(s: &str) -> Result<SandboxState, StoreError> {
+    SandboxState::from_str(s).map_err(|e| StoreError::Corrupt {
+        table: "sandboxes",
+        detail: e.to_string(),
+    })
+}
+
+fn sandbox_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<SandboxRecord, StoreError> {
+    let id: String = row.get("id");
+    let state: String = row.get("state");
+    Ok(SandboxRecord {
+        id: SandboxId::parse(&id).ok_or_else(|| StoreError::Corrupt {
+            table: "sandboxes",
+            detail: format!("id {id:?}"),
+        })?,
+        name: row.get("name"),
+        image: row.get("image"),
+        vcpus: row.get::<i64, _>("vcpus") as u32,
+        memory_mib: row.get::<i64, _>("memory_mib") as u32,
+        state: parse_state(&state)?,
+        error: row.get("error"),
+        boot_ms: row.get("boot_ms"),
+        created_at: row.get("created_at"),
+        updated_at: row.get("updated_at"),
+    })
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and runs migrations.
+    pub async fn open(path: &Path) -> Result<Store, StoreError> {
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await
+            .map_err(|source| StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Store { pool })
+    }
+
+    /// Inserts a new sandbox in state `creating`, recording the first transition.
+    pub async fn insert_sandbox(&self, rec: &SandboxRecord) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(q("begin"))?;
+        let res = sqlx::query(
+            "INSERT INTO sandboxes (id, name, image, vcpus, memory_mib, state, error, boot_ms, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(rec.id.as_str())
+        .bind(&rec.name)
+        .bind(&rec.image)
+        .bind(rec.vcpus as i64)
+        .bind(rec.memory_mib as i64)
+        .bind(rec.state.as_str())
+        .bind(&rec.error)
+        .bind(rec.boot_ms)
+        .bind(rec.created_at)
+        .bind(rec.updated_at)
+        .execute(&mut *tx)
+        .await;
+        match res {
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                return Err(StoreError::NameTaken(rec.name.clone()));
+            }
+            r => r.map_err(q("insert sandbox"))?,
+        };
+        sqlx::query("INSERT INTO sandbox_transitions (sandbox_id, from_state, to_state, reason, at) VALUES (?, NULL, ?, 'created', ?)")
+            .bind(rec.id.as_str())
+            .bind(rec.state.as_str())
+            .bind(rec.created_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(q("insert transition"))?;
+        tx.commit().await.map_err(q("commit"))?;
+        Ok(())
+    }
+
+    /// A sandbox by id, deleted ones included.
+    pub async fn get_sandbox(&self, id: &SandboxId) -> Result<SandboxRecord, StoreError> {
+        let row = sqlx::query("SELECT * FROM sandboxes WHERE id = ?")
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("get sandbox"))?
+            .ok_or_else(|| StoreError::SandboxNotFound(id.to_string()))?;
+        sandbox_from_row(&row)
+    }
+
+    /// A live (not deleted) sandbox by id or by name.
+    pub async fn find_sandbox(&self, id_or_name: &str) -> Result<SandboxRecord, StoreError> {
+        let row = sqlx::query(
+            "SELECT * FROM sandboxes WHERE (id = ? OR name = ?) AND state <> 'deleted' LIMIT 1",
+        )
+        .bind(id_or_name)
+        .bind(id_or_name)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(q("find sandbox"))?
+        .ok_or_else(|| StoreError::SandboxNotFound(id_or_name.to_owned()))?;
+        sandbox_from_row(&row)
+    }
+
+    /// Sandboxes, oldest first; deleted ones only when asked.
+    pub async fn list_sandboxes(
+        &self,
+        include_deleted: bool,
+    ) -> Result<Vec<SandboxRecord>, StoreError> {
+        let sql = if include_deleted {
+            "SELECT * FROM sandboxes ORDER BY created_at, id"
+        } else {
+            "SELECT * FROM sandboxes WHERE state <> 'deleted' ORDER BY created_at, id"
+        };
+        let rows = sqlx::query(sql)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("list sandboxes"))?;
+        rows.iter().map(sandbox_from_row).collect()
+    }
+
+    /// Moves a sandbox to `to` if the state machine allows it from its current state,
+    /// recording the transition; `error` replaces the stored error (None clears it).
+    pub async fn transition(
+        &self,
+        id: &SandboxId,
+        to: SandboxState,
+        reason: &str,
+        error: Option<&str>,
+    ) -> Result<SandboxRecord, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(q("begin"))?;
+        let row = sqlx::query("SELECT state FROM sandboxes WHERE id = ?")
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(q("read state"))?
+            .ok_or_else(|| StoreError::SandboxNotFound(id.to_string()))?;
+        let from = parse_state(row.get::<&str, _>("state"))?;
+        if !from.can_transition_to(to) {
+            return Err(StoreError::BadTransition {
+                id: id.clone(),
+                from,
+                to,
+            });
+        }
+        let now = now_ms();
+        sqlx::query("UPDATE sandboxes SET state = ?, error = ?, updated_at = ? WHERE id = ?")
+            .bind(to.as_str())
+            .bind(error)
+            .bind(now)
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(q("update state"))?;
+        sqlx::query("INSERT INTO sandbox_transitions (sandbox_id, from_state, to_state, reason, at) VALUES (?, ?, ?, ?, ?)")
+            .bind(id.as_str())
+            .bind(from.as_str())
+            .bind(to.as_str())
+            .bind(reason)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(q("insert transition"))?;
+        tx.commit().await.map_err(q("commit"))?;
+        self.get_sandbox(id).await
+    }
+
+    /// Records how long the last boot took.
+    pub async fn set_boot_ms(&self, id: &SandboxId, boot_ms: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE sandboxes SET boot_ms = ? WHERE id = ?")
+            .bind(boot_ms)
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(q("set boot_ms"))?;
+        Ok(())
+    }
+
+    /// The recorded transitions of a sandbox, oldest first.
+    pub async fn transitions(&self, id: &SandboxId) -> Result<Vec<Transition>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT from_state, to_state, reason, at FROM sandbox_transitions WHERE sandbox_id = ? ORDER BY seq",
+        )
+        .bind(id.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("list transitions"))?;
+        rows.iter()
+            .map(|r| {
+                Ok(Transition {
+                    from: r
+                        .get::<Option<&str>, _>("from_state")
+                        .map(parse_state)
+                        .transpose()?,
+                    to: parse_state(r.get::<&str, _>("to_state"))?,
+                    reason: r.get("reason"),
+                    at: r.get("at"),
+                })
+            })
+            .collect()
+    }
+
+    /// Journals a resource before it is created. Recording the same resource twice
+    /// is harmless (returns the existing row).
+    pub async fn record_resource(
+        &self,
+        sandbox_id: &SandboxId,
+        kind: &str,
+        locator: &str,
+    ) -> Result<i64, StoreError> {
+        sqlx::query(
+            "INSERT INTO resources (sandbox_id, kind, locator, created_at) VALUES (?, ?, ?, ?)
+             ON CONFLICT(kind, locator) DO NOTHING",
+        )
+        .bind(sandbox_id.as_str())
+        .bind(kind)
+        .bind(locator)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(q("record resource"))?;
+        let row = sqlx::query("SELECT id FROM resources WHERE kind = ? AND locator = ?")
+            .bind(kind)
+            .bind(locator)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(q("read resource"))?;
+        Ok(row.get("id"))
+    }
+
+    /// Removes a resource from the journal once it is gone from the host.
+    pub async fn forget_resource(&self, id: i64) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM resources WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("forget resource"))?;
+        Ok(())
+    }
+
+    /// Journaled resources of one sandbox (or all when `sandbox_id` is None), newest first,
+    /// which is the order to reclaim them in.
+    pub async fn resources(
+        &self,
+        sandbox_id: Option<&SandboxId>,
+    ) -> Result<Vec<ResourceRecord>, StoreError> {
+        let rows = match sandbox_id {
+            Some(id) => {
+                sqlx::query("SELECT * FROM resources WHERE sandbox_id = ? ORDER BY id DESC")
+                    .bind(id.as_str())
+                    .fetch_all(&self.pool)
+                    .await
+            }
+            None => {
+                sqlx::query("SELECT * FROM resources ORDER BY id DESC")
+                    .fetch_all(&self.pool)
+                    .await
+            }
+        }
+        .map_err(q("list resources"))?;
+        rows.iter()
+            .map(|r| {
+                let sid: String = r.get("sandbox_id");
+                Ok(ResourceRecord {
+                    id: r.get("id"),
+                    sandbox_id: SandboxId::parse(&sid).ok_or_else(|| StoreError::Corrupt {
+                        table: "resources",
+                        detail: format!("sandbox id {sid:?}"),
+                    })?,
+                    kind: r.get("kind"),
+                    locator: r.get("locator"),
+                })
+            })
+            .collect()
+    }
+
+    /// Number of API tokens.
+    pub async fn token_count(&self) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM api_tokens")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(q("count tokens"))?;
+        Ok(row.get("n"))
+    }
+
+    /// Stores the SHA-256 (hex) of a new token.
+    pub async fn insert_token(&self, name: &str, sha256_hex: &str) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO api_tokens (name, sha256, created_at) VALUES (?, ?, ?)")
+            .bind(name)
+            .bind(sha256_hex)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await
+            .map_err(q("insert token"))?;
+        Ok(())
+    }
+
+    /// All stored token hashes.
+    pub async fn token_hashes(&self) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT sha256 FROM api_tokens")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("list tokens"))?;
+        Ok(rows.iter().map(|r| r.get("sha256")).collect())
+    }
+
+    /// A setting's value.
+    pub async fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT value FROM settings WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("get setting"))?;
+        Ok(row.map(|r| r.get("value")))
+    }
+
+    /// Sets a setting.
+    pub async fn put_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value")
+            .bind(key)
+            .bind(value)
+            .execute(&self.pool)
+            .await
+            .map_err(q("put setting"))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(name: &str) -> SandboxRecord {
+        let now = now_ms();
+        SandboxRecord {
+            id: SandboxId::generate(),
+            name: name.into(),
+            image: "minimal".into(),
+            vcpus: 1,
+            memory_mib: 512,
+            state: SandboxState::Creating,
+            error: None,
+            boot_ms: None,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    #[tokio::test]
+    async fn sandbox_lifecycle_and_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+        let a = rec("demo");
+        store.insert_sandbox(&a).await.unwrap();
+        assert!(matches!(
+            store.insert_sandbox(&rec("demo")).await,
+            Err(StoreError::NameTaken(_))
+        ));
+        assert_eq!(store.find_sandbox("demo").await.unwrap().id, a.id);
+        assert_eq!(
+            store.find_sandbox(a.id.as_str()).await.unwrap().name,
+            "demo"
+        );
+
+        store
+            .transition(&a.id, SandboxState::Running, "ready", None)
+            .await
+            .unwrap();
+        let err = store
+            .transition(&a.id, SandboxState::Creating, "x", None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::BadTransition { .. }));
+        store
+            .transition(&a.id, SandboxState::Deleting, "rm", None)
+            .await
+            .unwrap();
+        store
+            .transition(&a.id, SandboxState::Deleted, "rm", None)
+            .await
+            .unwrap();
+        let states: Vec<_> = store
+            .transitions(&a.id)
+            .await
+            .unwrap()
+            .iter()
+            .map(|t| t.to)
+            .collect();
+        assert_eq!(
+            states,
+            [
+                SandboxState::Creating,
+                SandboxState::Running,
+                SandboxState::Deleting,
+                SandboxState::Deleted
+            ]
+        );
+        // The name is free again once deleted.
+        store.insert_sandbox(&rec("demo")).await.unwrap();
+
+        let r1 = store
+            .record_resource(&a.id, "disk", "/p/a.img")
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .record_resource(&a.id, "disk", "/p/a.img")
+                .await
+                .unwrap(),
+            r1
+        );
+        let r2 = store
+            .record_resource(&a.id, "process", "/run/a")
+            .await
+            .unwrap();
+        let ids: Vec<_> = store
+            .resources(Some(&a.id))
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(ids, [r2, r1], "newest first");
+        store.forget_resource(r2).await.unwrap();
+        assert_eq!(store.resources(None).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn tokens_and_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+        assert_eq!(store.token_count().await.unwrap(), 0);
+        store.insert_token("admin", "ab").await.unwrap();
+        assert_eq!(store.token_hashes().await.unwrap(), ["ab"]);
+        assert_eq!(store.setting("k").await.unwrap(), None);
+        store.put_setting("k", "1").await.unwrap();
+        store.put_setting("k", "2").await.unwrap();
+        assert_eq!(store.setting("k").await.unwrap().as_deref(), Some("2"));
+    }
+}

@@ -1,0 +1,104 @@
+//! `atelier`: the single host binary. `atelier serve` runs the manager; every other
+//! subcommand is a thin client of its REST API (plus a few local host tasks: image
+//! builds, `doctor`, `bench`). The logic lives in the library crates.
+
+mod bench;
+mod client;
+mod commands;
+mod doctor;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Self-hosted VM sandboxes for AI coding agents.
+#[derive(Parser, Debug)]
+#[command(name = "atelier", version, about, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every subcommand understands.
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// Manager URL.
+    #[arg(
+        long,
+        global = true,
+        env = "ATELIER_URL",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    pub url: String,
+    /// API token (else ~/.config/atelier/token, else DATA_DIR/admin-token).
+    #[arg(long, global = true, env = "ATELIER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Data directory (database, images, disks, sandboxes).
+    #[arg(
+        long,
+        global = true,
+        env = "ATELIER_DATA_DIR",
+        default_value = "/var/lib/atelier"
+    )]
+    pub data_dir: PathBuf,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the manager (API, reconcile loop) in the foreground.
+    Serve(serve::ServeArgs),
+    /// Create and drive sandboxes.
+    #[command(subcommand)]
+    Sandbox(commands::SandboxCmd),
+    /// Build and list guest images (runs locally, as root).
+    #[command(subcommand)]
+    Image(commands::ImageCmd),
+    /// Manager health, accelerator in use, sandbox counts.
+    Status,
+    /// Check this host: KVM, QEMU, storage pool, tools, free space; says how to fix what is missing.
+    Doctor,
+    /// Measure boot, clone, exec and transfer speed against a running manager; prints ratios.
+    Bench(commands::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve::run(&cli.global, args).await,
+            Command::Sandbox(cmd) => commands::sandbox(&cli.global, cmd).await,
+            Command::Image(cmd) => commands::image(&cli.global, cmd).await,
+            Command::Status => commands::status(&cli.global).await,
+            Command::Doctor => doctor::run(&cli.global).await,
+            Command::Bench(args) => commands::bench(&cli.global, args).await,
+        }
+    });
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            let kind = e
+                .downcast_ref::<client::CliError>()
+                .map(|c| c.kind)
+                .unwrap_or(atelier_core::ErrorKind::Internal);
+            eprintln!("error: {e:#}");
+            ExitCode::from(kind.exit_code() as u8)
+        }
+    }
+}
