@@ -43,7 +43,7 @@ impl ErrorKind {
             404 => ErrorKind::NotFound,
             409 => ErrorKind::Conflict,
             429 | 507 => ErrorKind::ResourceExhausted,
-            503 | 502 | 504 => ErrorKind::Unavailable,
+            502..=504 => ErrorKind::Unavailable,
             _ => ErrorKind::Internal,
         }
     }

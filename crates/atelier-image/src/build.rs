@@ -323,15 +323,7 @@ fn prepare(opts: &BuildOptions, recipe: &Recipe) -> Result<Prepared, ImageError>
         crate::cmd::require_tool(s, tool, pkg)?;
     }
     if !rustix::process::geteuid().is_root() {
-        return Err(ImageError::Io {
-            step: s,
-            op: "run debootstrap for",
-            path: opts.images_dir.clone(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::PermissionDenied,
-                "image builds must run as root",
-            ),
-        });
+        return Err(ImageError::NotRoot);
     }
     for d in [&opts.images_dir, &opts.cache_dir] {
         fs::create_dir_all(d).map_err(io_err(s, "create directory", d))?;

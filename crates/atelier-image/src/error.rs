@@ -163,6 +163,10 @@ pub enum ImageError {
         detail: String,
     },
 
+    /// The build was started without root privileges.
+    #[error("image builds must run as root (debootstrap and chroot need it)")]
+    NotRoot,
+
     /// No image with that name (or name-hash id) exists.
     #[error("no image `{id}` in {}", images_dir.display())]
     NotFound {
@@ -186,6 +190,7 @@ impl ImageError {
             ImageError::UnknownRecipe { .. }
             | ImageError::AgentBinary { .. }
             | ImageError::Manifest { .. }
+            | ImageError::NotRoot
             | ImageError::NotFound { .. } => None,
         }
     }

@@ -92,15 +92,15 @@ impl Progress for IndicatifProgress {
         };
         match event {
             ProgressEvent::StepStarted { step } => {
-                let bar = self.multi.add(indicatif::ProgressBar::new_spinner());
                 let style = indicatif::ProgressStyle::with_template(
                     "{spinner:.cyan} [{pos}/{len}] {prefix:.bold} {elapsed:>4} {wide_msg:.dim}",
                 )
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
-                bar.set_style(style);
-                bar.set_length(Step::ALL.len() as u64);
-                bar.set_position(step.index() as u64 + 1);
-                bar.set_prefix(step.name());
+                let bar = indicatif::ProgressBar::new(Step::ALL.len() as u64)
+                    .with_style(style)
+                    .with_position(step.index() as u64 + 1)
+                    .with_prefix(step.name());
+                let bar = self.multi.add(bar);
                 bar.enable_steady_tick(Duration::from_millis(120));
                 *current = Some((*step, bar));
             }

@@ -238,21 +238,33 @@ pub(crate) fn remove_tree(dir: &Path) -> std::io::Result<()> {
     let Ok(canon) = dir.canonicalize() else {
         return Ok(());
     };
-    if let Ok(info) = fs::read_to_string("/proc/self/mountinfo") {
-        let mut mounts: Vec<PathBuf> = info
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .map(|m| PathBuf::from(unescape_mountinfo(m)))
-            .filter(|m| m.starts_with(&canon))
-            .collect();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
-        for m in mounts {
-            if let Err(e) = rustix::mount::unmount(&m, rustix::mount::UnmountFlags::DETACH) {
-                tracing::warn!(mount = %m.display(), %e, "cannot unmount");
-            }
+    let mut mounts = mounts_below(&canon);
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    for m in mounts {
+        if let Err(e) = rustix::mount::unmount(&m, rustix::mount::UnmountFlags::DETACH) {
+            tracing::warn!(mount = %m.display(), %e, "cannot unmount");
         }
     }
+    // Never recurse into a file system that is still mounted (e.g. the host's /proc).
+    if let Some(m) = mounts_below(&canon).first() {
+        return Err(std::io::Error::other(format!(
+            "{} is still mounted; unmount it and retry",
+            m.display()
+        )));
+    }
     fs::remove_dir_all(dir)
+}
+
+/// Mount points at or below `dir` in this process's mount namespace.
+fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(unescape_mountinfo(m)))
+        .filter(|m| m.starts_with(dir))
+        .collect()
 }
 
 fn unescape_mountinfo(s: &str) -> String {

@@ -50,7 +50,7 @@ fn options(events: Arc<Mutex<Vec<String>>>) -> BuildOptions {
         "the image build test must run as root (debootstrap, chroot)"
     );
     let root = cache_root();
-    let mut opts = BuildOptions::new("minimal", root.join("images"), &root, shim_agent());
+    let mut opts = BuildOptions::new("minimal", root.join("shim-images"), &root, shim_agent());
     opts.progress = Arc::new(move |ev: &ProgressEvent<'_>| {
         let line = match ev {
             ProgressEvent::StepStarted { step } => format!("start {step}"),

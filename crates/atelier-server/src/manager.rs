@@ -39,13 +39,17 @@ pub struct ManagerConfig {
     pub storage: BackendChoice,
     /// How often the reconcile loop runs.
     pub reconcile_interval: Duration,
+    /// Where built images are (default `<data_dir>/images`).
+    pub images_dir: PathBuf,
 }
 
 impl ManagerConfig {
     /// Defaults for `data_dir`.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        let data_dir: PathBuf = data_dir.into();
         ManagerConfig {
-            data_dir: data_dir.into(),
+            images_dir: data_dir.join("images"),
+            data_dir,
             accel: AccelChoice::Auto,
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
             storage: BackendChoice::Auto,
@@ -55,7 +59,7 @@ impl ManagerConfig {
 
     /// Directory of built images.
     pub fn images_dir(&self) -> PathBuf {
-        self.data_dir.join("images")
+        self.images_dir.clone()
     }
 
     /// Directory holding one directory per sandbox.
@@ -432,6 +436,7 @@ impl Manager {
             .await?;
         let process = self.hv.launch(&cfg).await?;
         let paths = process.paths().clone();
+        fault_point("create-after-launch").await;
         let agent = AgentClient::connect_unix(&paths.agent).await.map_err(|e| {
             Error::unavailable(format!(
                 "cannot connect to the agent socket {}: {e}",
@@ -563,8 +568,9 @@ impl Manager {
                 .await?;
         }
         self.drop_vm(&rec.id).await;
-        self.reclaim(&rec.id, &[RES_PROCESS, RES_DISK, RES_DIR])
-            .await?;
+        self.reclaim(&rec.id, &[RES_PROCESS]).await?;
+        fault_point("delete-after-kill").await;
+        self.reclaim(&rec.id, &[RES_DISK, RES_DIR]).await?;
         tracing::info!(sandbox = %rec.id, "sandbox deleted");
         Ok(self
             .store
@@ -670,6 +676,16 @@ impl Manager {
             }
             _ => Error::unavailable(format!("agent: {text}")),
         }
+    }
+}
+
+/// Crash-test hook: when `ATELIER_FAULT_PAUSE` (comma-separated) names `point`, the
+/// operation logs and stalls there so a test can kill the manager at a known step.
+async fn fault_point(point: &str) {
+    let hit = std::env::var("ATELIER_FAULT_PAUSE").is_ok_and(|v| v.split(',').any(|p| p == point));
+    if hit {
+        tracing::warn!(point, "fault point reached; pausing (ATELIER_FAULT_PAUSE)");
+        tokio::time::sleep(Duration::from_secs(3600)).await;
     }
 }
 

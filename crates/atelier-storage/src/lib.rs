@@ -128,6 +128,8 @@ pub struct Pool {
     backend: Backend,
 }
 
+static IMPORT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Size of the sparse XFS file made when the data dir cannot reflink.
 pub const DEFAULT_POOL_FILE_GIB: u64 = 64;
 
@@ -161,6 +163,17 @@ impl Pool {
             let p = root.join(sub);
             fs::create_dir_all(&p).map_err(fs_err("create", &p))?;
         }
+        // Half-copied bases from an interrupted import.
+        for e in fs::read_dir(root.join("bases"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                let _ = fs::remove_file(e.path());
+            }
+        }
         Ok(Pool { root, backend })
     }
 
@@ -192,7 +205,16 @@ impl Pool {
         if dest.exists() {
             return Ok(dest);
         }
-        let tmp = self.root.join("bases").join(format!(".{key}.img.tmp"));
+        // One import at a time in this process; a unique temp name keeps two
+        // processes (or a crashed earlier run) from colliding.
+        let _one = IMPORT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        if dest.exists() {
+            return Ok(dest);
+        }
+        let tmp = self
+            .root
+            .join("bases")
+            .join(format!(".{key}.{}.tmp", std::process::id()));
         let _ = fs::remove_file(&tmp);
         let copied = (|| {
             if self.backend == Backend::Reflink && reflink(source, &tmp).is_ok() {

@@ -129,6 +129,10 @@ pub struct ResourceRecord {
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: SqlitePool,
+    /// Serialises read-then-write transactions: in WAL mode a deferred transaction
+    /// that reads and then writes fails with SQLITE_BUSY_SNAPSHOT when another writer
+    /// committed in between, which no busy timeout can wait out.
+    rmw: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 fn parse_state(s: &str) -> Result<SandboxState, StoreError> {
@@ -177,7 +181,10 @@ impl Store {
                 source,
             })?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Store { pool })
+        Ok(Store {
+            pool,
+            rmw: Default::default(),
+        })
     }
 
     /// Inserts a new sandbox in state `creating`, recording the first transition.
@@ -267,6 +274,7 @@ impl Store {
         reason: &str,
         error: Option<&str>,
     ) -> Result<SandboxRecord, StoreError> {
+        let _rmw = self.rmw.lock().await;
         let mut tx = self.pool.begin().await.map_err(q("begin"))?;
         let row = sqlx::query("SELECT state FROM sandboxes WHERE id = ?")
             .bind(id.as_str())

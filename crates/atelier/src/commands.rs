@@ -533,7 +533,7 @@ async fn cp(g: &Global, c: &Client, src: &str, dest: &str) -> anyhow::Result<u8>
 
 /// Runs an `image` subcommand (locally).
 pub async fn image(g: &Global, cmd: ImageCmd) -> anyhow::Result<u8> {
-    let images_dir = g.data_dir.join("images");
+    let images_dir = g.images_dir();
     match cmd {
         ImageCmd::Build {
             name,
@@ -543,10 +543,7 @@ pub async fn image(g: &Global, cmd: ImageCmd) -> anyhow::Result<u8> {
         } => {
             let agent = match agent {
                 Some(a) => a,
-                None => std::env::current_exe()?
-                    .parent()
-                    .map(|d| d.join("atelier-agent"))
-                    .filter(|p| p.exists())
+                None => crate::default_agent_binary()
                     .ok_or_else(|| {
                         CliError::new(
                             ErrorKind::Invalid,

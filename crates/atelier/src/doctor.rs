@@ -156,7 +156,7 @@ pub async fn run(g: &Global) -> anyhow::Result<u8> {
         fix: (!reflink && pool.exists()).then(|| "run the manager as root so it can loop-mount an XFS pool, or put the data dir on XFS (reflink=1) or btrfs".into()),
     });
 
-    let images = atelier_image::list(&dd.join("images")).unwrap_or_default();
+    let images = atelier_image::list(&g.images_dir()).unwrap_or_default();
     checks.push(Check {
         name: "images",
         ok: !images.is_empty(),
@@ -183,7 +183,9 @@ pub async fn run(g: &Global) -> anyhow::Result<u8> {
         name: "guest agent",
         ok: agent_ok,
         critical: false,
-        detail: agent.map(|a| a.display().to_string()).unwrap_or_default(),
+        detail: agent
+            .map(|a| a.display().to_string())
+            .unwrap_or_else(|| "not found beside atelier or in /usr/local/lib/atelier".into()),
         fix: (!agent_ok).then(|| "scripts/build-agent.sh builds the static guest agent".into()),
     });
 

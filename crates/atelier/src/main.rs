@@ -45,6 +45,9 @@ pub struct Global {
         default_value = "/var/lib/atelier"
     )]
     pub data_dir: PathBuf,
+    /// Directory of built images (default DATA_DIR/images).
+    #[arg(long, global = true, env = "ATELIER_IMAGES_DIR")]
+    pub images_dir: Option<PathBuf>,
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     pub json: bool,
@@ -66,6 +69,28 @@ enum Command {
     Doctor,
     /// Measure boot, clone, exec and transfer speed against a running manager; prints ratios.
     Bench(commands::BenchArgs),
+}
+
+impl Global {
+    /// The images directory in effect.
+    pub fn images_dir(&self) -> PathBuf {
+        self.images_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("images"))
+    }
+}
+
+/// The static guest agent: beside this binary, else in /usr/local/lib/atelier.
+pub fn default_agent_binary() -> Option<PathBuf> {
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("atelier-agent")));
+    beside
+        .into_iter()
+        .chain(std::iter::once(PathBuf::from(
+            "/usr/local/lib/atelier/atelier-agent",
+        )))
+        .find(|p| p.is_file())
 }
 
 fn main() -> ExitCode {

@@ -64,6 +64,7 @@ pub async fn run(g: &Global, args: ServeArgs) -> anyhow::Result<u8> {
     };
     let mut cfg = ManagerConfig::new(&g.data_dir);
     cfg.accel = accel;
+    cfg.images_dir = g.images_dir();
     cfg.storage = storage;
     cfg.qemu_binary = args.qemu.clone();
     cfg.reconcile_interval = Duration::from_secs(args.reconcile_secs.max(1));

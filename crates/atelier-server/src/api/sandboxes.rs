@@ -356,9 +356,20 @@ pub async fn exec(
             let _ = w.close().await;
         });
     }
-    let stream = futures::stream::unfold(Some(handle), |h| async move {
+    // The first event tells whether the command started at all; a missing binary or
+    // bad cwd is an error status, not a 200 with an error line.
+    let first = match handle.next_event().await {
+        Some(Ok(ev)) => Some(ev),
+        Some(Err(e)) => return Err(Manager::agent_error(e).into()),
+        None => None,
+    };
+    let stream = futures::stream::unfold((first, Some(handle)), |(first, h)| async move {
         let mut h = h?;
-        let (view, more) = match h.next_event().await? {
+        let next = match first {
+            Some(ev) => Ok(ev),
+            None => h.next_event().await?,
+        };
+        let (view, more) = match next {
             Ok(ExecEvent::Started { pid }) => (ExecEventView::Started { pid }, true),
             Ok(ExecEvent::Stdout(d)) => (
                 ExecEventView::Stdout {
@@ -395,7 +406,7 @@ pub async fn exec(
         line.push(b'\n');
         Some((
             Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line)),
-            more.then_some(h),
+            (None, more.then_some(h)),
         ))
     });
     Ok((

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs every test: unit tests and integration tests that boot real VMs (KVM where it
+# works, TCG otherwise). Installs host packages, builds the static guest agent and
+# the `minimal` test image (cached in /var/cache/atelier-test; rebuilt only when
+# its inputs change), then lint and the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ATELIER_NEED_NEXTEST=1 bash scripts/deps.sh
+export ATELIER_TEST_CACHE=${ATELIER_TEST_CACHE:-/var/cache/atelier-test}
+export ATELIER_TEST_IMAGES_DIR=$ATELIER_TEST_CACHE/images
+echo "==> lint"
+cargo fmt --all -- --check
+cargo clippy --locked --workspace --all-targets -- -D warnings
+echo "==> static guest agent"
+agent=$(bash scripts/build-agent.sh)
+echo "==> minimal test image"
+cargo build --locked -p atelier
+target/debug/atelier --images-dir "$ATELIER_TEST_IMAGES_DIR" image build minimal \
+  --agent "$agent" --cache-dir "$ATELIER_TEST_CACHE"
+echo "==> tests"
+cargo nextest run --locked --workspace --no-fail-fast "$@"
