@@ -22,7 +22,9 @@ use tokio::task::JoinHandle;
 
 use crate::error::ProtoError;
 use crate::frame::{FrameReader, SYNC_PREAMBLE_LEN, encode_frame};
-use crate::message::{ExecEvent, ExecRequest, GuestMessage, Hello, HostMessage, Metrics};
+use crate::message::{
+    ExecEvent, ExecRequest, GuestMessage, Hello, HostMessage, Metrics, PtyEvent, PtyRequest,
+};
 use crate::{EXEC_CHUNK_LEN, FILE_CHUNK_LEN, NO_REQUEST, PROTOCOL_VERSION, STREAM_WINDOW};
 
 type Reply = Result<GuestMessage, ProtoError>;
@@ -289,6 +291,14 @@ impl Inner {
                 ExecEvent::Started { .. } => self.deliver(id, msg, false),
                 ExecEvent::Exit { .. } => self.deliver(id, msg, true),
             },
+            GuestMessage::Pty { id, ref event } => match event {
+                PtyEvent::Output(d) => {
+                    let len = d.len();
+                    self.on_data(id, len, msg)
+                }
+                PtyEvent::Started { .. } => self.deliver(id, msg, false),
+                PtyEvent::Exit { .. } => self.deliver(id, msg, true),
+            },
             GuestMessage::FileChunk { id, ref data } => {
                 let len = data.len();
                 self.on_data(id, len, msg)
@@ -517,6 +527,55 @@ impl AgentClient {
             done: false,
             _guard: reg.guard,
             client: self.clone(),
+        })
+    }
+
+    /// Starts `req.argv` (or the login shell) on a pseudo-terminal in the guest and
+    /// waits until it runs: a program that cannot be started fails here.
+    ///
+    /// The session's first event is [`PtyEvent::Started`], then output, then
+    /// [`PtyEvent::Exit`]. Use [`PtySession::split`] to read output and send input from
+    /// different tasks. Dropping the session (or its [`PtyReader`]) before `Exit` hangs
+    /// it up: SIGHUP, then SIGKILL for everything left in its session.
+    pub async fn pty(&self, req: PtyRequest) -> Result<PtySession, ProtoError> {
+        const OP: &str = "pty";
+        let mut reg = self.inner.register(OP, true, true)?;
+        reg.guard.cancel_on_drop = true;
+        let id = reg.id;
+        self.inner.send_data(&HostMessage::Pty { id, req }).await?;
+        let first = match reg.rx.recv().await {
+            None => return Err(self.inner.disconnected()),
+            Some(reply) => reply?,
+        };
+        let pid = match &first {
+            GuestMessage::Pty {
+                event: PtyEvent::Started { pid },
+                ..
+            } => *pid,
+            _ => {
+                // Error replies are terminal: nothing is left to cancel.
+                reg.guard.cancel_on_drop = false;
+                return Err(reply_error(OP, first));
+            }
+        };
+        let writer = PtyWriter {
+            id,
+            client: self.clone(),
+            credit: reg.credit,
+        };
+        Ok(PtySession {
+            reader: PtyReader {
+                id,
+                pid,
+                rx: reg.rx,
+                inbound: reg.inbound,
+                first: Some(PtyEvent::Started { pid }),
+                done: false,
+                credit: writer.credit.clone(),
+                _guard: reg.guard,
+                client: self.clone(),
+            },
+            writer,
         })
     }
 
@@ -929,5 +988,196 @@ impl Stream for ReadFileStream {
                 Poll::Ready(Some(Err(err)))
             }
         }
+    }
+}
+
+/// An interactive program on a pseudo-terminal in the guest (see [`AgentClient::pty`]).
+///
+/// Reading events needs `&mut self`; input, resize and signals need only `&self`. To
+/// pump input and output from different tasks, [`split`](Self::split) the session or
+/// take a [`writer`](Self::writer) clone.
+pub struct PtySession {
+    reader: PtyReader,
+    writer: PtyWriter,
+}
+
+impl PtySession {
+    /// The request id of this session.
+    pub fn id(&self) -> u64 {
+        self.reader.id
+    }
+
+    /// Pid of the program in the guest (it leads its own session).
+    pub fn pid(&self) -> u32 {
+        self.reader.pid
+    }
+
+    /// The next event; `None` after `Exit` or after an error was returned.
+    pub async fn next_event(&mut self) -> Option<Result<PtyEvent, ProtoError>> {
+        self.reader.next_event().await
+    }
+
+    /// Sends keyboard input (see [`PtyWriter::send`]).
+    pub async fn send(&self, data: &[u8]) -> Result<(), ProtoError> {
+        self.writer.send(data).await
+    }
+
+    /// Sets the window size (see [`PtyWriter::resize`]).
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), ProtoError> {
+        self.writer.resize(rows, cols)
+    }
+
+    /// Sends `signal` to the program's process group (see [`PtyWriter::kill`]).
+    pub fn kill(&self, signal: i32) -> Result<(), ProtoError> {
+        self.writer.kill(signal)
+    }
+
+    /// A handle for input, resize and signals, usable from another task.
+    pub fn writer(&self) -> PtyWriter {
+        self.writer.clone()
+    }
+
+    /// Splits the session into its event reader and a cloneable input handle. The
+    /// reader owns the session: dropping it hangs the session up.
+    pub fn split(self) -> (PtyReader, PtyWriter) {
+        (self.reader, self.writer)
+    }
+}
+
+/// The output side of a [`PtySession`]; owns the session.
+///
+/// Dropping it before `Exit` hangs the session up in the guest (SIGHUP to the
+/// program's process group and the terminal's foreground group, then SIGKILL to every
+/// process left in the session); its [`PtyWriter`]s then fail.
+pub struct PtyReader {
+    id: u64,
+    pid: u32,
+    rx: mpsc::UnboundedReceiver<Reply>,
+    inbound: Arc<AtomicU64>,
+    first: Option<PtyEvent>,
+    done: bool,
+    /// Input credits, closed when the reader goes away so writers stop.
+    credit: Arc<Semaphore>,
+    _guard: PendingGuard,
+    client: AgentClient,
+}
+
+impl PtyReader {
+    /// The request id of this session.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Pid of the program in the guest.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The next event; `None` after `Exit` or after an error was returned. Output is
+    /// flow-controlled: the agent pauses the program's output while events are not read.
+    pub async fn next_event(&mut self) -> Option<Result<PtyEvent, ProtoError>> {
+        if let Some(first) = self.first.take() {
+            return Some(Ok(first));
+        }
+        if self.done {
+            return None;
+        }
+        let item = match self.rx.recv().await {
+            Some(item) => item,
+            None => Err(self.client.inner.disconnected()),
+        };
+        let event = match item {
+            Ok(GuestMessage::Pty { event, .. }) => event,
+            Ok(other) => {
+                self.done = true;
+                return Some(Err(reply_error("pty", other)));
+            }
+            Err(e) => {
+                self.done = true;
+                return Some(Err(e));
+            }
+        };
+        match &event {
+            PtyEvent::Output(d) => {
+                self.inbound.fetch_sub(d.len() as u64, Ordering::AcqRel);
+                // d.len() <= MAX_FRAME_LEN, fits u32.
+                let _ = self.client.inner.send_ctl(&HostMessage::Credit {
+                    id: self.id,
+                    bytes: d.len() as u32,
+                });
+            }
+            PtyEvent::Exit { .. } => self.done = true,
+            PtyEvent::Started { .. } => {}
+        }
+        Some(Ok(event))
+    }
+}
+
+impl Drop for PtyReader {
+    fn drop(&mut self) {
+        self.credit.close();
+    }
+}
+
+/// The input side of a [`PtySession`]: keyboard input, window size, signals. Cheap to
+/// clone; every clone acts on the same session. Fails once the session ended.
+#[derive(Clone)]
+pub struct PtyWriter {
+    id: u64,
+    client: AgentClient,
+    credit: Arc<Semaphore>,
+}
+
+impl PtyWriter {
+    /// The request id of this session.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Sends keyboard input as typed; control keys are plain bytes (`0x03` Ctrl-C, which
+    /// the guest's line discipline turns into SIGINT; `0x04` Ctrl-D; `0x1a` Ctrl-Z).
+    /// Waits while the agent has not written earlier input (the program is not reading).
+    /// Concurrent sends from several clones may interleave at chunk boundaries.
+    pub async fn send(&self, data: &[u8]) -> Result<(), ProtoError> {
+        for chunk in data.chunks(EXEC_CHUNK_LEN) {
+            // chunk.len() <= EXEC_CHUNK_LEN, fits u32.
+            let permit = self
+                .credit
+                .acquire_many(chunk.len() as u32)
+                .await
+                .map_err(|_| ProtoError::StreamBroken {
+                    op: "pty input",
+                    id: self.id,
+                    detail: "the session already ended".into(),
+                })?;
+            permit.forget();
+            self.client
+                .inner
+                .send_data(&HostMessage::PtyInput {
+                    id: self.id,
+                    data: chunk.to_vec(),
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Sets the terminal's window size; the program's foreground process group gets
+    /// SIGWINCH. Sent ahead of queued input.
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), ProtoError> {
+        self.client.inner.send_ctl(&HostMessage::PtyResize {
+            id: self.id,
+            rows,
+            cols,
+        })
+    }
+
+    /// Sends `signal` to the program's process group (the session leader's group; a job
+    /// a shell runs in the foreground has its own group: use Ctrl-C input for that).
+    pub fn kill(&self, signal: i32) -> Result<(), ProtoError> {
+        self.client.inner.send_ctl(&HostMessage::Kill {
+            id: self.id,
+            signal,
+        })
     }
 }

@@ -6,9 +6,16 @@
 //! - [`message`]: the versioned message schema ([`HostMessage`], [`GuestMessage`]);
 //! - [`client`]: the host-side async client ([`AgentClient`]) the manager uses.
 //!
-//! Flow control: every byte stream (exec output, exec stdin, file chunks) is
-//! credit-based with a window of [`STREAM_WINDOW`] bytes per request, so neither side
-//! buffers unboundedly and a slow consumer never blocks other requests.
+//! Interactive terminals: [`HostMessage::Pty`] runs a program on a pseudo-terminal in
+//! the guest (its own session, the pty as controlling terminal); keyboard input goes in
+//! as [`HostMessage::PtyInput`], window changes as [`HostMessage::PtyResize`], and the
+//! terminal's output comes back as [`GuestMessage::Pty`] events ([`PtyEvent`]).
+//! [`AgentClient::pty`] wraps this as a [`PtySession`] that splits into a
+//! [`PtyReader`] and a cloneable [`PtyWriter`].
+//!
+//! Flow control: every byte stream (exec output, exec stdin, file chunks, PTY output
+//! and input) is credit-based with a window of [`STREAM_WINDOW`] bytes per request, so
+//! neither side buffers unboundedly and a slow consumer never blocks other requests.
 //!
 //! This crate must not depend on any other Atelier crate: the guest agent links it
 //! statically and it has to stay small.
@@ -20,11 +27,15 @@ pub mod error;
 pub mod frame;
 pub mod message;
 
-pub use client::{AgentClient, ExecHandle, ExecOutput, ExecStdin, ReadFileStream};
+pub use client::{
+    AgentClient, ExecHandle, ExecOutput, ExecStdin, PtyReader, PtySession, PtyWriter,
+    ReadFileStream,
+};
 pub use error::{FrameError, ProtoError};
 pub use frame::{FrameDecoder, FrameReader, encode_frame};
 pub use message::{
-    CpuTimes, ErrorKind, ExecEvent, ExecRequest, GuestMessage, Hello, HostMessage, Metrics,
+    CpuTimes, DEFAULT_TERM, ErrorKind, ExecEvent, ExecRequest, GuestMessage, Hello, HostMessage,
+    Metrics, PtyEvent, PtyRequest,
 };
 
 /// Version of the wire protocol; a [`Hello`] with another version is refused by the host.

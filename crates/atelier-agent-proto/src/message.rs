@@ -130,6 +130,94 @@ pub enum ExecEvent {
     },
 }
 
+/// Terminal type used when a [`PtyRequest`] names none.
+pub const DEFAULT_TERM: &str = "xterm-256color";
+
+/// An interactive program to run on a pseudo-terminal in the guest.
+///
+/// The program leads a new session with the pty as its controlling terminal, so job
+/// control, `SIGWINCH` on resize and Ctrl-C (byte `0x03`, turned into `SIGINT` by the
+/// line discipline) behave as on a real terminal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtyRequest {
+    /// Program and arguments; empty runs the user's login shell (the shell from
+    /// `/etc/passwd`, else `/bin/bash`, else `/bin/sh`, with `-l`).
+    pub argv: Vec<String>,
+    /// Variables set on top of the agent's environment (after `TERM` and `HOME`).
+    pub env: Vec<(String, String)>,
+    /// Working directory; the user's home directory when `None`.
+    pub cwd: Option<String>,
+    /// Initial window height in character cells.
+    pub rows: u16,
+    /// Initial window width in character cells.
+    pub cols: u16,
+    /// `TERM` of the program; [`DEFAULT_TERM`] when empty.
+    pub term: String,
+}
+
+impl PtyRequest {
+    /// A login shell on a `rows` x `cols` terminal of type [`DEFAULT_TERM`].
+    pub fn shell(rows: u16, cols: u16) -> Self {
+        Self {
+            argv: Vec::new(),
+            env: Vec::new(),
+            cwd: None,
+            rows,
+            cols,
+            term: DEFAULT_TERM.to_owned(),
+        }
+    }
+
+    /// `argv` on a `rows` x `cols` terminal of type [`DEFAULT_TERM`].
+    pub fn new<I, S>(argv: I, rows: u16, cols: u16) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self {
+            argv: argv.into_iter().map(Into::into).collect(),
+            ..Self::shell(rows, cols)
+        }
+    }
+
+    /// Adds an environment variable.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Sets the working directory.
+    pub fn cwd(mut self, cwd: impl Into<String>) -> Self {
+        self.cwd = Some(cwd.into());
+        self
+    }
+
+    /// Sets the terminal type (`TERM`).
+    pub fn term(mut self, term: impl Into<String>) -> Self {
+        self.term = term.into();
+        self
+    }
+}
+
+/// One event of a PTY session, in order: `Started`, output, then `Exit` last.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PtyEvent {
+    /// The program was spawned; it leads its own session and process group.
+    Started {
+        /// Its pid in the guest.
+        pid: u32,
+    },
+    /// Bytes the terminal displayed (program output and echo), as they came.
+    Output(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The program exited and its output was drained; always the last event.
+    Exit {
+        /// Exit code when it exited normally.
+        code: Option<i32>,
+        /// Signal number when it was killed by a signal.
+        signal: Option<i32>,
+    },
+}
+
 /// Cumulative CPU time of all CPUs from the first line of `/proc/stat`, in jiffies.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CpuTimes {
@@ -226,20 +314,23 @@ pub enum HostMessage {
         /// Close stdin after writing `data`.
         eof: bool,
     },
-    /// Sends a signal to the process group of exec `id`.
+    /// Sends a signal to the process group of exec or PTY session `id` (for a PTY:
+    /// the group of the program started, not the terminal's foreground group).
     Kill {
-        /// Exec request id.
+        /// Exec or PTY request id.
         id: u64,
         /// Signal number.
         signal: i32,
     },
     /// The host gave up on request `id`: an exec is killed (SIGKILL to its group),
-    /// a file transfer aborted.
+    /// a file transfer aborted, a PTY session hung up (SIGHUP to its process groups,
+    /// then SIGKILL to every process left in its session).
     Cancel {
         /// Request id.
         id: u64,
     },
-    /// The host consumed `bytes` of stream `id`; the agent may send that much more.
+    /// The host consumed `bytes` of stream `id` (exec output, file chunks, PTY output);
+    /// the agent may send that much more.
     Credit {
         /// Request id.
         id: u64,
@@ -294,6 +385,33 @@ pub enum HostMessage {
         /// Nanoseconds since the Unix epoch.
         unix_nanos: u64,
     },
+    /// Starts a program on a pseudo-terminal; answered by [`GuestMessage::Pty`] events
+    /// or an error. Stopped with `Kill`, hung up with `Cancel`.
+    Pty {
+        /// Request id.
+        id: u64,
+        /// What to run, on which terminal.
+        req: PtyRequest,
+    },
+    /// Keyboard input for PTY session `id`, written to the terminal's master side
+    /// (needs a credit, like `Stdin`; the agent returns credit once written).
+    PtyInput {
+        /// PTY request id.
+        id: u64,
+        /// Bytes as typed (`0x03` is Ctrl-C, `0x04` Ctrl-D, ...).
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// Sets the window size of PTY session `id`; the kernel sends `SIGWINCH` to the
+    /// terminal's foreground process group.
+    PtyResize {
+        /// PTY request id.
+        id: u64,
+        /// Height in character cells.
+        rows: u16,
+        /// Width in character cells.
+        cols: u16,
+    },
 }
 
 /// Messages from the guest agent to the host.
@@ -313,7 +431,8 @@ pub enum GuestMessage {
         /// The event.
         event: ExecEvent,
     },
-    /// The agent consumed `bytes` of host-sent stream data (stdin, upload chunks).
+    /// The agent consumed `bytes` of host-sent stream data (stdin, upload chunks, PTY
+    /// input).
     Credit {
         /// Request id.
         id: u64,
@@ -362,6 +481,13 @@ pub enum GuestMessage {
         kind: ErrorKind,
         /// What failed, with which input.
         message: String,
+    },
+    /// An event of PTY session `id` (`Output` needs a credit).
+    Pty {
+        /// Request id.
+        id: u64,
+        /// The event.
+        event: PtyEvent,
     },
 }
 
@@ -414,6 +540,26 @@ mod tests {
             HostMessage::SetTime {
                 id: 7,
                 unix_nanos: 1_700_000_000_000_000_000,
+            },
+            HostMessage::Pty {
+                id: 8,
+                req: PtyRequest::new(["vim", "x"], 24, 80)
+                    .env("A", "b")
+                    .cwd("/root")
+                    .term("xterm"),
+            },
+            HostMessage::Pty {
+                id: 9,
+                req: PtyRequest::shell(50, 200),
+            },
+            HostMessage::PtyInput {
+                id: 8,
+                data: vec![3, b'q', b'\r'],
+            },
+            HostMessage::PtyResize {
+                id: 8,
+                rows: 40,
+                cols: 132,
             },
         ]
     }
@@ -490,6 +636,28 @@ mod tests {
                 kind: ErrorKind::NotFound,
                 message: "no such file: /x".into(),
             },
+            GuestMessage::Pty {
+                id: 8,
+                event: PtyEvent::Started { pid: 300 },
+            },
+            GuestMessage::Pty {
+                id: 8,
+                event: PtyEvent::Output(b"\x1b[H$ ".to_vec()),
+            },
+            GuestMessage::Pty {
+                id: 8,
+                event: PtyEvent::Exit {
+                    code: Some(7),
+                    signal: None,
+                },
+            },
+            GuestMessage::Pty {
+                id: 9,
+                event: PtyEvent::Exit {
+                    code: None,
+                    signal: Some(1),
+                },
+            },
         ]
     }
 
@@ -511,6 +679,11 @@ mod tests {
         "0b05",
         "0c0601",
         "0d078080a8b1e39fe7cb17",
+        // PTY sessions (appended; earlier encodings unchanged).
+        "0e08020376696d0178010141016201052f726f6f74185005787465726d",
+        "0e0900000032c8010e787465726d2d323536636f6c6f72",
+        "0f080303710d",
+        "1008288401",
     ];
     const GUEST_SNAPSHOT: &[&str] = &[
         "000105302e312e3004623030742a",
@@ -528,6 +701,11 @@ mod tests {
          000000000000e03f000000000000d03f000000000000c03f0000000000002940",
         "0806",
         "090700106e6f20737563682066696c653a202f78",
+        // PTY sessions (appended; earlier encodings unchanged).
+        "0a0800ac02",
+        "0a0801051b5b482420",
+        "0a0802010e00",
+        "0a0902000102",
     ];
 
     fn encode_all<T: Serialize>(msgs: &[T]) -> Vec<String> {
@@ -568,7 +746,7 @@ mod tests {
     #[test]
     fn samples_cover_every_variant() {
         // Exhaustive matches: adding a variant without a sample fails to compile.
-        let mut host_seen = [false; 14];
+        let mut host_seen = [false; 17];
         for m in host_samples() {
             let i = match m {
                 HostMessage::Hello { .. } => 0,
@@ -585,11 +763,14 @@ mod tests {
                 HostMessage::Metrics { .. } => 11,
                 HostMessage::Shutdown { .. } => 12,
                 HostMessage::SetTime { .. } => 13,
+                HostMessage::Pty { .. } => 14,
+                HostMessage::PtyInput { .. } => 15,
+                HostMessage::PtyResize { .. } => 16,
             };
             host_seen[i] = true;
         }
         assert!(host_seen.iter().all(|s| *s));
-        let mut guest_seen = [false; 13];
+        let mut guest_seen = [false; 16];
         for m in guest_samples() {
             let i = match m {
                 GuestMessage::Hello(_) => 0,
@@ -614,6 +795,11 @@ mod tests {
                     | ErrorKind::Io
                     | ErrorKind::Unsupported
                     | ErrorKind::Internal => 12,
+                },
+                GuestMessage::Pty { event, .. } => match event {
+                    PtyEvent::Started { .. } => 13,
+                    PtyEvent::Output(_) => 14,
+                    PtyEvent::Exit { .. } => 15,
                 },
             };
             guest_seen[i] = true;

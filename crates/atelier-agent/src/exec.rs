@@ -55,7 +55,8 @@ pub fn start(agent: Arc<Agent>, id: u64, req: ExecRequest) {
     });
 }
 
-fn spawn_error(program: &str, e: &std::io::Error) -> (ErrorKind, String) {
+/// Maps a spawn failure of `program` to a protocol error.
+pub fn spawn_error(program: &str, e: &std::io::Error) -> (ErrorKind, String) {
     let message = match e.kind() {
         std::io::ErrorKind::NotFound => format!("executable not found: {program}"),
         std::io::ErrorKind::PermissionDenied => format!("permission denied executing {program}"),

@@ -4,7 +4,7 @@
 //! hostname, loopback), supervises the worker (`atelier-agent serve`), reaps zombies
 //! and powers off cleanly on SIGTERM/SIGINT. The worker serves the control channel
 //! (`atelier-agent-proto`) on the virtio-serial port named [`PORT_NAME`]: exec, files,
-//! metrics, shutdown.
+//! interactive PTY sessions (`pty`), metrics, shutdown.
 //!
 //! Build (static, no NSS/dlopen; `ldd` reports "statically linked"):
 //! `RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target x86_64-unknown-linux-gnu -p atelier-agent`
@@ -20,6 +20,7 @@ mod exec;
 mod files;
 mod init;
 mod metrics;
+mod pty;
 mod serve;
 mod sys;
 mod transport;

@@ -14,10 +14,10 @@ use atelier_agent_proto::{
     ErrorKind, FrameDecoder, GuestMessage, Hello, HostMessage, NO_REQUEST, PROTOCOL_VERSION,
     encode_frame,
 };
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 
 use crate::transport::{Endpoint, Incoming, Transport};
-use crate::{exec, files, metrics, sys};
+use crate::{exec, files, metrics, pty, sys};
 
 /// Control state of one running exec.
 pub struct ExecCtl {
@@ -27,6 +27,20 @@ pub struct ExecCtl {
     pub credit: Arc<Semaphore>,
     /// Process group id once spawned (0 before).
     pub pgid: Arc<AtomicI32>,
+}
+
+/// Control state of one PTY session.
+pub struct PtyCtl {
+    /// Input bytes to write to the terminal.
+    pub input: mpsc::UnboundedSender<Vec<u8>>,
+    /// Output credits granted by the host.
+    pub credit: Arc<Semaphore>,
+    /// Process group (and session) id of the program once spawned (0 before and after).
+    pub pgid: Arc<AtomicI32>,
+    /// The terminal's master side (for resizes).
+    pub master: Arc<pty::Master>,
+    /// Notified when the host gives up on the session.
+    pub hangup: Arc<Notify>,
 }
 
 /// Messages to an upload task.
@@ -47,6 +61,8 @@ pub enum Stream {
     Write(mpsc::UnboundedSender<WriteMsg>),
     /// A download; its credits.
     Read(Arc<Semaphore>),
+    /// An interactive terminal session.
+    Pty(PtyCtl),
 }
 
 /// Shared state of the worker.
@@ -105,6 +121,7 @@ impl Agent {
             HostMessage::Kill { id, signal } => {
                 let pgid = match self.streams().get(&id) {
                     Some(Stream::Exec(ctl)) => ctl.pgid.load(Ordering::Acquire),
+                    Some(Stream::Pty(ctl)) => ctl.pgid.load(Ordering::Acquire),
                     _ => 0,
                 };
                 if let Err(message) = exec::signal_group(pgid, signal) {
@@ -127,13 +144,17 @@ impl Agent {
                         let _ = tx.send(WriteMsg::Cancel);
                     }
                     Some(Stream::Read(credit)) => credit.close(),
+                    Some(Stream::Pty(ctl)) => {
+                        ctl.credit.close();
+                        ctl.hangup.notify_one();
+                    }
                     None => {}
                 }
             }
             HostMessage::Credit { id, bytes } => match self.streams().get(&id) {
-                Some(Stream::Exec(ExecCtl { credit, .. })) | Some(Stream::Read(credit)) => {
-                    credit.add_permits(bytes as usize)
-                }
+                Some(Stream::Exec(ExecCtl { credit, .. }))
+                | Some(Stream::Read(credit))
+                | Some(Stream::Pty(PtyCtl { credit, .. })) => credit.add_permits(bytes as usize),
                 _ => {}
             },
             HostMessage::WriteFile { id, path, mode } => {
@@ -162,6 +183,21 @@ impl Agent {
                 });
             }
             HostMessage::Shutdown { id, reboot } => self.shutdown(id, reboot).await,
+            HostMessage::Pty { id, req } => pty::start(self.clone(), id, req),
+            HostMessage::PtyInput { id, data } => {
+                if let Some(Stream::Pty(ctl)) = self.streams().get(&id) {
+                    let _ = ctl.input.send(data);
+                }
+            }
+            HostMessage::PtyResize { id, rows, cols } => {
+                let result = match self.streams().get(&id) {
+                    Some(Stream::Pty(ctl)) => pty::resize(&ctl.master, rows, cols),
+                    _ => Ok(()),
+                };
+                if let Err(message) = result {
+                    log!("pty {id}: {message}");
+                }
+            }
             HostMessage::SetTime { id, unix_nanos } => {
                 let reply = if self.in_vm {
                     let ts = rustix::time::Timespec {

@@ -120,6 +120,73 @@ pub fn kill_all(signal: i32) {
     let _ = unsafe { libc::kill(-1, signal) };
 }
 
+/// Makes `cmd`'s child lead a new session with its stdin (a pty slave) as controlling
+/// terminal: `setsid()` then `TIOCSCTTY` on fd 0, between fork and exec.
+#[allow(unsafe_code)]
+pub fn new_session_with_stdin_as_ctty(cmd: &mut tokio::process::Command) {
+    // SAFETY: the closure runs in the forked child before exec and only makes two raw
+    // system calls through rustix (setsid, ioctl), which are async-signal-safe: no
+    // allocation, no locks; the error conversion builds an `io::Error` from an errno
+    // without allocating.
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::setsid()?;
+            rustix::process::ioctl_tiocsctty(rustix::stdio::stdin())?;
+            Ok(())
+        });
+    }
+}
+
+/// Field `n` (0 = state) after the parenthesised command name of a `/proc/PID/stat`
+/// text: state ppid pgrp session tty_nr tpgid ...
+fn stat_field(stat: &str, n: usize) -> Option<i32> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_ascii_whitespace().nth(n)?.parse().ok()
+}
+
+/// Session id in a `/proc/PID/stat` text (0 for kernel threads).
+pub fn stat_session(stat: &str) -> Option<i32> {
+    stat_field(stat, 3)
+}
+
+/// Foreground process group of the controlling terminal in a `/proc/PID/stat` text,
+/// if there is one.
+pub fn stat_tpgid(stat: &str) -> Option<i32> {
+    stat_field(stat, 5).filter(|g| *g > 0)
+}
+
+/// The foreground process group of the terminal that `pid` controls or runs on.
+pub fn foreground_group(pid: i32) -> Option<i32> {
+    stat_tpgid(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// Sends `signal` to every process whose session id is `sid` (found through `/proc`).
+pub fn kill_session(sid: i32, signal: i32) {
+    let Some(sig) = rustix::process::Signal::from_named_raw(signal) else {
+        return;
+    };
+    if sid <= 1 {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+            .and_then(rustix::process::Pid::from_raw)
+        else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        if stat_session(&stat) == Some(sid) {
+            let _ = rustix::process::kill_process(pid, sig);
+        }
+    }
+}
+
 /// The kernel's boot id, or `unknown`.
 pub fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
@@ -171,6 +238,19 @@ mod tests {
                  23 22 0:5 / /proc rw - proc proc rw\n\
                  24 22 0:6 / /mnt/with\\040space rw - tmpfs tmpfs rw\n";
         assert_eq!(mount_points(m), vec!["/", "/proc", "/mnt/with space"]);
+    }
+
+    #[test]
+    fn tpgid_from_stat() {
+        let stat = "4242 (my (odd) prog) S 1 4242 4242 34816 4300 4194560 0 0";
+        assert_eq!(stat_tpgid(stat), Some(4300));
+        assert_eq!(stat_session(stat), Some(4242));
+        assert_eq!(stat_session("2 (kthreadd) S 0 0 0 0 -1 2129984"), Some(0));
+        assert_eq!(stat_tpgid("1 (init) S 0 1 1 0 -1 4194560"), None);
+        assert_eq!(stat_tpgid("garbage"), None);
+        // Our own stat parses (tpgid is -1 without a terminal).
+        let own = std::fs::read_to_string("/proc/self/stat").expect("stat");
+        assert!(own.rsplit_once(')').is_some());
     }
 
     #[test]

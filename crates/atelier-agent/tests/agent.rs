@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use atelier_agent_proto::{AgentClient, ErrorKind, ExecEvent, ExecRequest, ProtoError};
+use atelier_agent_proto::{
+    AgentClient, ErrorKind, ExecEvent, ExecRequest, ProtoError, PtyEvent, PtyReader, PtyRequest,
+    PtyWriter,
+};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -503,5 +506,278 @@ async fn dropping_an_exec_handle_kills_the_command() {
         !Path::new(&marker).exists(),
         "cancelled command kept running"
     );
+    h.client.ping(Duration::from_secs(5)).await.expect("ping");
+}
+
+// ---- PTY sessions ----
+
+/// Generous bound for one interactive step; steps normally take milliseconds.
+const STEP: Duration = Duration::from_secs(10);
+
+/// The last 2000 bytes of `buf`, for failure messages.
+fn tail(buf: &[u8]) -> String {
+    String::from_utf8_lossy(&buf[buf.len().saturating_sub(2000)..]).into_owned()
+}
+
+/// One side of a terminal: reads output into a buffer and waits for text in it.
+struct Term {
+    reader: PtyReader,
+    writer: PtyWriter,
+    buf: Vec<u8>,
+    marks: u32,
+}
+
+impl Term {
+    async fn open(client: &AgentClient, req: PtyRequest) -> Term {
+        let session = client.pty(req).await.expect("pty");
+        assert!(session.pid() > 0);
+        let (mut reader, writer) = session.split();
+        assert!(matches!(
+            reader.next_event().await,
+            Some(Ok(PtyEvent::Started { pid })) if pid == reader.pid()
+        ));
+        Term {
+            reader,
+            writer,
+            buf: Vec::new(),
+            marks: 0,
+        }
+    }
+
+    async fn send(&self, text: &str) {
+        self.writer.send(text.as_bytes()).await.expect("send");
+    }
+
+    /// Reads until `needle` appears; returns the text up to it and keeps the rest.
+    async fn expect(&mut self, needle: &str) -> String {
+        let wait = async {
+            // Only new bytes (plus a needle's length of overlap) are searched each time.
+            let mut searched = 0usize;
+            loop {
+                let from = searched.saturating_sub(needle.len());
+                if let Some(pos) = self.buf[from..]
+                    .windows(needle.len())
+                    .position(|w| w == needle.as_bytes())
+                {
+                    let rest = self.buf.split_off(from + pos + needle.len());
+                    let seen = std::mem::replace(&mut self.buf, rest);
+                    return String::from_utf8_lossy(&seen).into_owned();
+                }
+                searched = self.buf.len();
+                match self.reader.next_event().await {
+                    Some(Ok(PtyEvent::Output(d))) => self.buf.extend(d),
+                    other => panic!(
+                        "waiting for {needle:?}: got {other:?}; output so far: {:?}",
+                        tail(&self.buf)
+                    ),
+                }
+            }
+        };
+        match tokio::time::timeout(STEP, wait).await {
+            Ok(seen) => seen,
+            Err(_) => panic!(
+                "{needle:?} did not appear in time; output: {:?}",
+                tail(&self.buf)
+            ),
+        }
+    }
+
+    /// Runs a shell command line and returns its output. The end marker is computed by
+    /// the shell, so the terminal's echo of the typed line cannot match it.
+    async fn run(&mut self, cmd: &str) -> String {
+        self.marks += 1;
+        let n = self.marks;
+        self.send(&format!("{cmd}; echo done$((1000+{n}))\n")).await;
+        // Skip the echo of the typed line, then collect up to the computed marker.
+        self.expect(&format!("done$((1000+{n}))")).await;
+        self.expect(&format!("done{}", 1000 + n)).await
+    }
+
+    /// Reads to the end; returns the exit event.
+    async fn exit(&mut self) -> (Option<i32>, Option<i32>) {
+        let wait = async {
+            loop {
+                match self.reader.next_event().await {
+                    Some(Ok(PtyEvent::Output(d))) => self.buf.extend(d),
+                    Some(Ok(PtyEvent::Exit { code, signal })) => return (code, signal),
+                    other => panic!("waiting for exit: got {other:?}"),
+                }
+            }
+        };
+        tokio::time::timeout(STEP, wait)
+            .await
+            .expect("exit in time")
+    }
+}
+
+#[tokio::test]
+async fn pty_shell_size_resize_tty_ctrl_c_and_exit_code() {
+    let h = Harness::start().await;
+    let mut t = Term::open(&h.client, PtyRequest::new(["sh"], 24, 80).cwd("/tmp")).await;
+
+    let out = t.run("stty size; pwd; echo $TERM").await;
+    assert!(out.contains("24 80\r\n"), "{out:?}");
+    assert!(out.contains("/tmp\r\n"), "{out:?}");
+    assert!(out.contains("xterm-256color\r\n"), "{out:?}");
+
+    t.writer.resize(40, 132).expect("resize");
+    let out = t.run("stty size").await;
+    assert!(out.contains("40 132\r\n"), "{out:?}");
+
+    let out = t.run("tty").await;
+    assert!(out.contains("/dev/pts/"), "{out:?}");
+
+    // A resize reaches the foreground job as SIGWINCH.
+    t.send("sh -c 'trap \"echo winch\\$((2+3))\" WINCH; echo loop$((2+3)); while :; do sleep 0.05; done'\n")
+        .await;
+    t.expect("loop5").await;
+    t.writer.resize(30, 100).expect("resize");
+    t.expect("winch5").await;
+    // Ctrl-C is a byte; the line discipline makes it SIGINT for the foreground job.
+    t.send("\x03").await;
+    let out = t.run("stty size").await;
+    assert!(out.contains("30 100\r\n"), "{out:?}");
+
+    t.send("sleep 100\n").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let start = Instant::now();
+    t.send("\x03").await;
+    t.run("echo back").await;
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "Ctrl-C did not interrupt sleep"
+    );
+
+    t.send("exit 7\n").await;
+    assert_eq!(t.exit().await, (Some(7), None));
+    assert!(t.reader.next_event().await.is_none());
+    // Input after the end fails instead of hanging.
+    assert!(t.writer.send(b"x").await.is_err());
+}
+
+#[tokio::test]
+async fn pty_sessions_run_concurrently_and_independently() {
+    let h = Harness::start().await;
+    let (mut a, mut b) = tokio::join!(
+        Term::open(&h.client, PtyRequest::new(["sh"], 10, 50)),
+        Term::open(&h.client, PtyRequest::new(["sh"], 20, 70).env("WHO", "bee")),
+    );
+    // A blocks on a read while B works; then B's output floods far beyond the window
+    // while A is idle.
+    a.send("read line; echo got-$line-$((6*7))\n").await;
+    let (out_b, big) = {
+        let out = b.run("stty size; tty; echo $WHO").await;
+        let big = b.run("head -c 3000000 /dev/zero | tr '\\0' x; echo").await;
+        (out, big)
+    };
+    assert!(out_b.contains("20 70\r\n"), "{out_b:?}");
+    assert!(out_b.contains("bee\r\n"), "{out_b:?}");
+    assert!(big.bytes().filter(|c| *c == b'x').count() >= 3_000_000);
+    // Input to A from another task, through a cloned writer.
+    let writer = a.writer.clone();
+    tokio::spawn(async move { writer.send(b"hello\n").await.expect("send") })
+        .await
+        .expect("join");
+    a.expect("got-hello-42").await;
+    let out_a = a.run("stty size; tty").await;
+    assert!(out_a.contains("10 50\r\n"), "{out_a:?}");
+    let tty = |s: &str| {
+        s.lines()
+            .find(|l| l.starts_with("/dev/pts/"))
+            .map(|l| l.trim().to_owned())
+    };
+    assert_ne!(tty(&out_a), tty(&out_b), "sessions share a terminal");
+    assert!(tty(&out_a).is_some());
+
+    a.send("exit 3\n").await;
+    b.send("exit 4\n").await;
+    let (ea, eb) = tokio::join!(a.exit(), b.exit());
+    assert_eq!(ea, (Some(3), None));
+    assert_eq!(eb, (Some(4), None));
+}
+
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name; Z is a zombie.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn dropping_a_pty_session_hangs_up_and_kills_its_processes() {
+    let h = Harness::start().await;
+    let mut t = Term::open(&h.client, PtyRequest::new(["sh"], 24, 80)).await;
+    let shell = t.reader.pid();
+    // A background job (its own process group) and a foreground one that ignores SIGHUP.
+    let out = t.run("sleep 30 & echo bg=$!=").await;
+    let bg: u32 = out
+        .split("bg=")
+        .nth(1)
+        .and_then(|s| s.split('=').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {out:?}"));
+    t.send("trap '' HUP; echo fg$((1+1)); sleep 30\n").await;
+    t.expect("fg2").await;
+    assert!(alive(shell) && alive(bg));
+    drop(t);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (alive(shell) || alive(bg)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!alive(shell), "shell {shell} survived the hangup");
+    assert!(!alive(bg), "background job {bg} survived the hangup");
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .expect("proc")
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|stat| {
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .map(|(_, rest)| rest.split_whitespace().collect())
+                .unwrap_or_default();
+            fields.first() != Some(&"Z") && fields.get(3) == Some(&shell.to_string().as_str())
+        })
+        .collect();
+    assert!(left.is_empty(), "processes left in the session: {left:?}");
+    h.client.ping(Duration::from_secs(5)).await.expect("ping");
+}
+
+#[tokio::test]
+async fn pty_kill_errors_and_login_shell() {
+    let h = Harness::start().await;
+    // kill() signals the program; the exit reports the signal.
+    let mut t = Term::open(&h.client, PtyRequest::new(["sleep", "30"], 24, 80)).await;
+    t.writer.kill(15).expect("kill");
+    assert_eq!(t.exit().await, (None, Some(15)));
+
+    let err = h
+        .client
+        .pty(PtyRequest::new(["/nonexistent/tool"], 24, 80))
+        .await
+        .err()
+        .expect("missing program");
+    let (kind, message) = agent_error(err);
+    assert_eq!(kind, ErrorKind::NotFound);
+    assert!(message.contains("/nonexistent/tool"), "{message}");
+    let err = h
+        .client
+        .pty(PtyRequest::new(["sh"], 24, 80).cwd("/nonexistent-dir"))
+        .await
+        .err()
+        .expect("missing cwd");
+    assert_eq!(agent_error(err).0, ErrorKind::NotFound);
+
+    // Empty argv: the login shell, in the home directory, with TERM set.
+    let mut t = Term::open(&h.client, PtyRequest::shell(24, 80).term("vt100")).await;
+    let out = t
+        .run("echo term=$TERM; [ \"$(pwd)\" = \"$HOME\" ] && echo home$((1+1))")
+        .await;
+    assert!(out.contains("term=vt100\r\n"), "{out:?}");
+    assert!(out.contains("home2\r\n"), "{out:?}");
+    t.send("exit\n").await;
+    assert_eq!(t.exit().await, (Some(0), None));
     h.client.ping(Duration::from_secs(5)).await.expect("ping");
 }
