@@ -146,6 +146,16 @@ impl Manager {
 
     /// Starts the periodic reconcile and agent health loops.
     pub fn spawn_background(self: &Arc<Self>) {
+        // Decide the accelerator now (cached after the first probe) so `status`
+        // shows it before the first sandbox; without an image it waits for one.
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Ok(Some(img)) =
+                atelier_image::list(&me.cfg.images_dir()).map(|l| l.into_iter().next())
+            {
+                me.accel(&img).await;
+            }
+        });
         let me = Arc::clone(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(me.cfg.reconcile_interval);

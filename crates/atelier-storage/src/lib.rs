@@ -461,7 +461,7 @@ mod tests {
         let disk = pool.disk_path("sb-0000000001");
         let (fmt, _) = pool.clone_disk(&base, &disk).unwrap();
         assert_eq!(fmt, DiskFormat::Qcow2);
-        assert_eq!(pool.list_disks().unwrap(), [disk.clone()]);
+        assert_eq!(pool.list_disks().unwrap(), std::slice::from_ref(&disk));
         pool.remove_disk(&disk).unwrap();
         pool.remove_disk(&disk).unwrap();
         assert!(pool.list_disks().unwrap().is_empty());

@@ -25,7 +25,7 @@ impl std::fmt::Display for CliError {
 
 impl CliError {
     /// A new error.
-    pub fn new(kind: ErrorKind, message: impl Into<String>) -> anyhow::Error {
+    pub fn error(kind: ErrorKind, message: impl Into<String>) -> anyhow::Error {
         anyhow::Error::new(CliError {
             kind,
             message: message.into(),
@@ -72,7 +72,7 @@ impl Client {
     pub fn new(g: &Global) -> anyhow::Result<Client> {
         let http = reqwest::Client::builder()
             .build()
-            .map_err(|e| CliError::new(ErrorKind::Internal, format!("http client: {e}")))?;
+            .map_err(|e| CliError::error(ErrorKind::Internal, format!("http client: {e}")))?;
         Ok(Client {
             http,
             base: g.url.trim_end_matches('/').to_owned(),
@@ -93,7 +93,7 @@ impl Client {
     pub async fn send(&self, rb: RequestBuilder) -> anyhow::Result<Response> {
         let resp = rb.send().await.map_err(|e| {
             let kind = if e.is_connect() { ErrorKind::Unavailable } else { ErrorKind::Internal };
-            CliError::new(
+            CliError::error(
                 kind,
                 format!("cannot reach the manager at {} ({e}); is `atelier serve` running? (set ATELIER_URL)", self.base),
             )
@@ -115,7 +115,7 @@ impl Client {
         } else {
             message
         };
-        Err(CliError::new(kind, message))
+        Err(CliError::error(kind, message))
     }
 
     /// GET and decode JSON.
@@ -130,7 +130,7 @@ pub async fn decode<T: serde::de::DeserializeOwned>(resp: Response) -> anyhow::R
     let bytes = resp
         .bytes()
         .await
-        .map_err(|e| CliError::new(ErrorKind::Unavailable, format!("reading response: {e}")))?;
+        .map_err(|e| CliError::error(ErrorKind::Unavailable, format!("reading response: {e}")))?;
     serde_json::from_slice(&bytes)
-        .map_err(|e| CliError::new(ErrorKind::Internal, format!("unexpected response: {e}")))
+        .map_err(|e| CliError::error(ErrorKind::Internal, format!("unexpected response: {e}")))
 }

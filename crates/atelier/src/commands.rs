@@ -371,7 +371,7 @@ async fn exec(
     let mut envs = std::collections::BTreeMap::new();
     for kv in env {
         let (k, v) = kv.split_once('=').ok_or_else(|| {
-            CliError::new(
+            CliError::error(
                 ErrorKind::Invalid,
                 format!("--env {kv:?} must be KEY=VALUE"),
             )
@@ -411,13 +411,14 @@ async fn exec(
     let mut err = std::io::stderr();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| {
-            CliError::new(ErrorKind::Unavailable, format!("exec stream broke: {e}"))
+            CliError::error(ErrorKind::Unavailable, format!("exec stream broke: {e}"))
         })?;
         buf.extend_from_slice(&chunk);
         while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = buf.drain(..=pos).collect();
-            let ev: ExecEventView = serde_json::from_slice(&line)
-                .map_err(|e| CliError::new(ErrorKind::Internal, format!("bad exec event: {e}")))?;
+            let ev: ExecEventView = serde_json::from_slice(&line).map_err(|e| {
+                CliError::error(ErrorKind::Internal, format!("bad exec event: {e}"))
+            })?;
             match ev {
                 ExecEventView::Started { .. } => {}
                 ExecEventView::Stdout { data } => {
@@ -443,7 +444,7 @@ async fn exec(
                     });
                 }
                 ExecEventView::Error { message } => {
-                    return Err(CliError::new(
+                    return Err(CliError::error(
                         ErrorKind::Unavailable,
                         format!("exec failed: {message}"),
                     ));
@@ -451,7 +452,7 @@ async fn exec(
             }
         }
     }
-    Err(CliError::new(
+    Err(CliError::error(
         ErrorKind::Unavailable,
         "exec stream ended without an exit status",
     ))
@@ -496,7 +497,7 @@ async fn cp(g: &Global, c: &Client, src: &str, dest: &str) -> anyhow::Result<u8>
                 use tokio::io::AsyncWriteExt;
                 while let Some(chunk) = stream.next().await {
                     let chunk = chunk.map_err(|e| {
-                        CliError::new(ErrorKind::Unavailable, format!("download broke: {e}"))
+                        CliError::error(ErrorKind::Unavailable, format!("download broke: {e}"))
                     })?;
                     n += chunk.len() as u64;
                     f.write_all(&chunk).await?;
@@ -515,7 +516,7 @@ async fn cp(g: &Global, c: &Client, src: &str, dest: &str) -> anyhow::Result<u8>
             n
         }
         _ => {
-            return Err(CliError::new(
+            return Err(CliError::error(
                 ErrorKind::Invalid,
                 "exactly one of SRC and DEST must be SANDBOX:/absolute/path",
             ));
@@ -545,7 +546,7 @@ pub async fn image(g: &Global, cmd: ImageCmd) -> anyhow::Result<u8> {
                 Some(a) => a,
                 None => crate::default_agent_binary()
                     .ok_or_else(|| {
-                        CliError::new(
+                        CliError::error(
                             ErrorKind::Invalid,
                             "no atelier-agent binary beside atelier; pass --agent PATH (build it with scripts/build-agent.sh)",
                         )
@@ -560,7 +561,7 @@ pub async fn image(g: &Global, cmd: ImageCmd) -> anyhow::Result<u8> {
             };
             let img = tokio::task::spawn_blocking(move || atelier_image::build(&opts))
                 .await?
-                .map_err(|e| CliError::new(ErrorKind::Internal, e.to_string()))?;
+                .map_err(|e| CliError::error(ErrorKind::Internal, e.to_string()))?;
             if g.json {
                 print_json(&img.manifest)?;
             } else {
@@ -576,7 +577,7 @@ pub async fn image(g: &Global, cmd: ImageCmd) -> anyhow::Result<u8> {
         }
         ImageCmd::List => {
             let list = atelier_image::list(&images_dir)
-                .map_err(|e| CliError::new(ErrorKind::Internal, e.to_string()))?;
+                .map_err(|e| CliError::error(ErrorKind::Internal, e.to_string()))?;
             if g.json {
                 let v: Vec<_> = list.iter().map(|i| &i.manifest).collect();
                 return print_json(&v).map(|_| 0);
