@@ -9,6 +9,6 @@ mod sandbox;
 
 pub use error::{ErrorKind, ValidationError};
 pub use sandbox::{
-    MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB, MIN_VCPUS, SandboxId, SandboxSpec, SandboxState,
-    validate_name,
+    MAX_MEMORY_MIB, MAX_MOUNTS, MAX_VCPUS, MIN_MEMORY_MIB, MIN_VCPUS, MountSpec, Owner, SandboxId,
+    SandboxSpec, SandboxState, validate_name,
 };

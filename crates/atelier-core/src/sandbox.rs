@@ -150,6 +150,88 @@ pub struct SandboxSpec {
     pub vcpus: u32,
     /// Guest memory in MiB, MIN_MEMORY_MIB..=MAX_MEMORY_MIB.
     pub memory_mib: u32,
+    /// Host folders shared into the guest.
+    #[serde(default)]
+    pub mounts: Vec<MountSpec>,
+    /// Host user the VMM runs as when folders are shared, so files the guest writes
+    /// belong to that user; None keeps the manager's user.
+    #[serde(default)]
+    pub mount_owner: Option<Owner>,
+}
+
+/// Most host folders one sandbox may share.
+pub const MAX_MOUNTS: usize = 8;
+
+/// A host folder shared into the guest (virtio-9p).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MountSpec {
+    /// Absolute host path of an existing directory.
+    pub source: String,
+    /// Absolute path in the guest.
+    pub target: String,
+    /// Refuse writes (enforced by the host side).
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// A host uid/gid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Owner {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+fn check_abs(field: &'static str, p: &str) -> Result<(), ValidationError> {
+    let ok = p.starts_with('/')
+        && p.len() <= 4096
+        && !p.contains('\0')
+        && !p.split('/').any(|c| c == "..")
+        && p != "/";
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError::new(
+            field,
+            format!("{p:?} must be an absolute path other than / without '..'"),
+        ))
+    }
+}
+
+impl MountSpec {
+    /// Parses `HOST:GUEST[:ro]` (the CLI form); HOST is taken as given.
+    pub fn parse(s: &str) -> Result<MountSpec, ValidationError> {
+        let mut parts = s.split(':');
+        let (Some(source), Some(target)) = (parts.next(), parts.next()) else {
+            return Err(ValidationError::new(
+                "mounts",
+                format!("{s:?} is not HOST:GUEST[:ro]"),
+            ));
+        };
+        let read_only = match parts.next() {
+            None | Some("rw") => false,
+            Some("ro") => true,
+            Some(o) => {
+                return Err(ValidationError::new(
+                    "mounts",
+                    format!("{o:?} in {s:?}: use ro or rw"),
+                ));
+            }
+        };
+        if parts.next().is_some() {
+            return Err(ValidationError::new(
+                "mounts",
+                format!("{s:?} is not HOST:GUEST[:ro]"),
+            ));
+        }
+        Ok(MountSpec {
+            source: source.into(),
+            target: target.into(),
+            read_only,
+        })
+    }
 }
 
 impl SandboxSpec {
@@ -165,6 +247,22 @@ impl SandboxSpec {
                     self.vcpus
                 ),
             ));
+        }
+        if self.mounts.len() > MAX_MOUNTS {
+            return Err(ValidationError::new(
+                "mounts",
+                format!("at most {MAX_MOUNTS} mounts"),
+            ));
+        }
+        for (i, m) in self.mounts.iter().enumerate() {
+            check_abs("mounts.source", &m.source)?;
+            check_abs("mounts.target", &m.target)?;
+            if self.mounts[..i].iter().any(|o| o.target == m.target) {
+                return Err(ValidationError::new(
+                    "mounts.target",
+                    format!("{} is mounted twice", m.target),
+                ));
+            }
         }
         if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
             return Err(ValidationError::new(
@@ -242,6 +340,8 @@ mod tests {
             image: "minimal".into(),
             vcpus: 2,
             memory_mib: 1024,
+            mounts: vec![],
+            mount_owner: None,
         };
         assert!(ok.validate().is_ok());
         for (v, m, field) in [
@@ -259,6 +359,44 @@ mod tests {
             .unwrap_err();
             assert_eq!(err.field, field);
         }
+    }
+
+    #[test]
+    fn mounts_parse_and_validate() {
+        let m = MountSpec::parse("/home/u/app:/workspace:ro").unwrap();
+        assert_eq!(
+            (m.source.as_str(), m.target.as_str(), m.read_only),
+            ("/home/u/app", "/workspace", true)
+        );
+        assert!(!MountSpec::parse("/a:/b").unwrap().read_only);
+        assert!(MountSpec::parse("/a").is_err());
+        assert!(MountSpec::parse("/a:/b:rx").is_err());
+        let spec = |mounts: Vec<MountSpec>| SandboxSpec {
+            name: "x".into(),
+            image: "minimal".into(),
+            vcpus: 1,
+            memory_mib: 512,
+            mounts,
+            mount_owner: None,
+        };
+        assert!(
+            spec(vec![MountSpec::parse("/a:/w").unwrap()])
+                .validate()
+                .is_ok()
+        );
+        for bad in ["rel:/w", "/a:rel", "/a:/", "/a/../etc:/w", "/a:/w/../x"] {
+            assert!(
+                spec(vec![MountSpec::parse(bad).unwrap()])
+                    .validate()
+                    .is_err(),
+                "{bad}"
+            );
+        }
+        let twice = vec![
+            MountSpec::parse("/a:/w").unwrap(),
+            MountSpec::parse("/b:/w").unwrap(),
+        ];
+        assert!(spec(twice).validate().is_err());
     }
 
     #[test]

@@ -48,9 +48,21 @@ const MINIMAL: Recipe = Recipe {
     suite: "bookworm",
     variant: "minbase",
     packages: &["ca-certificates", "iproute2", "kmod", "procps"],
-    kernel_package: "linux-image-cloud-amd64",
+    // The generic kernel, not the cloud one: only it has 9p (host folder sharing
+    // with QEMU's built-in virtio-9p; the cloud kernel has virtiofs, which needs a
+    // virtiofsd Debian 12 does not package). Hardware drivers are pruned below.
+    kernel_package: "linux-image-amd64",
     kernel_release: None,
-    initramfs_modules: &["virtio_mmio", "virtio_pci", "virtio_blk", "virtio_console"],
+    // ext4 and the crc32c it needs (a soft dependency modules.dep does not list) are
+    // modules in the generic kernel.
+    initramfs_modules: &[
+        "virtio_mmio",
+        "virtio_pci",
+        "virtio_blk",
+        "virtio_console",
+        "crc32c_generic",
+        "ext4",
+    ],
     files: &[ExtraFile {
         path: "/etc/fstab",
         mode: 0o644,
@@ -62,6 +74,22 @@ const MINIMAL: Recipe = Recipe {
         "usr/share/man/*",
         "usr/share/locale/*",
         "var/log/*",
+        "lib/modules/*/kernel/drivers/gpu",
+        "lib/modules/*/kernel/drivers/media",
+        "lib/modules/*/kernel/drivers/net/wireless",
+        "lib/modules/*/kernel/drivers/net/ethernet",
+        "lib/modules/*/kernel/drivers/infiniband",
+        "lib/modules/*/kernel/drivers/staging",
+        "lib/modules/*/kernel/drivers/scsi",
+        "lib/modules/*/kernel/drivers/usb",
+        "lib/modules/*/kernel/drivers/bluetooth",
+        "lib/modules/*/kernel/drivers/iio",
+        "lib/modules/*/kernel/drivers/hid",
+        "lib/modules/*/kernel/drivers/input",
+        "lib/modules/*/kernel/sound",
+        "lib/modules/*/kernel/net/wireless",
+        "lib/modules/*/kernel/net/mac80211",
+        "lib/modules/*/kernel/net/bluetooth",
     ],
     headroom_mib: 1024,
 };

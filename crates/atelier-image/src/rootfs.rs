@@ -230,7 +230,40 @@ pub(crate) fn prune(tree: &Path, patterns: &[&str]) -> Result<(), ImageError> {
     let step = Step::Configure;
     for pat in patterns {
         let (dir, leaf) = pat.rsplit_once('/').unwrap_or(("", pat));
-        let dir_path = tree.join(dir);
+        // A `*` in a directory component (e.g. `lib/modules/*/kernel/sound`) stands
+        // for every entry there.
+        for dir_path in expand_dirs(tree, dir) {
+            prune_in(&dir_path, leaf, step)?;
+        }
+    }
+    Ok(())
+}
+
+fn expand_dirs(tree: &Path, dir: &str) -> Vec<std::path::PathBuf> {
+    let mut found = vec![tree.to_path_buf()];
+    for comp in dir.split('/').filter(|c| !c.is_empty()) {
+        found = found
+            .into_iter()
+            .flat_map(|base| match comp.split_once('*') {
+                None => vec![base.join(comp)],
+                Some((pre, suf)) => fs::read_dir(&base)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter(|e| {
+                        let n = e.file_name().to_string_lossy().into_owned();
+                        n.starts_with(pre) && n.ends_with(suf)
+                    })
+                    .map(|e| e.path())
+                    .collect(),
+            })
+            .collect();
+    }
+    found
+}
+
+fn prune_in(dir_path: &Path, leaf: &str, step: Step) -> Result<(), ImageError> {
+    {
         let remove = |p: &Path| -> Result<(), ImageError> {
             let md = p.symlink_metadata().map_err(io_err(step, "stat", p))?;
             if md.is_dir() {
@@ -240,8 +273,8 @@ pub(crate) fn prune(tree: &Path, patterns: &[&str]) -> Result<(), ImageError> {
             }
         };
         if let Some((pre, suf)) = leaf.split_once('*') {
-            let Ok(entries) = fs::read_dir(&dir_path) else {
-                continue;
+            let Ok(entries) = fs::read_dir(dir_path) else {
+                return Ok(());
             };
             for e in entries.flatten() {
                 let n = e.file_name().to_string_lossy().into_owned();
@@ -377,6 +410,11 @@ mod tests {
         fs::write(root.join("a/keep"), "").unwrap();
         fs::create_dir_all(root.join("b/dir")).unwrap();
         fs::write(root.join("b/f"), "").unwrap();
+        fs::create_dir_all(root.join("m/6.1/kernel/sound")).unwrap();
+        fs::create_dir_all(root.join("m/6.1/kernel/fs")).unwrap();
+        prune(root, &["m/*/kernel/sound"]).unwrap();
+        assert!(!root.join("m/6.1/kernel/sound").exists());
+        assert!(root.join("m/6.1/kernel/fs").exists());
         prune(root, &["a/*.deb", "b/*", "missing/*", "nothing"]).unwrap();
         assert!(!root.join("a/x.deb").exists());
         assert!(root.join("a/keep").exists() && root.join("a/sub").exists());

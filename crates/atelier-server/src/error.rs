@@ -73,7 +73,8 @@ impl From<atelier_storage::StorageError> for Error {
 impl From<atelier_vmm::VmmError> for Error {
     fn from(e: atelier_vmm::VmmError) -> Self {
         let kind = match &e {
-            atelier_vmm::VmmError::BinaryMissing { .. } => ErrorKind::Unavailable,
+            atelier_vmm::VmmError::BinaryMissing { .. }
+            | atelier_vmm::VmmError::EarlyExit { .. } => ErrorKind::Unavailable,
             _ => ErrorKind::Internal,
         };
         Error::new(kind, e.to_string())

@@ -14,7 +14,9 @@ use atelier_core::{ErrorKind, SandboxId, SandboxSpec, SandboxState};
 use atelier_storage::{BackendChoice, Pool};
 use atelier_store::{ResourceRecord, SandboxRecord, Store, now_ms};
 use atelier_vmm::qemu::Qemu;
-use atelier_vmm::{Accel, AccelChoice, Hypervisor, ProbeOutcome, RunPaths, VmConfig, VmProcess};
+use atelier_vmm::{
+    Accel, AccelChoice, Hypervisor, ProbeOutcome, RunPaths, Share, VmConfig, VmProcess,
+};
 use tokio::sync::{Mutex, OnceCell, OwnedMutexGuard};
 
 use crate::Error;
@@ -305,7 +307,24 @@ impl Manager {
             boot_ms: None,
             created_at: now,
             updated_at: now,
+            mounts: spec.mounts.clone(),
+            mount_owner: if spec.mounts.is_empty() {
+                None
+            } else {
+                spec.mount_owner
+            },
         };
+        for m in &rec.mounts {
+            let meta = std::fs::metadata(&m.source).map_err(|e| {
+                Error::invalid(format!("mount source {} cannot be shared: {e}", m.source))
+            })?;
+            if !meta.is_dir() {
+                return Err(Error::invalid(format!(
+                    "mount source {} is not a directory",
+                    m.source
+                )));
+            }
+        }
         let guard = self.lock(&rec.id).await;
         self.store.insert_sandbox(&rec).await?;
         tracing::info!(sandbox = %rec.id, name = %rec.name, "creating sandbox");
@@ -440,6 +459,21 @@ impl Manager {
             vcpus: rec.vcpus,
             memory_mib: rec.memory_mib,
             accel,
+            shares: rec
+                .mounts
+                .iter()
+                .enumerate()
+                .map(|(i, m)| Share {
+                    tag: format!("atl{i}"),
+                    path: PathBuf::from(&m.source),
+                    read_only: m.read_only,
+                })
+                .collect(),
+            // Dropping to our own user is no drop (and QEMU refuses it).
+            run_as: rec
+                .mount_owner
+                .filter(|o| o.uid != rustix::process::geteuid().as_raw())
+                .map(|o| (o.uid, o.gid)),
         };
         self.store
             .record_resource(id, RES_PROCESS, &dir.display().to_string())
@@ -458,19 +492,37 @@ impl Manager {
             Accel::Tcg => Duration::from_secs(240),
         };
         let mut exited = process.exit_watch();
-        let hello: Hello = tokio::select! {
-            r = agent.wait_ready(timeout) => r.map_err(|e| Error::unavailable(format!(
-                "the agent in sandbox {} did not answer within {} s ({e}); see `atelier sandbox logs {}`",
-                rec.name, timeout.as_secs(), rec.name
-            )))?,
-            _ = exited.wait_for(|e| *e) => {
-                return Err(Error::internal(format!(
-                    "the VM of sandbox {} exited while booting; see `atelier sandbox logs {}`",
-                    rec.name, rec.name
+        let ready = tokio::select! {
+            r = agent.wait_ready(timeout) => r.map_err(|e| e.to_string()),
+            _ = exited.wait_for(|e| *e) => Err("the VM exited".to_owned()),
+        };
+        let hello: Hello = match ready {
+            Ok(h) => h,
+            Err(why) => {
+                // A guest that powers off during boot closes the agent socket first;
+                // give the VMM a moment so the error says what really happened.
+                if process.wait_exit(Duration::from_secs(2)).await {
+                    let console = std::fs::read_to_string(&paths.console).unwrap_or_default();
+                    let tail: Vec<&str> = console.lines().rev().take(4).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    return Err(Error::unavailable(format!(
+                        "the VM of sandbox {} exited while booting; console: {}",
+                        rec.name,
+                        tail.join(" | ")
+                    )));
+                }
+                return Err(Error::unavailable(format!(
+                    "the agent in sandbox {} did not answer within {} s ({why}); see `atelier sandbox logs {}`",
+                    rec.name,
+                    timeout.as_secs(),
+                    rec.name
                 )));
             }
         };
         tracing::debug!(sandbox = %id, agent = ?hello, "agent ready");
+        for (i, m) in rec.mounts.iter().enumerate() {
+            mount_share(&agent, &format!("atl{i}"), m).await?;
+        }
         self.register_vm(id, process, agent);
         Ok(())
     }
@@ -687,6 +739,39 @@ impl Manager {
             _ => Error::unavailable(format!("agent: {text}")),
         }
     }
+}
+
+/// Mounts a 9p share in the guest through the agent (loading the 9p modules first).
+async fn mount_share(
+    agent: &AgentClient,
+    tag: &str,
+    m: &atelier_core::MountSpec,
+) -> Result<(), Error> {
+    let opts = if m.read_only {
+        "trans=virtio,version=9p2000.L,msize=262144,ro"
+    } else {
+        "trans=virtio,version=9p2000.L,msize=262144"
+    };
+    let script = "modprobe -q 9pnet_virtio 2>/dev/null; modprobe -q 9p 2>/dev/null; mkdir -p \"$2\" && mount -t 9p -o \"$3\" \"$1\" \"$2\"";
+    let req =
+        atelier_agent_proto::ExecRequest::new(["sh", "-c", script, "mount", tag, &m.target, opts])
+            .timeout(Duration::from_secs(60));
+    let out = agent
+        .exec(req)
+        .await
+        .map_err(Manager::agent_error)?
+        .wait()
+        .await
+        .map_err(Manager::agent_error)?;
+    if !out.success() {
+        return Err(Error::internal(format!(
+            "mounting {} at {} in the guest failed: {}",
+            m.source,
+            m.target,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
 }
 
 /// Crash-test hook: when `ATELIER_FAULT_PAUSE` (comma-separated) names `point`, the

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use atelier_core::{SandboxId, SandboxState};
+use atelier_core::{MountSpec, Owner, SandboxId, SandboxState};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
@@ -97,6 +97,10 @@ pub struct SandboxRecord {
     pub created_at: i64,
     /// Last change, ms since epoch.
     pub updated_at: i64,
+    /// Host folders shared into the guest.
+    pub mounts: Vec<MountSpec>,
+    /// Host user the VMM runs as when folders are shared.
+    pub mount_owner: Option<Owner>,
 }
 
 /// A recorded state transition.
@@ -129,9 +133,9 @@ pub struct ResourceRecord {
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: SqlitePool,
-    /// Serialises read-then-write transactions: in WAL mode a deferred transaction
-    /// that reads and then writes fails with SQLITE_BUSY_SNAPSHOT when another writer
-    /// committed in between, which no busy timeout can wait out.
+    /// Serialises read-then-write transactions in this process (they also begin
+    /// IMMEDIATE; a deferred one fails with SQLITE_BUSY_SNAPSHOT when another writer
+    /// commits between its read and its write, which no busy timeout waits out).
     rmw: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -159,6 +163,19 @@ fn sandbox_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<SandboxRecord, Stor
         boot_ms: row.get("boot_ms"),
         created_at: row.get("created_at"),
         updated_at: row.get("updated_at"),
+        mounts: serde_json::from_str(row.get::<&str, _>("mounts")).map_err(|e| {
+            StoreError::Corrupt {
+                table: "sandboxes",
+                detail: format!("mounts: {e}"),
+            }
+        })?,
+        mount_owner: row.get::<Option<&str>, _>("mount_owner").and_then(|s| {
+            let (u, g) = s.split_once(':')?;
+            Some(Owner {
+                uid: u.parse().ok()?,
+                gid: g.parse().ok()?,
+            })
+        }),
     })
 }
 
@@ -191,8 +208,8 @@ impl Store {
     pub async fn insert_sandbox(&self, rec: &SandboxRecord) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await.map_err(q("begin"))?;
         let res = sqlx::query(
-            "INSERT INTO sandboxes (id, name, image, vcpus, memory_mib, state, error, boot_ms, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO sandboxes (id, name, image, vcpus, memory_mib, state, error, boot_ms, created_at, updated_at, mounts, mount_owner)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(rec.id.as_str())
         .bind(&rec.name)
@@ -204,6 +221,8 @@ impl Store {
         .bind(rec.boot_ms)
         .bind(rec.created_at)
         .bind(rec.updated_at)
+        .bind(serde_json::to_string(&rec.mounts).unwrap_or_else(|_| "[]".into()))
+        .bind(rec.mount_owner.map(|o| format!("{}:{}", o.uid, o.gid)))
         .execute(&mut *tx)
         .await;
         match res {
@@ -275,7 +294,13 @@ impl Store {
         error: Option<&str>,
     ) -> Result<SandboxRecord, StoreError> {
         let _rmw = self.rmw.lock().await;
-        let mut tx = self.pool.begin().await.map_err(q("begin"))?;
+        // IMMEDIATE takes the write lock up front, so no other writer can commit
+        // between our read and our write (which would fail with BUSY_SNAPSHOT).
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(q("begin"))?;
         let row = sqlx::query("SELECT state FROM sandboxes WHERE id = ?")
             .bind(id.as_str())
             .fetch_optional(&mut *tx)
@@ -490,6 +515,15 @@ mod tests {
             boot_ms: None,
             created_at: now,
             updated_at: now,
+            mounts: vec![MountSpec {
+                source: "/src".into(),
+                target: "/w".into(),
+                read_only: true,
+            }],
+            mount_owner: Some(Owner {
+                uid: 1000,
+                gid: 100,
+            }),
         }
     }
 
@@ -503,7 +537,7 @@ mod tests {
             store.insert_sandbox(&rec("demo")).await,
             Err(StoreError::NameTaken(_))
         ));
-        assert_eq!(store.find_sandbox("demo").await.unwrap().id, a.id);
+        assert_eq!(store.find_sandbox("demo").await.unwrap(), a);
         assert_eq!(
             store.find_sandbox(a.id.as_str()).await.unwrap().name,
             "demo"

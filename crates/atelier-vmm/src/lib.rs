@@ -90,6 +90,22 @@ pub struct VmConfig {
     pub memory_mib: u32,
     /// Accelerator.
     pub accel: Accel,
+    /// Host folders exported over virtio-9p.
+    pub shares: Vec<Share>,
+    /// Host uid/gid the VMM drops to after start-up (files written through shares
+    /// then belong to that user); None keeps the manager's user.
+    pub run_as: Option<(u32, u32)>,
+}
+
+/// A host folder exported to the guest over virtio-9p.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    /// The 9p mount tag the guest mounts by.
+    pub tag: String,
+    /// Host directory.
+    pub path: PathBuf,
+    /// Whether QEMU refuses writes.
+    pub read_only: bool,
 }
 
 /// Well-known files inside a VM's run directory.

@@ -129,7 +129,26 @@ impl Qemu {
             "-pidfile".into(),
             s(&p.pidfile),
         ];
-        a.shrink_to_fit();
+        for (i, sh) in cfg.shares.iter().enumerate() {
+            // security_model=none: files are created as the VMM's user and guest chown
+            // requests are ignored; symlinks are stored as links and resolved inside the
+            // guest, never on the host.
+            let mut fsdev = format!("local,id=fs{i},path={},security_model=none", s(&sh.path));
+            if sh.read_only {
+                fsdev.push_str(",readonly=on");
+            }
+            a.extend(["-fsdev".into(), fsdev, "-device".into()]);
+            a.push(format!("virtio-9p-device,fsdev=fs{i},mount_tag={}", sh.tag));
+        }
+        if let Some((uid, gid)) = cfg.run_as {
+            // Dropping privileges needs setuid/setgid, which elevateprivileges=deny forbids.
+            let pos = a
+                .iter()
+                .position(|x| x.starts_with("on,obsolete=deny"))
+                .unwrap_or(0);
+            a[pos] = "on,obsolete=deny,spawn=deny,resourcecontrol=deny".into();
+            a.extend(["-run-with".into(), format!("user={uid}:{gid}")]);
+        }
         a
     }
 }

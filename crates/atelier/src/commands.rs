@@ -38,6 +38,9 @@ pub enum SandboxCmd {
         /// Return at once instead of waiting for the agent.
         #[arg(long)]
         no_wait: bool,
+        /// Share a host folder: HOST:GUEST[:ro] (repeatable); files the guest writes belong to you.
+        #[arg(long = "mount")]
+        mounts: Vec<String>,
     },
     /// List sandboxes.
     #[command(alias = "ls")]
@@ -202,7 +205,13 @@ pub async fn sandbox(g: &Global, cmd: SandboxCmd) -> anyhow::Result<u8> {
             vcpus,
             memory,
             no_wait,
+            mounts,
         } => {
+            let mounts = mounts
+                .iter()
+                .map(|m| crate::shell::parse_mount(m))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let owner = crate::shell::owner();
             let t = Instant::now();
             if !g.json && !no_wait {
                 eprintln!("creating sandbox {name} ({image}, {vcpus} vCPU, {memory} MiB)…");
@@ -213,7 +222,8 @@ pub async fn sandbox(g: &Global, cmd: SandboxCmd) -> anyhow::Result<u8> {
                     &format!("/api/v1/sandboxes?wait={}", !no_wait),
                 )
                 .json(
-                    &json!({ "name": name, "image": image, "vcpus": vcpus, "memory_mib": memory }),
+                    &json!({ "name": name, "image": image, "vcpus": vcpus, "memory_mib": memory,
+                    "mounts": mounts, "mount_owner": owner }),
                 );
             let s: SandboxView = decode(c.send(rb).await?).await?;
             if g.json {

@@ -7,6 +7,7 @@ mod client;
 mod commands;
 mod doctor;
 mod serve;
+mod shell;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,6 +61,8 @@ enum Command {
     /// Create and drive sandboxes.
     #[command(subcommand)]
     Sandbox(commands::SandboxCmd),
+    /// An interactive terminal in a sandbox (the current folder's by default, shared at /workspace).
+    Shell(shell::ShellArgs),
     /// Build and list guest images (runs locally, as root).
     #[command(subcommand)]
     Image(commands::ImageCmd),
@@ -109,12 +112,15 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve::run(&cli.global, args).await,
             Command::Sandbox(cmd) => commands::sandbox(&cli.global, cmd).await,
+            Command::Shell(args) => shell::run(&cli.global, args).await,
             Command::Image(cmd) => commands::image(&cli.global, cmd).await,
             Command::Status => commands::status(&cli.global).await,
             Command::Doctor => doctor::run(&cli.global).await,
             Command::Bench(args) => commands::bench(&cli.global, args).await,
         }
     });
+    // A terminal session may leave a blocking stdin read behind; do not wait for it.
+    rt.shutdown_background();
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

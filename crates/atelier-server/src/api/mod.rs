@@ -1,6 +1,7 @@
 //! The REST API under `/api/v1`, its bearer-token auth, error mapping and the
 //! OpenAPI document generated from the handlers.
 
+pub mod pty;
 mod sandboxes;
 mod system;
 
@@ -157,6 +158,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/sandboxes/{id}/logs", get(sandboxes::logs))
         .route("/sandboxes/{id}/metrics", get(sandboxes::metrics))
+        .route("/sandboxes/{id}/pty", get(pty::pty))
         .route("/status", get(system::status))
         .route("/images", get(system::images))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));

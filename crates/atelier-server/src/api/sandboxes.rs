@@ -92,6 +92,8 @@ pub struct SandboxView {
     pub agent: Option<String>,
     /// How many times the guest agent restarted since this manager connected.
     pub agent_restarts: Option<u64>,
+    /// Host folders shared into the guest.
+    pub mounts: Vec<atelier_core::MountSpec>,
     /// Creation time (RFC 3339).
     pub created_at: String,
     /// Last state change (RFC 3339).
@@ -115,6 +117,7 @@ impl SandboxView {
             memory_mib: r.memory_mib,
             boot_ms: r.boot_ms,
             error: r.error,
+            mounts: r.mounts,
             created_at: rfc3339(r.created_at),
             updated_at: rfc3339(r.updated_at),
         }
@@ -136,6 +139,12 @@ pub struct CreateBody {
     /// Memory in MiB, 512-16384 (default 1024).
     #[serde(default = "default_memory")]
     pub memory_mib: u32,
+    /// Host folders to share into the guest (virtio-9p).
+    #[serde(default)]
+    pub mounts: Vec<atelier_core::MountSpec>,
+    /// Host user that owns files the guest writes into mounts (default: the manager's).
+    #[serde(default)]
+    pub mount_owner: Option<atelier_core::Owner>,
 }
 
 fn default_image() -> String {
@@ -192,6 +201,8 @@ pub async fn create(
         image: body.image,
         vcpus: body.vcpus,
         memory_mib: body.memory_mib,
+        mounts: body.mounts,
+        mount_owner: body.mount_owner,
     };
     let rec = st.mgr.create(spec, q.wait).await?;
     Ok((StatusCode::CREATED, Json(SandboxView::new(&st.mgr, rec))))
