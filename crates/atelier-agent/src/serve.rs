@@ -204,6 +204,11 @@ impl Agent {
                         tv_sec: (unix_nanos / 1_000_000_000) as i64,
                         tv_nsec: (unix_nanos % 1_000_000_000) as _,
                     };
+                    // SetTime is what the host sends after restoring a snapshot, so it
+                    // also reseeds the CRNG (clones must not share random streams).
+                    if let Err(e) = crate::sys::reseed_crng() {
+                        log!("{e}");
+                    }
                     match rustix::time::clock_settime(rustix::time::ClockId::Realtime, ts) {
                         Ok(()) => GuestMessage::Done { id },
                         Err(e) => GuestMessage::Error {

@@ -113,6 +113,29 @@ pub fn loopback_up() -> Result<(), String> {
     Ok(())
 }
 
+/// Reseeds the kernel CRNG from its input pool (`RNDRESEEDCRNG`), which mixes in the
+/// CPU's RDRAND/RDSEED and the virtio-rng input. Guests restored from one memory
+/// snapshot start with identical CRNG state; this makes them diverge at once.
+#[allow(unsafe_code)]
+pub fn reseed_crng() -> Result<(), String> {
+    use rustix::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")
+        .map_err(|e| format!("opening /dev/urandom: {e}"))?;
+    // _IO('R', 0x07)
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    // SAFETY: RNDRESEEDCRNG takes no argument; the fd is open for the whole call.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG as _) };
+    if rc != 0 {
+        return Err(format!(
+            "RNDRESEEDCRNG: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
 /// Sends `signal` to every process except PID 1 (`kill(-1, sig)`).
 #[allow(unsafe_code)]
 pub fn kill_all(signal: i32) {

@@ -157,6 +157,9 @@ pub struct SandboxSpec {
     /// belong to that user; None keeps the manager's user.
     #[serde(default)]
     pub mount_owner: Option<Owner>,
+    /// Boot the kernel even when a memory snapshot could be restored.
+    #[serde(default)]
+    pub cold_boot: bool,
 }
 
 /// Most host folders one sandbox may share.
@@ -342,6 +345,7 @@ mod tests {
             memory_mib: 1024,
             mounts: vec![],
             mount_owner: None,
+            cold_boot: false,
         };
         assert!(ok.validate().is_ok());
         for (v, m, field) in [
@@ -378,6 +382,7 @@ mod tests {
             memory_mib: 512,
             mounts,
             mount_owner: None,
+            cold_boot: false,
         };
         assert!(
             spec(vec![MountSpec::parse("/a:/w").unwrap()])

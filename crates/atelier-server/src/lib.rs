@@ -10,6 +10,7 @@ pub mod auth;
 mod error;
 pub mod manager;
 mod reconcile;
+mod templates;
 
 pub use error::Error;
 pub use manager::{Manager, ManagerConfig};

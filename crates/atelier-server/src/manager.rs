@@ -15,7 +15,8 @@ use atelier_storage::{BackendChoice, Pool};
 use atelier_store::{ResourceRecord, SandboxRecord, Store, now_ms};
 use atelier_vmm::qemu::Qemu;
 use atelier_vmm::{
-    Accel, AccelChoice, Hypervisor, ProbeOutcome, RunPaths, Share, VmConfig, VmProcess,
+    Accel, AccelChoice, Hypervisor, MemoryBacking, ProbeOutcome, RunPaths, Share, VmConfig,
+    VmProcess,
 };
 use tokio::sync::{Mutex, OnceCell, OwnedMutexGuard};
 
@@ -75,6 +76,8 @@ pub(crate) struct RunningVm {
     pub(crate) process: VmProcess,
     pub(crate) agent: AgentClient,
     pub(crate) responsive: AtomicBool,
+    /// Whether this VM was restored from a memory snapshot (else it booted).
+    pub(crate) restored: bool,
 }
 
 impl std::fmt::Debug for RunningVm {
@@ -104,6 +107,7 @@ pub struct Manager {
     accel: OnceCell<ProbeOutcome>,
     pub(crate) vms: StdMutex<HashMap<SandboxId, Arc<RunningVm>>>,
     locks: StdMutex<HashMap<SandboxId, Arc<Mutex<()>>>>,
+    building: StdMutex<std::collections::HashSet<String>>,
     started: Instant,
     qemu_version: String,
 }
@@ -139,6 +143,7 @@ impl Manager {
             accel: OnceCell::new(),
             vms: StdMutex::new(HashMap::new()),
             locks: StdMutex::new(HashMap::new()),
+            building: StdMutex::new(Default::default()),
             started: Instant::now(),
             qemu_version,
         });
@@ -252,6 +257,11 @@ impl Manager {
         lock_map(&self.vms).get(id).cloned()
     }
 
+    /// Whether a running sandbox was restored from a memory snapshot.
+    pub fn restored(&self, id: &SandboxId) -> Option<bool> {
+        self.vm(id).map(|vm| vm.restored)
+    }
+
     /// The agent's health for a running sandbox, with its restart count.
     pub fn agent_health(&self, id: &SandboxId) -> Option<(AgentHealth, u64)> {
         self.vm(id).map(|vm| {
@@ -332,9 +342,10 @@ impl Manager {
         let id = rec.id.clone();
         // The work runs in its own task so a client that goes away mid-create does
         // not leave it half done.
+        let use_snapshot = !spec.cold_boot;
         let task = tokio::spawn(async move {
             let _guard = guard;
-            me.provision(&id, &image, true).await
+            me.provision(&id, &image, true, use_snapshot).await
         });
         if !wait {
             return Ok(rec);
@@ -368,7 +379,7 @@ impl Manager {
         let id = rec.id.clone();
         let task = tokio::spawn(async move {
             let _guard = guard;
-            me.provision(&id, &image, false).await
+            me.provision(&id, &image, false, false).await
         });
         if !wait {
             return Ok(rec);
@@ -384,9 +395,10 @@ impl Manager {
         id: &SandboxId,
         image: &atelier_image::Image,
         fresh: bool,
+        use_snapshot: bool,
     ) -> Result<SandboxRecord, Error> {
         let started = Instant::now();
-        match self.provision_inner(id, image, fresh).await {
+        match self.provision_inner(id, image, fresh, use_snapshot).await {
             Ok(()) => {
                 let ms = started.elapsed().as_millis() as i64;
                 self.store.set_boot_ms(id, ms).await?;
@@ -419,6 +431,7 @@ impl Manager {
         id: &SandboxId,
         image: &atelier_image::Image,
         fresh: bool,
+        use_snapshot: bool,
     ) -> Result<(), Error> {
         let rec = self.store.get_sandbox(id).await?;
         let dir = self.sandbox_dir(id);
@@ -428,56 +441,67 @@ impl Manager {
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::internal(format!("cannot create {}: {e}", dir.display())))?;
 
+        let accel = self.accel(image).await.accel;
+        let template = if fresh && use_snapshot && rec.mounts.is_empty() {
+            self.template(&crate::templates::key(
+                image,
+                rec.memory_mib,
+                rec.vcpus,
+                accel,
+            ))
+        } else {
+            None
+        };
         let disk = self.pool.disk_path(id.as_str());
         if fresh || !disk.exists() {
             self.store
                 .record_resource(id, RES_DISK, &disk.display().to_string())
                 .await?;
-            let pool = self.pool.clone();
-            let (rootfs, hash, d) = (image.rootfs(), image.manifest.hash.clone(), disk.clone());
-            tokio::task::spawn_blocking(move || -> Result<_, atelier_storage::StorageError> {
-                let base = pool.import_base(&rootfs, &hash)?;
-                let _ = pool.remove_disk(&d);
-                pool.clone_disk(&base, &d)
-            })
-            .await
-            .map_err(|e| Error::internal(e.to_string()))??;
+            self.clone_root_disk(image, template.as_ref().map(|t| t.disk.clone()), &disk)
+                .await?;
         }
 
-        let accel = self.accel(image).await.accel;
-        let cfg = VmConfig {
-            name: id.to_string(),
-            run_dir: dir.clone(),
-            kernel: image.kernel(),
-            initrd: image.initrd(),
-            cmdline: format!("{} atelier.hostname={}", image.cmdline(), rec.name),
-            disk: disk.clone(),
-            disk_format: match self.pool.backend() {
-                atelier_storage::Backend::Reflink => "raw".into(),
-                atelier_storage::Backend::Qcow2 => "qcow2".into(),
-            },
-            vcpus: rec.vcpus,
-            memory_mib: rec.memory_mib,
+        let mut cfg = self.vm_config(
+            id.as_str(),
+            &dir,
+            image,
+            &rec.name,
+            &disk,
+            rec.memory_mib,
+            rec.vcpus,
             accel,
-            shares: rec
-                .mounts
-                .iter()
-                .enumerate()
-                .map(|(i, m)| Share {
-                    tag: format!("atl{i}"),
-                    path: PathBuf::from(&m.source),
-                    read_only: m.read_only,
-                })
-                .collect(),
-            // Dropping to our own user is no drop (and QEMU refuses it).
-            run_as: rec
-                .mount_owner
-                .filter(|o| o.uid != rustix::process::geteuid().as_raw())
-                .map(|o| (o.uid, o.gid)),
-        };
+        );
+        cfg.shares = rec
+            .mounts
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Share {
+                tag: format!("atl{i}"),
+                path: PathBuf::from(&m.source),
+                read_only: m.read_only,
+            })
+            .collect();
+        // Dropping to our own user is no drop (and QEMU refuses it).
+        cfg.run_as = rec
+            .mount_owner
+            .filter(|o| o.uid != rustix::process::geteuid().as_raw())
+            .map(|o| (o.uid, o.gid));
         self.store
             .record_resource(id, RES_PROCESS, &dir.display().to_string())
             .await?;
+        if let Some(t) = &template {
+            match self.restore_from_template(id, &rec, t, cfg.clone()).await {
+                Ok((process, agent)) => {
+                    self.register_vm(id, process, agent, true);
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(sandbox = %id, error = %e, "restore from memory snapshot failed; booting cold");
+                    kill_vmms(&dir.display().to_string()).await;
+                    self.clone_root_disk(image, None, &disk).await?;
+                }
+            }
+        }
         let process = self.hv.launch(&cfg).await?;
         let paths = process.paths().clone();
         fault_point("create-after-launch").await;
@@ -523,8 +547,73 @@ impl Manager {
         for (i, m) in rec.mounts.iter().enumerate() {
             mount_share(&agent, &format!("atl{i}"), m).await?;
         }
-        self.register_vm(id, process, agent);
+        self.register_vm(id, process, agent, false);
+        if fresh && rec.mounts.is_empty() {
+            self.ensure_template(image, &rec, accel);
+        }
         Ok(())
+    }
+
+    /// Clones a sandbox's root disk from `source` (a template's disk) or the image.
+    async fn clone_root_disk(
+        &self,
+        image: &atelier_image::Image,
+        source: Option<PathBuf>,
+        disk: &Path,
+    ) -> Result<(), Error> {
+        let pool = self.pool.clone();
+        let (rootfs, hash, d) = (image.rootfs(), image.manifest.hash.clone(), disk.to_owned());
+        tokio::task::spawn_blocking(move || -> Result<_, atelier_storage::StorageError> {
+            let base = match source {
+                Some(s) => s,
+                None => pool.import_base(&rootfs, &hash)?,
+            };
+            let _ = pool.remove_disk(&d);
+            pool.clone_disk(&base, &d)
+        })
+        .await
+        .map_err(|e| Error::internal(e.to_string()))??;
+        Ok(())
+    }
+
+    /// The VMM configuration for booting `image` with `disk` in `run_dir`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn vm_config(
+        &self,
+        name: &str,
+        run_dir: &Path,
+        image: &atelier_image::Image,
+        hostname: &str,
+        disk: &Path,
+        memory_mib: u32,
+        vcpus: u32,
+        accel: Accel,
+    ) -> VmConfig {
+        VmConfig {
+            name: name.to_owned(),
+            run_dir: run_dir.to_owned(),
+            kernel: image.kernel(),
+            initrd: image.initrd(),
+            cmdline: format!("{} atelier.hostname={hostname}", image.cmdline()),
+            disk: disk.to_owned(),
+            disk_format: match self.pool.backend() {
+                atelier_storage::Backend::Reflink => "raw".into(),
+                atelier_storage::Backend::Qcow2 => "qcow2".into(),
+            },
+            vcpus,
+            memory_mib,
+            accel,
+            memory: MemoryBacking::Anonymous,
+            incoming: None,
+            shares: Vec::new(),
+            run_as: None,
+        }
+    }
+
+    pub(crate) fn building_templates(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        lock_map(&self.building)
     }
 
     /// Keeps a VM in the running map and watches for its VMM dying.
@@ -533,12 +622,14 @@ impl Manager {
         id: &SandboxId,
         process: VmProcess,
         agent: AgentClient,
+        restored: bool,
     ) {
         let mut exited = process.exit_watch();
         let vm = Arc::new(RunningVm {
             process,
             agent,
             responsive: AtomicBool::new(true),
+            restored,
         });
         lock_map(&self.vms).insert(id.clone(), Arc::clone(&vm));
         let me = Arc::clone(self);
@@ -776,7 +867,7 @@ async fn mount_share(
 
 /// Crash-test hook: when `ATELIER_FAULT_PAUSE` (comma-separated) names `point`, the
 /// operation logs and stalls there so a test can kill the manager at a known step.
-async fn fault_point(point: &str) {
+pub(crate) async fn fault_point(point: &str) {
     let hit = std::env::var("ATELIER_FAULT_PAUSE").is_ok_and(|v| v.split(',').any(|p| p == point));
     if hit {
         tracing::warn!(point, "fault point reached; pausing (ATELIER_FAULT_PAUSE)");

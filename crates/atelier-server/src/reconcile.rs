@@ -18,6 +18,19 @@ use crate::manager::{Manager, RES_DIR, RES_DISK, RES_PROCESS, kill_vmms};
 impl Manager {
     /// Start-up reconcile; runs before the API serves.
     pub(crate) async fn reconcile_at_start(self: &Arc<Self>) -> Result<(), Error> {
+        // Template builds a crash interrupted: their VMM and half-made directory.
+        let templates = self.templates_dir();
+        for e in std::fs::read_dir(&templates)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if e.file_name().to_string_lossy().starts_with(".build-") {
+                tracing::warn!(path = %e.path().display(), "removing interrupted template build");
+                kill_vmms(&e.path().display().to_string()).await;
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
         for rec in self.store.list_sandboxes(false).await? {
             let id = rec.id.clone();
             let _guard = self.lock(&id).await;
@@ -94,7 +107,7 @@ impl Manager {
             return false;
         }
         tracing::info!(sandbox = %id, pid = process.pid(), "adopted running vm");
-        self.register_vm(id, process, agent);
+        self.register_vm(id, process, agent, false);
         true
     }
 

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 pub use probe::{Accel, AccelChoice, ProbeOutcome, probe_accel};
 pub use process::VmProcess;
+pub use qemu::save_state;
 
 /// Errors from launching, controlling or probing a VMM.
 #[derive(Debug, thiserror::Error)]
@@ -90,11 +91,30 @@ pub struct VmConfig {
     pub memory_mib: u32,
     /// Accelerator.
     pub accel: Accel,
+    /// Where guest RAM lives.
+    pub memory: MemoryBacking,
+    /// Restore the device state saved in this file (with `x-ignore-shared`) instead
+    /// of booting; the memory backing must map the RAM file saved with it.
+    pub incoming: Option<PathBuf>,
     /// Host folders exported over virtio-9p.
     pub shares: Vec<Share>,
     /// Host uid/gid the VMM drops to after start-up (files written through shares
     /// then belong to that user); None keeps the manager's user.
     pub run_as: Option<(u32, u32)>,
+}
+
+/// Guest RAM: anonymous memory, or a file that memory snapshots are built on.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum MemoryBacking {
+    /// Ordinary anonymous memory.
+    #[default]
+    Anonymous,
+    /// RAM is this file, mapped shared: a template VM whose memory image is the file
+    /// itself once it is stopped (saving state then writes only device state).
+    SharedFile(PathBuf),
+    /// RAM starts as this file's contents, mapped private copy-on-write: clones
+    /// restored from one template share its unchanged pages through the page cache.
+    PrivateFile(PathBuf),
 }
 
 /// A host folder exported to the guest over virtio-9p.

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::process::{VmProcess, pid_matches, read_pidfile, watch_foreign};
 use crate::qmp::Qmp;
-use crate::{Accel, Hypervisor, RunPaths, VmConfig, VmmError};
+use crate::{Accel, Hypervisor, MemoryBacking, RunPaths, VmConfig, VmmError};
 
 /// The name of the virtio-serial port the guest agent opens.
 pub const AGENT_PORT_NAME: &str = "org.atelier.agent.0";
@@ -80,7 +80,10 @@ impl Qemu {
             "-name".into(),
             format!("atelier-{},debug-threads=on", cfg.name),
             "-M".into(),
-            "microvm,rtc=on".into(),
+            match cfg.memory {
+                MemoryBacking::Anonymous => "microvm,rtc=on".into(),
+                _ => "microvm,rtc=on,memory-backend=mem".into(),
+            },
             "-accel".into(),
             accel,
             "-cpu".into(),
@@ -129,6 +132,21 @@ impl Qemu {
             "-pidfile".into(),
             s(&p.pidfile),
         ];
+        let mem = |path: &Path, share: &str| {
+            format!(
+                "memory-backend-file,id=mem,size={}M,mem-path={},share={share}",
+                cfg.memory_mib,
+                s(path)
+            )
+        };
+        match &cfg.memory {
+            MemoryBacking::Anonymous => {}
+            MemoryBacking::SharedFile(p) => a.extend(["-object".into(), mem(p, "on")]),
+            MemoryBacking::PrivateFile(p) => a.extend(["-object".into(), mem(p, "off")]),
+        }
+        if cfg.incoming.is_some() {
+            a.extend(["-incoming".into(), "defer".into()]);
+        }
         for (i, sh) in cfg.shares.iter().enumerate() {
             // security_model=none: files are created as the VMM's user and guest chown
             // requests are ignored; symlinks are stored as links and resolved inside the
@@ -222,6 +240,14 @@ impl Hypervisor for Qemu {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
 
+        if let Some(state) = &cfg.incoming
+            && let Err(e) = restore_incoming(&qmp, state).await
+        {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(e);
+        }
+
         let (tx, rx) = watch::channel(false);
         tokio::spawn(async move {
             let status = child.wait().await;
@@ -247,5 +273,94 @@ impl Hypervisor for Qemu {
             qmp,
             watch_foreign(pid, marker),
         )))
+    }
+}
+
+/// How long a migration to or from a file may take.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn ignore_shared() -> serde_json::Value {
+    serde_json::json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})
+}
+
+/// Loads device state saved by [`save_state`] into a VMM started with `-incoming
+/// defer`, then runs the guest.
+async fn restore_incoming(qmp: &Qmp, state: &Path) -> Result<(), VmmError> {
+    qmp.execute("migrate-set-capabilities", Some(ignore_shared()))
+        .await?;
+    let uri = format!("file:{}", state.display());
+    qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
+        .await?;
+    let start = Instant::now();
+    loop {
+        let st = qmp.execute("query-status", None).await?;
+        match st.get("status").and_then(|s| s.as_str()).unwrap_or("") {
+            "running" => return Ok(()),
+            "paused" | "postmigrate" | "prelaunch" => {
+                // Migration finished without autostart: run it.
+                let mig = qmp.execute("query-migrate", None).await.unwrap_or_default();
+                let done = mig
+                    .get("status")
+                    .and_then(|s| s.as_str())
+                    .is_none_or(|s| s == "completed");
+                if done {
+                    qmp.execute("cont", None).await?;
+                }
+            }
+            "inmigrate" => {}
+            other => {
+                return Err(VmmError::Qmp {
+                    op: "migrate-incoming".into(),
+                    socket: state.to_owned(),
+                    detail: format!("guest is {other} after restore"),
+                });
+            }
+        }
+        if start.elapsed() > MIGRATION_TIMEOUT {
+            return Err(VmmError::Timeout(
+                MIGRATION_TIMEOUT,
+                "restoring device state".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Stops the guest and writes its device state to `state` with `x-ignore-shared`:
+/// RAM in a shared memory-backend file is not copied (the file is the RAM image).
+/// The guest stays stopped; the caller copies the disk and quits the VMM.
+pub async fn save_state(vm: &VmProcess, state: &Path) -> Result<(), VmmError> {
+    let qmp = vm.qmp();
+    qmp.execute("migrate-set-capabilities", Some(ignore_shared()))
+        .await?;
+    qmp.execute("stop", None).await?;
+    let uri = format!("file:{}", state.display());
+    qmp.execute("migrate", Some(serde_json::json!({ "uri": uri })))
+        .await?;
+    let start = Instant::now();
+    loop {
+        let m = qmp.execute("query-migrate", None).await?;
+        match m.get("status").and_then(|s| s.as_str()).unwrap_or("") {
+            "completed" => return Ok(()),
+            "failed" | "cancelled" => {
+                return Err(VmmError::Qmp {
+                    op: "migrate".into(),
+                    socket: state.to_owned(),
+                    detail: m
+                        .get("error-desc")
+                        .and_then(|d| d.as_str())
+                        .unwrap_or("failed")
+                        .to_owned(),
+                });
+            }
+            _ => {}
+        }
+        if start.elapsed() > MIGRATION_TIMEOUT {
+            return Err(VmmError::Timeout(
+                MIGRATION_TIMEOUT,
+                "saving device state".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

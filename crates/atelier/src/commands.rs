@@ -41,6 +41,9 @@ pub enum SandboxCmd {
         /// Share a host folder: HOST:GUEST[:ro] (repeatable); files the guest writes belong to you.
         #[arg(long = "mount")]
         mounts: Vec<String>,
+        /// Boot the kernel even when a memory snapshot could be restored.
+        #[arg(long)]
+        cold: bool,
     },
     /// List sandboxes.
     #[command(alias = "ls")]
@@ -206,6 +209,7 @@ pub async fn sandbox(g: &Global, cmd: SandboxCmd) -> anyhow::Result<u8> {
             memory,
             no_wait,
             mounts,
+            cold,
         } => {
             let mounts = mounts
                 .iter()
@@ -223,7 +227,7 @@ pub async fn sandbox(g: &Global, cmd: SandboxCmd) -> anyhow::Result<u8> {
                 )
                 .json(
                     &json!({ "name": name, "image": image, "vcpus": vcpus, "memory_mib": memory,
-                    "mounts": mounts, "mount_owner": owner }),
+                    "mounts": mounts, "mount_owner": owner, "cold_boot": cold }),
                 );
             let s: SandboxView = decode(c.send(rb).await?).await?;
             if g.json {

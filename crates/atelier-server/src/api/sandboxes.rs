@@ -92,6 +92,8 @@ pub struct SandboxView {
     pub agent: Option<String>,
     /// How many times the guest agent restarted since this manager connected.
     pub agent_restarts: Option<u64>,
+    /// How the running VM came up: `snapshot` (restored from a memory snapshot) or `boot`.
+    pub booted_from: Option<String>,
     /// Host folders shared into the guest.
     pub mounts: Vec<atelier_core::MountSpec>,
     /// Creation time (RFC 3339).
@@ -109,6 +111,13 @@ impl SandboxView {
                 AgentHealth::Unresponsive => "unresponsive".to_owned(),
             }),
             agent_restarts: health.map(|(_, n)| n),
+            booted_from: mgr.restored(&r.id).map(|r| {
+                if r {
+                    "snapshot".to_owned()
+                } else {
+                    "boot".to_owned()
+                }
+            }),
             id: r.id.to_string(),
             name: r.name,
             image: r.image,
@@ -145,6 +154,9 @@ pub struct CreateBody {
     /// Host user that owns files the guest writes into mounts (default: the manager's).
     #[serde(default)]
     pub mount_owner: Option<atelier_core::Owner>,
+    /// Boot the kernel even when a memory snapshot of this image could be restored.
+    #[serde(default)]
+    pub cold_boot: bool,
 }
 
 fn default_image() -> String {
@@ -203,6 +215,7 @@ pub async fn create(
         memory_mib: body.memory_mib,
         mounts: body.mounts,
         mount_owner: body.mount_owner,
+        cold_boot: body.cold_boot,
     };
     let rec = st.mgr.create(spec, q.wait).await?;
     Ok((StatusCode::CREATED, Json(SandboxView::new(&st.mgr, rec))))

@@ -33,6 +33,8 @@ pub struct StatusView {
     pub sandboxes: BTreeMap<String, usize>,
     /// Names of built images.
     pub images: Vec<String>,
+    /// Memory-snapshot templates ready for fast spawns (`<image hash>-<MiB>m-<vCPUs>c-<accel>`).
+    pub templates: Vec<String>,
     /// Seconds since the manager started.
     pub uptime_secs: u64,
     /// Data directory.
@@ -67,6 +69,7 @@ pub async fn status(State(st): State<AppState>) -> ApiResult<Json<StatusView>> {
             .map(|(k, v)| (k.as_str().to_owned(), v))
             .collect(),
         images,
+        templates: mgr.template_keys(),
         uptime_secs: mgr.uptime().as_secs(),
         data_dir: mgr.config().data_dir.display().to_string(),
     }))

@@ -296,7 +296,8 @@ pub fn pids_matching(marker: &str) -> Vec<i32> {
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();
-        for pid in self.vmm_pids() {
+        // Every VMM under the data dir: sandboxes and template builds.
+        for pid in pids_matching(&format!("{}/", self.data_dir.path().display())) {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         }
         std::thread::sleep(Duration::from_millis(200));

@@ -1,0 +1,279 @@
+//! Memory-snapshot templates: one booted, idle VM per (image, memory, vCPUs,
+//! accelerator) whose RAM lives in a file, saved with `x-ignore-shared` (device
+//! state only, a few KB) next to a reflink copy of its disk. Sandboxes are then
+//! spawned by restoring it: RAM mapped private copy-on-write from the file, the disk
+//! a reflink clone, and the guest's identity fixed (hostname, machine-id, clock,
+//! CRNG reseed). Restore costs tens of milliseconds instead of a boot, and clones
+//! share their unchanged memory through the page cache.
+//!
+//! A template is built in `pool/templates/.build-<key>/` and renamed into place when
+//! complete, so a crash leaves only a `.build-*` directory (and perhaps its VMM),
+//! which the start-up reconcile removes. Only the reflink backend makes templates
+//! (a clone of the template disk must be O(1)); with mounts the device model
+//! differs from the template's, so such sandboxes boot cold.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use atelier_agent_proto::{AgentClient, ExecRequest};
+use atelier_core::SandboxId;
+use atelier_store::SandboxRecord;
+use atelier_vmm::{Accel, MemoryBacking, VmConfig, VmProcess};
+
+use crate::Error;
+use crate::manager::Manager;
+
+/// A finished template.
+#[derive(Debug, Clone)]
+pub(crate) struct Template {
+    /// RAM image (the template VM's memory-backend file).
+    pub mem: PathBuf,
+    /// Device state saved with `x-ignore-shared`.
+    pub state: PathBuf,
+    /// Disk at the moment of the snapshot.
+    pub disk: PathBuf,
+}
+
+impl Template {
+    fn at(dir: &Path) -> Template {
+        Template {
+            mem: dir.join("mem"),
+            state: dir.join("state"),
+            disk: dir.join("disk.img"),
+        }
+    }
+}
+
+/// The template key for an image and a sandbox's shape.
+pub(crate) fn key(
+    image: &atelier_image::Image,
+    memory_mib: u32,
+    vcpus: u32,
+    accel: Accel,
+) -> String {
+    format!(
+        "{}-{}m-{}c-{}",
+        image.manifest.hash,
+        memory_mib,
+        vcpus,
+        accel.as_str()
+    )
+}
+
+impl Manager {
+    pub(crate) fn templates_dir(&self) -> PathBuf {
+        self.pool.root().join("templates")
+    }
+
+    /// The finished template for `key`, if any.
+    /// Keys of the finished templates.
+    pub fn template_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = std::fs::read_dir(self.templates_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().join("ready").exists())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    pub(crate) fn template(&self, key: &str) -> Option<Template> {
+        let dir = self.templates_dir().join(key);
+        dir.join("ready").exists().then(|| Template::at(&dir))
+    }
+
+    /// Starts building the template for `key` in the background unless it exists or
+    /// is being built.
+    pub(crate) fn ensure_template(
+        self: &Arc<Self>,
+        image: &atelier_image::Image,
+        rec: &SandboxRecord,
+        accel: Accel,
+    ) {
+        let key = key(image, rec.memory_mib, rec.vcpus, accel);
+        if self.pool.backend() != atelier_storage::Backend::Reflink || self.template(&key).is_some()
+        {
+            return;
+        }
+        if !self.building_templates().insert(key.clone()) {
+            return;
+        }
+        let me = Arc::clone(self);
+        let image = image.clone();
+        let (mem, vcpus) = (rec.memory_mib, rec.vcpus);
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            match me.build_template(&image, &key, mem, vcpus, accel).await {
+                Ok(()) => {
+                    tracing::info!(template = %key, ms = started.elapsed().as_millis() as u64, "memory snapshot template ready")
+                }
+                Err(e) => {
+                    tracing::warn!(template = %key, error = %e, "building the memory snapshot template failed; sandboxes boot cold")
+                }
+            }
+            me.building_templates().remove(&key);
+        });
+    }
+
+    async fn build_template(
+        self: &Arc<Self>,
+        image: &atelier_image::Image,
+        key: &str,
+        memory_mib: u32,
+        vcpus: u32,
+        accel: Accel,
+    ) -> Result<(), Error> {
+        let build = self.templates_dir().join(format!(".build-{key}"));
+        let _ = std::fs::remove_dir_all(&build);
+        std::fs::create_dir_all(&build)
+            .map_err(|e| Error::internal(format!("cannot create {}: {e}", build.display())))?;
+        let result = self
+            .build_template_in(&build, image, memory_mib, vcpus, accel)
+            .await;
+        if result.is_err() {
+            crate::manager::kill_vmms(&build.display().to_string()).await;
+            let _ = std::fs::remove_dir_all(&build);
+            return result;
+        }
+        let dest = self.templates_dir().join(key);
+        std::fs::rename(&build, &dest).map_err(|e| {
+            Error::internal(format!("cannot move template into {}: {e}", dest.display()))
+        })
+    }
+
+    async fn build_template_in(
+        self: &Arc<Self>,
+        build: &Path,
+        image: &atelier_image::Image,
+        memory_mib: u32,
+        vcpus: u32,
+        accel: Accel,
+    ) -> Result<(), Error> {
+        let t = Template::at(build);
+        let running_disk = build.join("running.img");
+        let pool = self.pool.clone();
+        let (rootfs, hash, d) = (
+            image.rootfs(),
+            image.manifest.hash.clone(),
+            running_disk.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let base = pool.import_base(&rootfs, &hash)?;
+            pool.clone_disk(&base, &d)
+        })
+        .await
+        .map_err(|e| Error::internal(e.to_string()))??;
+        let mut cfg = self.vm_config(
+            "template",
+            build,
+            image,
+            "atelier",
+            &running_disk,
+            memory_mib,
+            vcpus,
+            accel,
+        );
+        cfg.memory = MemoryBacking::SharedFile(t.mem.clone());
+        let vm = self.hv.launch(&cfg).await?;
+        crate::manager::fault_point("template-after-launch").await;
+        let agent = AgentClient::connect_unix(&vm.paths().agent)
+            .await
+            .map_err(|e| Error::unavailable(format!("template agent socket: {e}")))?;
+        let timeout = match accel {
+            Accel::Kvm => Duration::from_secs(60),
+            Accel::Tcg => Duration::from_secs(240),
+        };
+        agent
+            .wait_ready(timeout)
+            .await
+            .map_err(|e| Error::unavailable(format!("template agent did not answer: {e}")))?;
+        // Settle, flush the guest's dirty pages, then freeze memory + disk together.
+        exec_ok(&agent, &["sh", "-c", "sync"]).await?;
+        drop(agent);
+        atelier_vmm::save_state(&vm, &t.state).await?;
+        let pool = self.pool.clone();
+        let (src, dst) = (running_disk.clone(), t.disk.clone());
+        tokio::task::spawn_blocking(move || pool.clone_disk(&src, &dst))
+            .await
+            .map_err(|e| Error::internal(e.to_string()))??;
+        let _ = vm
+            .qmp()
+            .execute_timeout("quit", None, Duration::from_secs(5))
+            .await;
+        if !vm.wait_exit(Duration::from_secs(10)).await {
+            vm.kill().await?;
+        }
+        let _ = std::fs::remove_file(&running_disk);
+        std::fs::write(build.join("ready"), b"")
+            .map_err(|e| Error::internal(format!("cannot mark template ready: {e}")))?;
+        Ok(())
+    }
+
+    /// Restores sandbox `id` from `t` (its disk already cloned from `t.disk`) and
+    /// gives it its own identity. Returns the VM and its agent.
+    pub(crate) async fn restore_from_template(
+        self: &Arc<Self>,
+        id: &SandboxId,
+        rec: &SandboxRecord,
+        t: &Template,
+        mut cfg: VmConfig,
+    ) -> Result<(VmProcess, AgentClient), Error> {
+        cfg.memory = MemoryBacking::PrivateFile(t.mem.clone());
+        cfg.incoming = Some(t.state.clone());
+        let vm = self.hv.launch(&cfg).await?;
+        let agent = AgentClient::connect_unix(&vm.paths().agent)
+            .await
+            .map_err(|e| Error::unavailable(format!("agent socket after restore: {e}")))?;
+        if let Err(e) = agent.wait_ready(Duration::from_secs(15)).await {
+            let _ = vm.kill().await;
+            return Err(Error::unavailable(format!(
+                "restored agent did not answer: {e}"
+            )));
+        }
+        // Identity: clock (which also reseeds the guest CRNG), hostname, machine-id.
+        agent
+            .set_time(SystemTime::now())
+            .await
+            .map_err(Manager::agent_error)?;
+        let machine_id = {
+            use rand::RngCore;
+            let mut b = [0u8; 16];
+            rand::rng().fill_bytes(&mut b);
+            hex::encode(b)
+        };
+        exec_ok(
+            &agent,
+            &[
+                "sh",
+                "-c",
+                "hostname \"$1\" && echo \"$1\" > /etc/hostname && echo \"$2\" > /etc/machine-id",
+                "identity",
+                &rec.name,
+                &machine_id,
+            ],
+        )
+        .await?;
+        tracing::debug!(sandbox = %id, "restored from memory snapshot");
+        Ok((vm, agent))
+    }
+}
+
+async fn exec_ok(agent: &AgentClient, argv: &[&str]) -> Result<(), Error> {
+    let out = agent
+        .exec(ExecRequest::new(argv.iter().copied()).timeout(Duration::from_secs(60)))
+        .await
+        .map_err(Manager::agent_error)?
+        .wait()
+        .await
+        .map_err(Manager::agent_error)?;
+    if !out.success() {
+        return Err(Error::internal(format!(
+            "{argv:?} failed in the guest: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! Spawning from memory snapshots with real VMs: after a first (cold) create, the
+//! manager saves a template of the booted guest; later creates restore it. Restored
+//! sandboxes get their own hostname, machine-id, clock and random stream, and a
+//! crash during a template build leaves nothing behind.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::Server;
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not json ({e}): {s}"))
+}
+
+fn wait_template(srv: &Server) {
+    let start = Instant::now();
+    loop {
+        let st = json(&srv.ok(&["--json", "status"]));
+        if !st["templates"].as_array().unwrap().is_empty() {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "no template was built:\n{}",
+            srv.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn restored_sandboxes_have_their_own_identity() {
+    let srv = Server::start();
+    let first = json(&srv.ok(&[
+        "--json", "sandbox", "create", "--name", "first", "--memory", "512",
+    ]));
+    assert_eq!(first["booted_from"], "boot");
+    wait_template(&srv);
+
+    let mut seen = Vec::new();
+    for name in ["r1", "r2"] {
+        let s = json(&srv.ok(&[
+            "--json", "sandbox", "create", "--name", name, "--memory", "512",
+        ]));
+        assert_eq!(s["booted_from"], "snapshot", "{s}");
+        let out = srv.ok(&["sandbox", "exec", name, "--", "sh", "-c",
+            "hostname; cat /etc/machine-id; date +%s; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo"]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], name, "hostname: {out}");
+        assert_eq!(lines[1].len(), 32, "machine-id: {out}");
+        let guest_now: u64 = lines[2].parse().unwrap();
+        let host_now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(
+            guest_now.abs_diff(host_now) <= 5,
+            "guest clock {guest_now} vs host {host_now}"
+        );
+        seen.push((lines[1].to_owned(), lines[3].to_owned()));
+    }
+    assert_ne!(seen[0].0, seen[1].0, "machine-ids differ");
+    assert_ne!(seen[0].1, seen[1].1, "random streams differ");
+    // A forced cold boot still works next to the template.
+    let cold = json(&srv.ok(&[
+        "--json", "sandbox", "create", "--name", "cold", "--memory", "512", "--cold",
+    ]));
+    assert_eq!(cold["booted_from"], "boot");
+    // A restored sandbox stops and boots again from its own disk.
+    srv.ok(&[
+        "sandbox",
+        "exec",
+        "r1",
+        "--",
+        "sh",
+        "-c",
+        "echo persisted > /root/p; sync",
+    ]);
+    srv.ok(&["sandbox", "stop", "r1"]);
+    srv.ok(&["sandbox", "start", "r1"]);
+    assert_eq!(
+        srv.ok(&["sandbox", "exec", "r1", "--", "cat", "/root/p"])
+            .trim(),
+        "persisted"
+    );
+    srv.ok(&["sandbox", "rm", "first", "r1", "r2", "cold"]);
+    srv.assert_clean();
+}
+
+#[test]
+fn manager_killed_during_template_build_leaves_nothing() {
+    let mut srv = Server::start_with(&[("ATELIER_FAULT_PAUSE", "template-after-launch")]);
+    srv.ok(&["sandbox", "create", "--name", "a", "--memory", "512"]);
+    srv.wait_log("fault point reached", Duration::from_secs(120));
+    let marker = format!("{}/pool/templates/.build-", srv.data_dir.path().display());
+    assert_eq!(
+        common::pids_matching(&marker).len(),
+        1,
+        "the template VM runs"
+    );
+    srv.kill9();
+    srv.restart(&[]);
+    assert!(
+        common::pids_matching(&marker).is_empty(),
+        "template VMM reclaimed"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(srv.data_dir.path().join("pool/templates"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    srv.ok(&["sandbox", "rm", "a"]);
+    srv.assert_clean();
+}
