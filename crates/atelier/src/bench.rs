@@ -96,6 +96,10 @@ struct Environment {
 struct Boot {
     /// Wall time of `POST /sandboxes?wait=true` as the client sees it.
     client: Stats,
+    /// The same for creates restored from the memory-snapshot template.
+    restored: Option<Stats>,
+    /// Median cold / median restored.
+    cold_over_restored: Option<f64>,
     /// The server's `boot_ms` (request to agent ready).
     server_ms_median: Option<f64>,
     server_ms: Vec<i64>,
@@ -404,11 +408,17 @@ fn enc(s: &str) -> String {
         .collect()
 }
 
-async fn create(c: &Client, name: &str, image: &str) -> anyhow::Result<(SandboxView, Duration)> {
+async fn create(
+    c: &Client,
+    name: &str,
+    image: &str,
+    cold: bool,
+) -> anyhow::Result<(SandboxView, Duration)> {
     let t = Instant::now();
-    let rb = c
-        .request(Method::POST, "/api/v1/sandboxes?wait=true")
-        .json(&json!({ "name": name, "image": image, "vcpus": VCPUS, "memory_mib": MEMORY_MIB }));
+    let rb = c.request(Method::POST, "/api/v1/sandboxes?wait=true").json(
+        &json!({ "name": name, "image": image, "vcpus": VCPUS, "memory_mib": MEMORY_MIB,
+                       "cold_boot": cold }),
+    );
     let s: SandboxView = decode(c.send(rb).await?).await?;
     Ok((s, t.elapsed()))
 }
@@ -469,7 +479,7 @@ async fn boot_step(cx: &mut Ctx<'_>) -> anyhow::Result<String> {
             delete(&cx.c, &last).await?;
         }
         let name = format!("{}boot{i}", cx.prefix);
-        let (s, took) = create(&cx.c, &name, &cx.args.image)
+        let (s, took) = create(&cx.c, &name, &cx.args.image, true)
             .await
             .with_context(|| format!("creating {name}"))?;
         progress(format!(
@@ -492,12 +502,59 @@ async fn boot_step(cx: &mut Ctx<'_>) -> anyhow::Result<String> {
             .collect::<Vec<_>>(),
     )
     .map(|s| s.median_ms);
+    let cold = Stats::of(&client).context("no boots")?;
+    let restored = match restore_step(cx).await {
+        Ok(r) => Some(r),
+        Err(e) => {
+            problem(cx, "restore", e);
+            None
+        }
+    };
     cx.report.boot = Some(Boot {
-        client: Stats::of(&client).context("no boots")?,
+        cold_over_restored: restored
+            .as_ref()
+            .map(|r| cold.median_ms / r.median_ms.max(1e-9)),
+        restored,
+        client: cold,
         server_ms_median,
         server_ms: server,
     });
     Ok(last)
+}
+
+/// Waits for the memory-snapshot template the cold boots triggered, then times
+/// creates that restore it.
+async fn restore_step(cx: &mut Ctx<'_>) -> anyhow::Result<Stats> {
+    let start = Instant::now();
+    loop {
+        let st: StatusView = cx.c.get_json("/api/v1/status").await?;
+        if !st.templates.is_empty() {
+            break;
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(300),
+            "no memory-snapshot template after 300 s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut took = Vec::new();
+    for i in 1..=COLD_BOOTS {
+        let name = format!("{}restore{i}", cx.prefix);
+        let (s, t) = create(&cx.c, &name, &cx.args.image, false)
+            .await
+            .with_context(|| format!("creating {name}"))?;
+        anyhow::ensure!(
+            s.booted_from.as_deref() == Some("snapshot"),
+            "{name} booted instead of restoring"
+        );
+        progress(format!(
+            "[1/5] create from memory snapshot → agent ready {i}/{COLD_BOOTS}: {:.2} s",
+            t.as_secs_f64()
+        ));
+        took.push(t);
+        delete(&cx.c, &name).await?;
+    }
+    Stats::of(&took).context("no restores")
 }
 
 fn scratch_dir(data_dir: &Path) -> PathBuf {
@@ -793,7 +850,7 @@ async fn idle_step(cx: &mut Ctx<'_>, data_dir: &Path) -> anyhow::Result<Idle> {
         let c = &cx.c;
         let image = &cx.args.image;
         async move {
-            create(c, &name, image)
+            create(c, &name, image, false)
                 .await
                 .with_context(|| format!("creating {name}"))
         }
@@ -881,6 +938,13 @@ fn print_table(r: &Report) {
                 b.client.max_ms / 1e3
             ),
         );
+        if let (Some(r), Some(ratio)) = (&b.restored, b.cold_over_restored) {
+            row(
+                &format!("snapshot create → agent ready (median of {})", r.n),
+                format!("{:.2} s", r.median_ms / 1e3),
+                &format!("cold boot / restore = {ratio:.1}x"),
+            );
+        }
         if let Some(s) = b.server_ms_median {
             row(
                 "  server boot_ms (median)",
