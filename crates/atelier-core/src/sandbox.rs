@@ -69,13 +69,16 @@ pub enum SandboxState {
     Failed,
     /// Resources are being removed.
     Deleting,
+    /// Memory and device state are saved to disk and the VMM is gone; resume
+    /// restores it exactly where it was.
+    Paused,
     /// Gone; only the history row remains.
     Deleted,
 }
 
 impl SandboxState {
     /// Every state, in life order.
-    pub const ALL: [SandboxState; 7] = [
+    pub const ALL: [SandboxState; 8] = [
         SandboxState::Creating,
         SandboxState::Running,
         SandboxState::Stopping,
@@ -83,6 +86,7 @@ impl SandboxState {
         SandboxState::Failed,
         SandboxState::Deleting,
         SandboxState::Deleted,
+        SandboxState::Paused,
     ];
 
     /// Text form, as stored and shown.
@@ -95,6 +99,7 @@ impl SandboxState {
             SandboxState::Failed => "failed",
             SandboxState::Deleting => "deleting",
             SandboxState::Deleted => "deleted",
+            SandboxState::Paused => "paused",
         }
     }
 
@@ -102,13 +107,16 @@ impl SandboxState {
     pub fn can_transition_to(self, next: SandboxState) -> bool {
         use SandboxState::*;
         match self {
-            Creating => matches!(next, Running | Failed | Deleting),
-            Running => matches!(next, Stopping | Failed | Deleting),
+            // Paused: a resume that failed or was interrupted keeps its saved state.
+            Creating => matches!(next, Running | Failed | Deleting | Paused),
+            Running => matches!(next, Stopping | Failed | Deleting | Paused),
             Stopping => matches!(next, Stopped | Failed | Deleting),
             // A stopped sandbox starts again through Creating (boot from its kept disk).
             Stopped => matches!(next, Creating | Deleting),
             Failed => matches!(next, Creating | Deleting),
             Deleting => matches!(next, Deleted | Failed),
+            // Resume goes back through Creating (the VMM is started again).
+            Paused => matches!(next, Creating | Deleting | Failed),
             Deleted => false,
         }
     }
@@ -118,7 +126,7 @@ impl SandboxState {
         use SandboxState::*;
         match self {
             Creating | Running | Stopping | Deleting => true,
-            Stopped | Failed | Deleted => false,
+            Stopped | Failed | Deleted | Paused => false,
         }
     }
 }

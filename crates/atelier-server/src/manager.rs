@@ -412,7 +412,14 @@ impl Manager {
             Err(e) => {
                 tracing::warn!(sandbox = %id, error = %e, "create failed; reclaiming");
                 self.drop_vm(id).await;
-                if let Err(re) = self.reclaim(id, &[RES_PROCESS, RES_DISK]).await {
+                // A failed first create reclaims its disk; a failed start keeps the
+                // user's disk for the next try.
+                let kinds: &[&str] = if fresh {
+                    &[RES_PROCESS, RES_DISK]
+                } else {
+                    &[RES_PROCESS]
+                };
+                if let Err(re) = self.reclaim(id, kinds).await {
                     tracing::error!(sandbox = %id, error = %re, "reclaim after failed create");
                 }
                 // A create that failed leaves only the row (with the reason) and the
@@ -492,6 +499,7 @@ impl Manager {
         if let Some(t) = &template {
             match self.restore_from_template(id, &rec, t, cfg.clone()).await {
                 Ok((process, agent)) => {
+                    write_memory_backing(&dir, &MemoryBacking::PrivateFile(t.mem.clone()))?;
                     self.register_vm(id, process, agent, true);
                     return Ok(());
                 }
@@ -547,6 +555,7 @@ impl Manager {
         for (i, m) in rec.mounts.iter().enumerate() {
             mount_share(&agent, &format!("atl{i}"), m).await?;
         }
+        write_memory_backing(&dir, &cfg.memory)?;
         self.register_vm(id, process, agent, false);
         if fresh && rec.mounts.is_empty() {
             self.ensure_template(image, &rec, accel);
@@ -650,7 +659,9 @@ impl Manager {
             let why = format!("the VM process exited unexpectedly {}", log.trim());
             tracing::warn!(sandbox = %id, "{why}");
             me.drop_vm(&id).await;
-            if let Err(e) = me.reclaim(&id, &[RES_PROCESS, RES_DISK]).await {
+            // The VMM and its sockets go; the disk is the user's work and stays, so
+            // `start` boots the sandbox again where it left off.
+            if let Err(e) = me.reclaim(&id, &[RES_PROCESS]).await {
                 tracing::error!(sandbox = %id, error = %e, "reclaim after vm exit");
             }
             let _ = me
@@ -863,6 +874,183 @@ async fn mount_share(
         )));
     }
     Ok(())
+}
+
+/// Records how a sandbox's RAM is backed (`vm-memory` in its directory): a paused
+/// sandbox must be resumed with the same memory device it was saved with.
+fn write_memory_backing(dir: &Path, m: &MemoryBacking) -> Result<(), Error> {
+    let text = match m {
+        MemoryBacking::PrivateFile(p) => p.display().to_string(),
+        _ => String::new(),
+    };
+    std::fs::write(dir.join("vm-memory"), text)
+        .map_err(|e| Error::internal(format!("cannot write {}: {e}", dir.display())))
+}
+
+fn read_memory_backing(dir: &Path) -> MemoryBacking {
+    match std::fs::read_to_string(dir.join("vm-memory")) {
+        Ok(t) if !t.trim().is_empty() => MemoryBacking::PrivateFile(PathBuf::from(t.trim())),
+        _ => MemoryBacking::Anonymous,
+    }
+}
+
+impl Manager {
+    /// Pauses a running sandbox: saves its memory and device state to its directory
+    /// and stops the VMM, freeing the host memory. The disk is kept.
+    pub async fn pause(self: &Arc<Self>, id_or_name: &str) -> Result<SandboxRecord, Error> {
+        let rec = self.get(id_or_name).await?;
+        let _guard = self.lock(&rec.id).await;
+        let rec = self.store.get_sandbox(&rec.id).await?;
+        if rec.state == SandboxState::Paused {
+            return Ok(rec);
+        }
+        if rec.state != SandboxState::Running {
+            return Err(Error::conflict(format!(
+                "sandbox {} is {}; only a running sandbox can be paused",
+                rec.name, rec.state
+            )));
+        }
+        let vm = self.vm(&rec.id).ok_or_else(|| {
+            Error::unavailable(format!(
+                "sandbox {} has no connected VM yet; retry shortly",
+                rec.name
+            ))
+        })?;
+        let dir = self.sandbox_dir(&rec.id);
+        let state = dir.join("paused.state");
+        let saved = atelier_vmm::save_full_state(&vm.process, &state).await;
+        if let Err(e) = saved {
+            let _ = std::fs::remove_file(&state);
+            let _ = vm.process.qmp().execute("cont", None).await;
+            return Err(e.into());
+        }
+        let _ = vm
+            .process
+            .qmp()
+            .execute_timeout("quit", None, Duration::from_secs(5))
+            .await;
+        vm.process.wait_exit(Duration::from_secs(10)).await;
+        self.drop_vm(&rec.id).await;
+        self.reclaim(&rec.id, &[RES_PROCESS]).await?;
+        tracing::info!(sandbox = %rec.id, "sandbox paused");
+        Ok(self
+            .store
+            .transition(&rec.id, SandboxState::Paused, "pause", None)
+            .await?)
+    }
+
+    /// Resumes a paused sandbox exactly where it was (processes, memory, clock set
+    /// to now).
+    pub async fn resume(self: &Arc<Self>, id_or_name: &str) -> Result<SandboxRecord, Error> {
+        let rec = self.get(id_or_name).await?;
+        let _guard = self.lock(&rec.id).await;
+        let rec = self.store.get_sandbox(&rec.id).await?;
+        if rec.state != SandboxState::Paused {
+            return Err(Error::conflict(format!(
+                "sandbox {} is {}; only a paused sandbox can be resumed",
+                rec.name, rec.state
+            )));
+        }
+        let image = self.image(&rec.image)?;
+        self.store
+            .transition(&rec.id, SandboxState::Creating, "resume", None)
+            .await?;
+        let started = Instant::now();
+        match self.resume_inner(&rec, &image).await {
+            Ok(()) => {
+                self.store
+                    .set_boot_ms(&rec.id, started.elapsed().as_millis() as i64)
+                    .await?;
+                tracing::info!(sandbox = %rec.id, "sandbox resumed");
+                Ok(self
+                    .store
+                    .transition(&rec.id, SandboxState::Running, "resumed", None)
+                    .await?)
+            }
+            Err(e) => {
+                self.drop_vm(&rec.id).await;
+                let _ = self.reclaim(&rec.id, &[RES_PROCESS]).await;
+                let _ = self
+                    .store
+                    .transition(
+                        &rec.id,
+                        SandboxState::Paused,
+                        "resume failed",
+                        Some(&e.message),
+                    )
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn resume_inner(
+        self: &Arc<Self>,
+        rec: &SandboxRecord,
+        image: &atelier_image::Image,
+    ) -> Result<(), Error> {
+        let id = &rec.id;
+        let dir = self.sandbox_dir(id);
+        let state = dir.join("paused.state");
+        if !state.exists() {
+            return Err(Error::internal(format!(
+                "the saved state {} is missing",
+                state.display()
+            )));
+        }
+        let accel = self.accel(image).await.accel;
+        let disk = self.pool.disk_path(id.as_str());
+        let mut cfg = self.vm_config(
+            id.as_str(),
+            &dir,
+            image,
+            &rec.name,
+            &disk,
+            rec.memory_mib,
+            rec.vcpus,
+            accel,
+        );
+        cfg.memory = read_memory_backing(&dir);
+        cfg.incoming = Some(atelier_vmm::Incoming {
+            path: state.clone(),
+            ignore_shared: false,
+        });
+        cfg.shares = rec
+            .mounts
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Share {
+                tag: format!("atl{i}"),
+                path: PathBuf::from(&m.source),
+                read_only: m.read_only,
+            })
+            .collect();
+        cfg.run_as = rec
+            .mount_owner
+            .filter(|o| o.uid != rustix::process::geteuid().as_raw())
+            .map(|o| (o.uid, o.gid));
+        self.store
+            .record_resource(id, RES_PROCESS, &dir.display().to_string())
+            .await?;
+        let process = self.hv.launch(&cfg).await?;
+        let agent = AgentClient::connect_unix(&process.paths().agent)
+            .await
+            .map_err(|e| Error::unavailable(format!("agent socket after resume: {e}")))?;
+        if let Err(e) = agent.wait_ready(Duration::from_secs(30)).await {
+            let _ = process.kill().await;
+            return Err(Error::unavailable(format!(
+                "the resumed agent did not answer: {e}"
+            )));
+        }
+        agent
+            .set_time(std::time::SystemTime::now())
+            .await
+            .map_err(Manager::agent_error)?;
+        let _ = std::fs::remove_file(&state);
+        let restored = matches!(cfg.memory, MemoryBacking::PrivateFile(_));
+        self.register_vm(id, process, agent, restored);
+        Ok(())
+    }
 }
 
 /// Crash-test hook: when `ATELIER_FAULT_PAUSE` (comma-separated) names `point`, the

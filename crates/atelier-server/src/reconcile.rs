@@ -36,16 +36,52 @@ impl Manager {
             let _guard = self.lock(&id).await;
             match rec.state {
                 SandboxState::Creating => {
-                    tracing::warn!(sandbox = %id, "create was interrupted; reclaiming");
-                    self.reclaim(&id, &[RES_PROCESS, RES_DISK]).await?;
-                    self.store
-                        .transition(
-                            &id,
-                            SandboxState::Failed,
-                            "reconcile",
-                            Some("the manager stopped during create"),
-                        )
-                        .await?;
+                    // What was interrupted decides what may be reclaimed: a first
+                    // create owns its disk; a start or resume must keep the user's
+                    // disk (and a resume its saved memory).
+                    let reason = self
+                        .store
+                        .transitions(&id)
+                        .await?
+                        .last()
+                        .and_then(|t| t.reason.clone())
+                        .unwrap_or_default();
+                    tracing::warn!(sandbox = %id, %reason, "operation was interrupted; reclaiming its VMM");
+                    match reason.as_str() {
+                        "resume" => {
+                            self.reclaim(&id, &[RES_PROCESS]).await?;
+                            self.store
+                                .transition(
+                                    &id,
+                                    SandboxState::Paused,
+                                    "reconcile",
+                                    Some("the manager stopped during resume"),
+                                )
+                                .await?;
+                        }
+                        "start" => {
+                            self.reclaim(&id, &[RES_PROCESS]).await?;
+                            self.store
+                                .transition(
+                                    &id,
+                                    SandboxState::Failed,
+                                    "reconcile",
+                                    Some("the manager stopped during start"),
+                                )
+                                .await?;
+                        }
+                        _ => {
+                            self.reclaim(&id, &[RES_PROCESS, RES_DISK]).await?;
+                            self.store
+                                .transition(
+                                    &id,
+                                    SandboxState::Failed,
+                                    "reconcile",
+                                    Some("the manager stopped during create"),
+                                )
+                                .await?;
+                        }
+                    }
                 }
                 SandboxState::Deleting => {
                     tracing::warn!(sandbox = %id, "delete was interrupted; finishing it");
@@ -63,7 +99,8 @@ impl Manager {
                 SandboxState::Running => {
                     if !self.adopt(&id).await {
                         tracing::warn!(sandbox = %id, "running sandbox has no live VM; marking failed");
-                        self.reclaim(&id, &[RES_PROCESS, RES_DISK]).await?;
+                        // E.g. after a host reboot: the disk is kept for `start`.
+                        self.reclaim(&id, &[RES_PROCESS]).await?;
                         self.store
                             .transition(
                                 &id,
@@ -74,7 +111,7 @@ impl Manager {
                             .await?;
                     }
                 }
-                SandboxState::Stopped | SandboxState::Failed => {
+                SandboxState::Stopped | SandboxState::Failed | SandboxState::Paused => {
                     self.reclaim(&id, &[RES_PROCESS]).await?;
                 }
                 SandboxState::Deleted => {}

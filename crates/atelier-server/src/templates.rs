@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 use atelier_agent_proto::{AgentClient, ExecRequest};
 use atelier_core::SandboxId;
 use atelier_store::SandboxRecord;
-use atelier_vmm::{Accel, MemoryBacking, VmConfig, VmProcess};
+use atelier_vmm::{Accel, Incoming, MemoryBacking, VmConfig, VmProcess};
 
 use crate::Error;
 use crate::manager::Manager;
@@ -222,7 +222,10 @@ impl Manager {
         mut cfg: VmConfig,
     ) -> Result<(VmProcess, AgentClient), Error> {
         cfg.memory = MemoryBacking::PrivateFile(t.mem.clone());
-        cfg.incoming = Some(t.state.clone());
+        cfg.incoming = Some(Incoming {
+            path: t.state.clone(),
+            ignore_shared: true,
+        });
         let vm = self.hv.launch(&cfg).await?;
         let agent = AgentClient::connect_unix(&vm.paths().agent)
             .await

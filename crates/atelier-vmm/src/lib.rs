@@ -16,7 +16,7 @@ use std::time::Duration;
 
 pub use probe::{Accel, AccelChoice, ProbeOutcome, probe_accel};
 pub use process::VmProcess;
-pub use qemu::save_state;
+pub use qemu::{save_full_state, save_state};
 
 /// Errors from launching, controlling or probing a VMM.
 #[derive(Debug, thiserror::Error)]
@@ -93,9 +93,8 @@ pub struct VmConfig {
     pub accel: Accel,
     /// Where guest RAM lives.
     pub memory: MemoryBacking,
-    /// Restore the device state saved in this file (with `x-ignore-shared`) instead
-    /// of booting; the memory backing must map the RAM file saved with it.
-    pub incoming: Option<PathBuf>,
+    /// Restore saved state from this file instead of booting.
+    pub incoming: Option<Incoming>,
     /// Host folders exported over virtio-9p.
     pub shares: Vec<Share>,
     /// Host uid/gid the VMM drops to after start-up (files written through shares
@@ -115,6 +114,16 @@ pub enum MemoryBacking {
     /// RAM starts as this file's contents, mapped private copy-on-write: clones
     /// restored from one template share its unchanged pages through the page cache.
     PrivateFile(PathBuf),
+}
+
+/// A saved VM state to restore at launch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incoming {
+    /// The file written by [`save_state`] or [`save_full_state`].
+    pub path: PathBuf,
+    /// Whether it was saved with `x-ignore-shared` (device state only: RAM comes from
+    /// the memory backing's file); must match how it was saved.
+    pub ignore_shared: bool,
 }
 
 /// A host folder exported to the guest over virtio-9p.

@@ -240,8 +240,8 @@ impl Hypervisor for Qemu {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
 
-        if let Some(state) = &cfg.incoming
-            && let Err(e) = restore_incoming(&qmp, state).await
+        if let Some(inc) = &cfg.incoming
+            && let Err(e) = restore_incoming(&qmp, inc).await
         {
             let _ = child.start_kill();
             let _ = child.wait().await;
@@ -279,15 +279,19 @@ impl Hypervisor for Qemu {
 /// How long a migration to or from a file may take.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn ignore_shared() -> serde_json::Value {
-    serde_json::json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})
+fn ignore_shared(on: bool) -> serde_json::Value {
+    serde_json::json!({"capabilities": [{"capability": "x-ignore-shared", "state": on}]})
 }
 
 /// Loads device state saved by [`save_state`] into a VMM started with `-incoming
 /// defer`, then runs the guest.
-async fn restore_incoming(qmp: &Qmp, state: &Path) -> Result<(), VmmError> {
-    qmp.execute("migrate-set-capabilities", Some(ignore_shared()))
-        .await?;
+async fn restore_incoming(qmp: &Qmp, inc: &crate::Incoming) -> Result<(), VmmError> {
+    let state = inc.path.as_path();
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(ignore_shared(inc.ignore_shared)),
+    )
+    .await?;
     let uri = format!("file:{}", state.display());
     qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
         .await?;
@@ -330,8 +334,18 @@ async fn restore_incoming(qmp: &Qmp, state: &Path) -> Result<(), VmmError> {
 /// RAM in a shared memory-backend file is not copied (the file is the RAM image).
 /// The guest stays stopped; the caller copies the disk and quits the VMM.
 pub async fn save_state(vm: &VmProcess, state: &Path) -> Result<(), VmmError> {
+    save(vm, state, true).await
+}
+
+/// Stops the guest and writes its whole state, RAM included, to `state` (pause).
+/// The guest stays stopped; the caller quits the VMM.
+pub async fn save_full_state(vm: &VmProcess, state: &Path) -> Result<(), VmmError> {
+    save(vm, state, false).await
+}
+
+async fn save(vm: &VmProcess, state: &Path, ignore: bool) -> Result<(), VmmError> {
     let qmp = vm.qmp();
-    qmp.execute("migrate-set-capabilities", Some(ignore_shared()))
+    qmp.execute("migrate-set-capabilities", Some(ignore_shared(ignore)))
         .await?;
     qmp.execute("stop", None).await?;
     let uri = format!("file:{}", state.display());

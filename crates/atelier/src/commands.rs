@@ -93,6 +93,16 @@ pub enum SandboxCmd {
         /// Id or name.
         sandbox: String,
     },
+    /// Pause a running sandbox: its memory goes to disk and host RAM is freed.
+    Pause {
+        /// Id or name.
+        sandbox: String,
+    },
+    /// Resume a paused sandbox where it was.
+    Resume {
+        /// Id or name.
+        sandbox: String,
+    },
     /// Start a stopped or failed sandbox.
     Start {
         /// Id or name.
@@ -323,6 +333,8 @@ pub async fn sandbox(g: &Global, cmd: SandboxCmd) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
+        SandboxCmd::Pause { sandbox } => verb(g, &c, &sandbox, "pause").await,
+        SandboxCmd::Resume { sandbox } => verb(g, &c, &sandbox, "resume").await,
         SandboxCmd::Start { sandbox, no_wait } => {
             let t = Instant::now();
             let path = format!(
@@ -371,6 +383,25 @@ pub async fn sandbox(g: &Global, cmd: SandboxCmd) -> anyhow::Result<u8> {
             Ok(code)
         }
     }
+}
+
+/// POSTs `/sandboxes/{id}/{verb}` and prints the result with the time it took.
+async fn verb(g: &Global, c: &Client, sandbox: &str, verb: &str) -> anyhow::Result<u8> {
+    let t = Instant::now();
+    let path = format!("/api/v1/sandboxes/{}/{verb}", enc(sandbox));
+    let s: SandboxView = decode(c.send(c.request(Method::POST, &path)).await?).await?;
+    if g.json {
+        print_json(&s)?
+    } else {
+        println!(
+            "{}  {}  {}  in {:.2} s",
+            s.id,
+            s.name,
+            state_str(&s),
+            t.elapsed().as_secs_f64()
+        )
+    }
+    Ok(0)
 }
 
 async fn exec(

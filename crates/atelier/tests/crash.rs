@@ -112,7 +112,8 @@ fn killed_vmm_fails_the_sandbox_and_killed_agent_comes_back() {
     assert_eq!(s["agent"], "ready");
     assert_eq!(s["agent_restarts"], 1, "{s}");
 
-    // kill -9 the VMM of `a`: it goes to failed and its VMM and disk are reclaimed.
+    // kill -9 the VMM of `a`: it goes to failed, its VMM and sockets are reclaimed,
+    // and its disk (the user's work) is kept for `start`.
     let id_a = state(&srv, "a")["id"].as_str().unwrap().to_owned();
     let marker = format!("{}/sandboxes/{id_a}/", srv.data_dir.path().display());
     let pids = common::pids_matching(&marker);
@@ -130,12 +131,17 @@ fn killed_vmm_fails_the_sandbox_and_killed_agent_comes_back() {
         "{s}"
     );
     assert!(common::pids_matching(&marker).is_empty());
+    let run = srv.data_dir.path().join(format!("sandboxes/{id_a}"));
     assert!(
-        !srv.data_dir
+        !run.join("qmp.sock").exists() && !run.join("agent.sock").exists(),
+        "sockets reclaimed"
+    );
+    assert!(
+        srv.data_dir
             .path()
             .join(format!("pool/disks/{id_a}.img"))
             .exists(),
-        "disk reclaimed"
+        "the disk (the user's work) is kept for start"
     );
 
     // Manager killed under a running sandbox: it is adopted, not lost.
@@ -148,6 +154,12 @@ fn killed_vmm_fails_the_sandbox_and_killed_agent_comes_back() {
         "still here"
     );
     assert_eq!(state(&srv, "a")["state"], "failed");
+    srv.ok(&["sandbox", "start", "a"]);
+    assert_eq!(
+        state(&srv, "a")["state"],
+        "running",
+        "a failed sandbox boots again from its disk"
+    );
 
     // An orphan VMM (say, left by a lost journal) is found by the periodic reconcile.
     srv.ok(&["sandbox", "rm", "a", "b"]);

@@ -63,6 +63,55 @@ fn restored_sandboxes_have_their_own_identity() {
     }
     assert_ne!(seen[0].0, seen[1].0, "machine-ids differ");
     assert_ne!(seen[0].1, seen[1].1, "random streams differ");
+    // Pause frees the VMM and keeps running processes and files; resume continues.
+    srv.ok(&["sandbox", "exec", "r2", "--", "sh", "-c",
+        "echo kept > /tmp/f; nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.2; done' >/dev/null 2>&1 &"]);
+    std::thread::sleep(Duration::from_secs(1));
+    let paused = json(&srv.ok(&["--json", "sandbox", "pause", "r2"]));
+    assert_eq!(paused["state"], "paused");
+    let r2 = paused["id"].as_str().unwrap().to_owned();
+    let marker = format!("{}/sandboxes/{r2}/", srv.data_dir.path().display());
+    assert!(
+        common::pids_matching(&marker).is_empty(),
+        "no VMM while paused"
+    );
+    assert_eq!(
+        srv.run(&["sandbox", "exec", "r2", "--", "true"])
+            .status
+            .code(),
+        Some(5)
+    );
+    let before: u64 = std::fs::metadata(
+        srv.data_dir
+            .path()
+            .join(format!("sandboxes/{r2}/paused.state")),
+    )
+    .unwrap()
+    .len();
+    assert!(before > 0);
+    srv.ok(&["sandbox", "resume", "r2"]);
+    let n1: u64 = srv
+        .ok(&["sandbox", "exec", "r2", "--", "cat", "/tmp/n"])
+        .trim()
+        .parse()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let out = srv.ok(&[
+        "sandbox",
+        "exec",
+        "r2",
+        "--",
+        "sh",
+        "-c",
+        "cat /tmp/n; cat /tmp/f",
+    ]);
+    let n2: u64 = out.lines().next().unwrap().parse().unwrap();
+    assert!(
+        n2 > n1,
+        "the process kept running after resume: {n1} -> {n2}"
+    );
+    assert!(out.contains("kept"));
+
     // A forced cold boot still works next to the template.
     let cold = json(&srv.ok(&[
         "--json", "sandbox", "create", "--name", "cold", "--memory", "512", "--cold",

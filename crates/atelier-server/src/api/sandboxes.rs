@@ -270,6 +270,30 @@ pub async fn stop(
     Ok(Json(SandboxView::new(&st.mgr, rec)))
 }
 
+/// Pause a running sandbox: memory and device state go to disk, host RAM is freed.
+#[utoipa::path(post, path = "/api/v1/sandboxes/{id}/pause", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id or name")),
+    responses((status = 200, body = SandboxView), (status = 409, body = ApiErrorBody)))]
+pub async fn pause(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SandboxView>> {
+    let rec = st.mgr.pause(&id).await?;
+    Ok(Json(SandboxView::new(&st.mgr, rec)))
+}
+
+/// Resume a paused sandbox where it was.
+#[utoipa::path(post, path = "/api/v1/sandboxes/{id}/resume", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id or name")),
+    responses((status = 200, body = SandboxView), (status = 409, body = ApiErrorBody)))]
+pub async fn resume(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SandboxView>> {
+    let rec = st.mgr.resume(&id).await?;
+    Ok(Json(SandboxView::new(&st.mgr, rec)))
+}
+
 /// Body of an exec request.
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
