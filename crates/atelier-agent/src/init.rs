@@ -109,6 +109,17 @@ fn setup_system() {
     if let Err(e) = sys::loopback_up() {
         log!("{e}");
     }
+    // Entropy from the host (virtio-rng): without udev nothing loads the driver, and
+    // without it the guest CRNG may not be initialised when a memory snapshot is
+    // taken, so clones restored from it could not be reseeded apart.
+    match std::process::Command::new("/sbin/modprobe")
+        .args(["-q", "virtio_rng"])
+        .status()
+    {
+        Ok(s) if s.success() => {}
+        Ok(s) => log!("modprobe virtio_rng: {s}"),
+        Err(e) => log!("modprobe virtio_rng: {e}"),
+    }
 }
 
 /// Points stdio at /dev/console when what we were given is unusable.

@@ -984,6 +984,158 @@ impl Manager {
         }
     }
 
+    /// Forks a running sandbox: its memory, device state and disk are copied at one
+    /// instant (the source pauses for the copy, then runs on) into a new sandbox
+    /// `name` that continues from there with its own identity.
+    pub async fn fork(
+        self: &Arc<Self>,
+        id_or_name: &str,
+        name: &str,
+    ) -> Result<SandboxRecord, Error> {
+        atelier_core::validate_name(name)?;
+        let src = self.get(id_or_name).await?;
+        let _src_guard = self.lock(&src.id).await;
+        let src = self.store.get_sandbox(&src.id).await?;
+        if src.state != SandboxState::Running {
+            return Err(Error::conflict(format!(
+                "sandbox {} is {}; only a running sandbox can be forked",
+                src.name, src.state
+            )));
+        }
+        let vm = self.vm(&src.id).ok_or_else(|| {
+            Error::unavailable(format!(
+                "sandbox {} has no connected VM yet; retry shortly",
+                src.name
+            ))
+        })?;
+        let image = self.image(&src.image)?;
+        let now = now_ms();
+        let rec = SandboxRecord {
+            id: SandboxId::generate(),
+            name: name.to_owned(),
+            state: SandboxState::Creating,
+            error: None,
+            boot_ms: None,
+            created_at: now,
+            updated_at: now,
+            ..src.clone()
+        };
+        let _guard = self.lock(&rec.id).await;
+        self.store.insert_sandbox(&rec).await?;
+        let started = Instant::now();
+        match self.fork_inner(&src, &vm, &rec, &image).await {
+            Ok(()) => {
+                self.store
+                    .set_boot_ms(&rec.id, started.elapsed().as_millis() as i64)
+                    .await?;
+                tracing::info!(sandbox = %rec.id, from = %src.id, "sandbox forked");
+                Ok(self
+                    .store
+                    .transition(&rec.id, SandboxState::Running, "forked", None)
+                    .await?)
+            }
+            Err(e) => {
+                self.drop_vm(&rec.id).await;
+                let _ = self.reclaim(&rec.id, &[RES_PROCESS, RES_DISK]).await;
+                let _ = self
+                    .store
+                    .transition(
+                        &rec.id,
+                        SandboxState::Failed,
+                        "fork failed",
+                        Some(&e.message),
+                    )
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn fork_inner(
+        self: &Arc<Self>,
+        src: &SandboxRecord,
+        src_vm: &RunningVm,
+        rec: &SandboxRecord,
+        image: &atelier_image::Image,
+    ) -> Result<(), Error> {
+        let id = &rec.id;
+        let dir = self.sandbox_dir(id);
+        self.store
+            .record_resource(id, RES_DIR, &dir.display().to_string())
+            .await?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::internal(format!("cannot create {}: {e}", dir.display())))?;
+        let disk = self.pool.disk_path(id.as_str());
+        self.store
+            .record_resource(id, RES_DISK, &disk.display().to_string())
+            .await?;
+        let state = dir.join("fork.state");
+        // Memory, device state and disk at one instant: the source stays stopped
+        // from the state save until its disk is cloned, then runs on.
+        let copied = async {
+            atelier_vmm::save_full_state(&src_vm.process, &state).await?;
+            let pool = self.pool.clone();
+            let (from, to) = (self.pool.disk_path(src.id.as_str()), disk.clone());
+            tokio::task::spawn_blocking(move || pool.clone_disk(&from, &to))
+                .await
+                .map_err(|e| Error::internal(e.to_string()))??;
+            Ok::<(), Error>(())
+        }
+        .await;
+        let resumed = src_vm.process.qmp().execute("cont", None).await;
+        copied?;
+        resumed?;
+        let memory = read_memory_backing(&self.sandbox_dir(&src.id));
+        let accel = self.accel(image).await.accel;
+        let mut cfg = self.vm_config(
+            id.as_str(),
+            &dir,
+            image,
+            &rec.name,
+            &disk,
+            rec.memory_mib,
+            rec.vcpus,
+            accel,
+        );
+        cfg.memory = memory.clone();
+        cfg.incoming = Some(atelier_vmm::Incoming {
+            path: state.clone(),
+            ignore_shared: false,
+        });
+        cfg.shares = rec
+            .mounts
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Share {
+                tag: format!("atl{i}"),
+                path: PathBuf::from(&m.source),
+                read_only: m.read_only,
+            })
+            .collect();
+        cfg.run_as = rec
+            .mount_owner
+            .filter(|o| o.uid != rustix::process::geteuid().as_raw())
+            .map(|o| (o.uid, o.gid));
+        self.store
+            .record_resource(id, RES_PROCESS, &dir.display().to_string())
+            .await?;
+        let process = self.hv.launch(&cfg).await?;
+        let agent = AgentClient::connect_unix(&process.paths().agent)
+            .await
+            .map_err(|e| Error::unavailable(format!("agent socket of the fork: {e}")))?;
+        if let Err(e) = agent.wait_ready(Duration::from_secs(30)).await {
+            let _ = process.kill().await;
+            return Err(Error::unavailable(format!(
+                "the forked agent did not answer: {e}"
+            )));
+        }
+        crate::templates::fix_identity(&agent, &rec.name).await?;
+        let _ = std::fs::remove_file(&state);
+        write_memory_backing(&dir, &memory)?;
+        self.register_vm(id, process, agent, true);
+        Ok(())
+    }
+
     async fn resume_inner(
         self: &Arc<Self>,
         rec: &SandboxRecord,

@@ -73,6 +73,7 @@ impl Manager {
             .into_iter()
             .flatten()
             .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
             .filter(|e| e.path().join("ready").exists())
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
@@ -236,32 +237,37 @@ impl Manager {
                 "restored agent did not answer: {e}"
             )));
         }
-        // Identity: clock (which also reseeds the guest CRNG), hostname, machine-id.
-        agent
-            .set_time(SystemTime::now())
-            .await
-            .map_err(Manager::agent_error)?;
-        let machine_id = {
-            use rand::RngCore;
-            let mut b = [0u8; 16];
-            rand::rng().fill_bytes(&mut b);
-            hex::encode(b)
-        };
-        exec_ok(
-            &agent,
-            &[
-                "sh",
-                "-c",
-                "hostname \"$1\" && echo \"$1\" > /etc/hostname && echo \"$2\" > /etc/machine-id",
-                "identity",
-                &rec.name,
-                &machine_id,
-            ],
-        )
-        .await?;
+        fix_identity(&agent, &rec.name).await?;
         tracing::debug!(sandbox = %id, "restored from memory snapshot");
         Ok((vm, agent))
     }
+}
+
+/// Gives a guest restored from someone else's memory its own identity: the clock
+/// (SetTime, which also reseeds the guest CRNG), hostname and a fresh machine-id.
+pub(crate) async fn fix_identity(agent: &AgentClient, hostname: &str) -> Result<(), Error> {
+    agent
+        .set_time(SystemTime::now())
+        .await
+        .map_err(Manager::agent_error)?;
+    let machine_id = {
+        use rand::RngCore;
+        let mut b = [0u8; 16];
+        rand::rng().fill_bytes(&mut b);
+        hex::encode(b)
+    };
+    exec_ok(
+        agent,
+        &[
+            "sh",
+            "-c",
+            "hostname \"$1\" && echo \"$1\" > /etc/hostname && echo \"$2\" > /etc/machine-id",
+            "identity",
+            hostname,
+            &machine_id,
+        ],
+    )
+    .await
 }
 
 async fn exec_ok(agent: &AgentClient, argv: &[&str]) -> Result<(), Error> {

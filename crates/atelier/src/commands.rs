@@ -103,6 +103,14 @@ pub enum SandboxCmd {
         /// Id or name.
         sandbox: String,
     },
+    /// Fork a running sandbox into a new one continuing from the same memory and disk.
+    Fork {
+        /// Id or name of the running sandbox.
+        sandbox: String,
+        /// Name of the new sandbox.
+        #[arg(long)]
+        name: String,
+    },
     /// Start a stopped or failed sandbox.
     Start {
         /// Id or name.
@@ -335,6 +343,26 @@ pub async fn sandbox(g: &Global, cmd: SandboxCmd) -> anyhow::Result<u8> {
         }
         SandboxCmd::Pause { sandbox } => verb(g, &c, &sandbox, "pause").await,
         SandboxCmd::Resume { sandbox } => verb(g, &c, &sandbox, "resume").await,
+        SandboxCmd::Fork { sandbox, name } => {
+            let t = Instant::now();
+            let path = format!("/api/v1/sandboxes/{}/fork", enc(&sandbox));
+            let rb = c
+                .request(Method::POST, &path)
+                .json(&json!({ "name": name }));
+            let s: SandboxView = decode(c.send(rb).await?).await?;
+            if g.json {
+                print_json(&s)?
+            } else {
+                println!(
+                    "{}  {}  {}  forked in {:.2} s",
+                    s.id,
+                    s.name,
+                    state_str(&s),
+                    t.elapsed().as_secs_f64()
+                )
+            }
+            Ok(0)
+        }
         SandboxCmd::Start { sandbox, no_wait } => {
             let t = Instant::now();
             let path = format!(

@@ -112,6 +112,37 @@ fn restored_sandboxes_have_their_own_identity() {
     );
     assert!(out.contains("kept"));
 
+    // Fork: the copy starts with the source's files and running processes, gets its
+    // own identity, and the two diverge.
+    let fork = json(&srv.ok(&["--json", "sandbox", "fork", "r2", "--name", "r2-fork"]));
+    assert_eq!(fork["state"], "running");
+    let out = srv.ok(&[
+        "sandbox",
+        "exec",
+        "r2-fork",
+        "--",
+        "sh",
+        "-c",
+        "hostname; cat /tmp/f; cat /tmp/n; echo fork > /tmp/f",
+    ]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[..2], ["r2-fork", "kept"], "{out}");
+    let f1: u64 = lines[2].parse().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let f2: u64 = srv
+        .ok(&["sandbox", "exec", "r2-fork", "--", "cat", "/tmp/n"])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(f2 > f1, "the forked process runs on: {f1} -> {f2}");
+    assert_eq!(
+        srv.ok(&["sandbox", "exec", "r2", "--", "cat", "/tmp/f"])
+            .trim(),
+        "kept",
+        "source unaffected"
+    );
+    srv.ok(&["sandbox", "rm", "r2-fork"]);
+
     // A forced cold boot still works next to the template.
     let cold = json(&srv.ok(&[
         "--json", "sandbox", "create", "--name", "cold", "--memory", "512", "--cold",

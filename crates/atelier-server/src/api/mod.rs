@@ -113,7 +113,7 @@ async fn require_token(
     info(title = "Atelier API", description = "Self-hosted VM sandboxes for AI coding agents."),
     paths(
         sandboxes::list, sandboxes::create, sandboxes::show, sandboxes::delete,
-        sandboxes::start, sandboxes::stop, sandboxes::pause, sandboxes::resume, sandboxes::exec, sandboxes::upload,
+        sandboxes::start, sandboxes::stop, sandboxes::pause, sandboxes::resume, sandboxes::fork, sandboxes::exec, sandboxes::upload,
         sandboxes::download, sandboxes::logs, sandboxes::metrics,
         system::status, system::images,
     ),
@@ -153,6 +153,7 @@ pub fn router(state: AppState) -> Router {
         .route("/sandboxes/{id}/stop", post(sandboxes::stop))
         .route("/sandboxes/{id}/pause", post(sandboxes::pause))
         .route("/sandboxes/{id}/resume", post(sandboxes::resume))
+        .route("/sandboxes/{id}/fork", post(sandboxes::fork))
         .route("/sandboxes/{id}/exec", post(sandboxes::exec))
         .route(
             "/sandboxes/{id}/files",

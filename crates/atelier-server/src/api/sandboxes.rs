@@ -294,6 +294,28 @@ pub async fn resume(
     Ok(Json(SandboxView::new(&st.mgr, rec)))
 }
 
+/// Body of a fork request.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForkBody {
+    /// Name of the new sandbox.
+    pub name: String,
+}
+
+/// Fork a running sandbox into a new one that continues from the same memory,
+/// processes and disk (the source pauses only for the copy).
+#[utoipa::path(post, path = "/api/v1/sandboxes/{id}/fork", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id or name")), request_body = ForkBody,
+    responses((status = 201, body = SandboxView), (status = 409, body = ApiErrorBody)))]
+pub async fn fork(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<ForkBody>,
+) -> ApiResult<(StatusCode, Json<SandboxView>)> {
+    let rec = st.mgr.fork(&id, &body.name).await?;
+    Ok((StatusCode::CREATED, Json(SandboxView::new(&st.mgr, rec))))
+}
+
 /// Body of an exec request.
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
