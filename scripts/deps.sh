@@ -21,6 +21,9 @@ pkgs=(debootstrap xfsprogs e2fsprogs busybox-static cpio xz-utils zstd qemu-util
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 [ ${#missing[@]} -eq 0 ] || apt-get install -y -q "${missing[@]}"
+# The dev-base and agents images fetch Node, Bun, OpenCode, ... with the host's npm.
+# A Node.js from elsewhere (e.g. NodeSource) already brings npm; else Debian's.
+command -v npm >/dev/null || apt-get install -y -q npm
 if ! qemu-system-x86_64 --version 2>/dev/null | grep -qE 'version (9|[1-9][0-9])\.'; then
   apt-get install -y -q -t bookworm-backports qemu-system-x86
 fi

@@ -12,7 +12,7 @@ use crate::error::io_err;
 use crate::kernel::{self, Package};
 use crate::recipe::Recipe;
 use crate::store::{self, BuildDir, BuildLock, Image, ImageManifest};
-use crate::{ImageError, Progress, ProgressEvent, Step, TracingProgress, initramfs, rootfs};
+use crate::{ImageError, Progress, ProgressEvent, Step, TracingProgress, initramfs, npm, rootfs};
 
 /// Version of the build procedure; bump it whenever the output for the same inputs changes.
 pub const BUILDER_VERSION: u32 = 1;
@@ -192,6 +192,12 @@ pub fn build(opts: &BuildOptions) -> Result<Image, ImageError> {
             Ok((kfiles, guest_modules))
         })?;
 
+        if !recipe.npm.is_empty() {
+            step(progress, Step::Npm, || {
+                install_npm(recipe, &tree, &opts.cache_dir, progress)
+            })?;
+        }
+
         step(progress, Step::Configure, || {
             rootfs::configure(&tree, recipe, &agent)
         })?;
@@ -301,6 +307,42 @@ pub fn build(opts: &BuildOptions) -> Result<Image, ImageError> {
     })
 }
 
+/// Fetches (or reuses) each npm install of the recipe and copies it into the tree.
+fn install_npm(
+    recipe: &Recipe,
+    tree: &Path,
+    cache_dir: &Path,
+    progress: &dyn Progress,
+) -> Result<(), ImageError> {
+    let say = |text: &str| {
+        progress.event(&ProgressEvent::Message {
+            step: Step::Npm,
+            text,
+        })
+    };
+    let n = recipe.npm.len();
+    for (i, inst) in recipe.npm.iter().enumerate() {
+        let spec = inst.spec();
+        say(&format!("[{}/{n}] npm install {spec}", i + 1));
+        let on_line = |line: &str| say(&format!("[{}/{n}] {spec}: {line}", i + 1));
+        let t = Instant::now();
+        let (prefix, ran) = npm::fetch(inst, cache_dir, &on_line)?;
+        let bytes = npm::install(tree, inst, &prefix)?;
+        let how = if ran {
+            format!("fetched in {:.1}s", t.elapsed().as_secs_f64())
+        } else {
+            "cached".to_string()
+        };
+        say(&format!(
+            "[{}/{n}] {spec} ({how}): {} MiB into {}",
+            i + 1,
+            bytes >> 20,
+            inst.dest
+        ));
+    }
+    Ok(())
+}
+
 struct Prepared {
     agent_sha256: String,
     agent: Vec<u8>,
@@ -321,6 +363,9 @@ fn prepare(opts: &BuildOptions, recipe: &Recipe) -> Result<Prepared, ImageError>
         ("chroot", "coreutils"),
     ] {
         crate::cmd::require_tool(s, tool, pkg)?;
+    }
+    if !recipe.npm.is_empty() {
+        crate::cmd::require_tool(s, "npm", "npm")?;
     }
     if !rustix::process::geteuid().is_root() {
         return Err(ImageError::NotRoot);
@@ -406,7 +451,8 @@ fn keep_failed_log(cache_dir: &Path, id: &str, log: &Path) {
     }
 }
 
-/// Points an error's log path at the kept copy.
+/// Points an error's debootstrap log path at the kept copy (other logs, e.g. npm's
+/// under `cache_dir/npm/logs/`, stay where they are).
 fn relocate_log(e: ImageError, cache_dir: &Path, id: &str) -> ImageError {
     match e {
         ImageError::Command {
@@ -414,8 +460,8 @@ fn relocate_log(e: ImageError, cache_dir: &Path, id: &str) -> ImageError {
             command,
             status,
             stderr_tail,
-            log: Some(_),
-        } => ImageError::Command {
+            log: Some(log),
+        } if log.file_name().is_some_and(|n| n == "debootstrap.log") => ImageError::Command {
             step,
             command,
             status,

@@ -12,6 +12,8 @@ pub enum Step {
     Debootstrap,
     /// Downloading and unpacking the Debian cloud kernel, installing its modules.
     Kernel,
+    /// Fetching the recipe's npm packages on the host and copying them into the tree.
+    Npm,
     /// Installing the agent and the image's own files into the root tree.
     Configure,
     /// Writing the initramfs (busybox, root-device modules, `/init`).
@@ -24,10 +26,11 @@ pub enum Step {
 
 impl Step {
     /// Every step in build order.
-    pub const ALL: [Step; 7] = [
+    pub const ALL: [Step; 8] = [
         Step::Prepare,
         Step::Debootstrap,
         Step::Kernel,
+        Step::Npm,
         Step::Configure,
         Step::Initramfs,
         Step::RootfsImage,
@@ -40,6 +43,7 @@ impl Step {
             Step::Prepare => "prepare",
             Step::Debootstrap => "debootstrap",
             Step::Kernel => "kernel",
+            Step::Npm => "npm packages",
             Step::Configure => "configure",
             Step::Initramfs => "initramfs",
             Step::RootfsImage => "rootfs image",

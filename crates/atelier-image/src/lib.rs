@@ -17,6 +17,7 @@ mod cmdline;
 mod error;
 mod initramfs;
 mod kernel;
+mod npm;
 mod progress;
 mod recipe;
 mod rootfs;
@@ -26,7 +27,7 @@ pub use build::{BUILDER_VERSION, BuildOptions, DEFAULT_MIRROR, build};
 pub use cmdline::{host_tsc_khz, kernel_cmdline};
 pub use error::{ImageError, Step};
 pub use progress::{Progress, ProgressEvent, TracingProgress, indicatif_progress};
-pub use recipe::{ExtraFile, RECIPES, Recipe, recipe};
+pub use recipe::{ExtraFile, NpmBin, NpmInstall, NpmLayout, RECIPES, Recipe, recipe};
 pub use store::{
     INITRD_FILE, Image, ImageManifest, KERNEL_FILE, MANIFEST_FILE, ROOTFS_FILE, find, list, remove,
 };

@@ -133,7 +133,7 @@ pub enum SandboxCmd {
 pub enum ImageCmd {
     /// Build an image (cached by content hash; rebuilt only when inputs change).
     Build {
-        /// Recipe name (`minimal`).
+        /// Recipe name: `minimal` (tests), `dev-base` (git, build tools, Node 22, Bun, Python 3, OpenCode) or `agents` (dev-base + Claude Code, Gemini CLI, gh).
         name: String,
         /// Rebuild even if cached.
         #[arg(long)]

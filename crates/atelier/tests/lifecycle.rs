@@ -21,7 +21,7 @@ async fn sandbox_lifecycle_end_to_end() {
 
     // Create through the CLI; exit 0 only when ready.
     let created = json(&srv.ok(&[
-        "--json", "sandbox", "create", "--name", "demo", "--vcpus", "2", "--memory", "1024",
+        "--json", "sandbox", "create", "--name", "demo", "--vcpus", "2", "--memory", "2048",
     ]));
     assert_eq!(created["state"], "running");
     assert_eq!(created["vcpus"], 2);
