@@ -468,31 +468,7 @@ impl Manager {
                 .await?;
         }
 
-        let mut cfg = self.vm_config(
-            id.as_str(),
-            &dir,
-            image,
-            &rec.name,
-            &disk,
-            rec.memory_mib,
-            rec.vcpus,
-            accel,
-        );
-        cfg.shares = rec
-            .mounts
-            .iter()
-            .enumerate()
-            .map(|(i, m)| Share {
-                tag: format!("atl{i}"),
-                path: PathBuf::from(&m.source),
-                read_only: m.read_only,
-            })
-            .collect();
-        // Dropping to our own user is no drop (and QEMU refuses it).
-        cfg.run_as = rec
-            .mount_owner
-            .filter(|o| o.uid != rustix::process::geteuid().as_raw())
-            .map(|o| (o.uid, o.gid));
+        let cfg = self.sandbox_vm_config(&rec, image, accel);
         self.store
             .record_resource(id, RES_PROCESS, &dir.display().to_string())
             .await?;
@@ -583,6 +559,75 @@ impl Manager {
         .await
         .map_err(|e| Error::internal(e.to_string()))??;
         Ok(())
+    }
+
+    /// The VMM configuration of sandbox `rec`: its directory, disk, shape, shared
+    /// folders and the user the VMM runs as.
+    pub(crate) fn sandbox_vm_config(
+        &self,
+        rec: &SandboxRecord,
+        image: &atelier_image::Image,
+        accel: Accel,
+    ) -> VmConfig {
+        let dir = self.sandbox_dir(&rec.id);
+        let disk = self.pool.disk_path(rec.id.as_str());
+        let mut cfg = self.vm_config(
+            rec.id.as_str(),
+            &dir,
+            image,
+            &rec.name,
+            &disk,
+            rec.memory_mib,
+            rec.vcpus,
+            accel,
+        );
+        cfg.shares = rec
+            .mounts
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Share {
+                tag: format!("atl{i}"),
+                path: PathBuf::from(&m.source),
+                read_only: m.read_only,
+            })
+            .collect();
+        // Dropping to our own user is no drop (and QEMU refuses it).
+        cfg.run_as = rec
+            .mount_owner
+            .filter(|o| o.uid != rustix::process::geteuid().as_raw())
+            .map(|o| (o.uid, o.gid));
+        cfg
+    }
+
+    /// Journals and launches a VMM that restores saved state (`cfg.incoming`), and
+    /// waits for its agent; kills it when the agent does not answer.
+    pub(crate) async fn launch_restored(
+        &self,
+        id: &SandboxId,
+        cfg: &VmConfig,
+        timeout: Duration,
+        what: &str,
+    ) -> Result<(VmProcess, AgentClient), Error> {
+        self.store
+            .record_resource(id, RES_PROCESS, &cfg.run_dir.display().to_string())
+            .await?;
+        let process = self.hv.launch(cfg).await?;
+        let agent = match AgentClient::connect_unix(&process.paths().agent).await {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = process.kill().await;
+                return Err(Error::unavailable(format!(
+                    "agent socket of the {what} VM: {e}"
+                )));
+            }
+        };
+        if let Err(e) = agent.wait_ready(timeout).await {
+            let _ = process.kill().await;
+            return Err(Error::unavailable(format!(
+                "the {what} agent did not answer: {e}"
+            )));
+        }
+        Ok((process, agent))
     }
 
     /// The VMM configuration for booting `image` with `disk` in `run_dir`.
@@ -1087,48 +1132,15 @@ impl Manager {
         resumed?;
         let memory = read_memory_backing(&self.sandbox_dir(&src.id));
         let accel = self.accel(image).await.accel;
-        let mut cfg = self.vm_config(
-            id.as_str(),
-            &dir,
-            image,
-            &rec.name,
-            &disk,
-            rec.memory_mib,
-            rec.vcpus,
-            accel,
-        );
+        let mut cfg = self.sandbox_vm_config(rec, image, accel);
         cfg.memory = memory.clone();
         cfg.incoming = Some(atelier_vmm::Incoming {
             path: state.clone(),
             ignore_shared: false,
         });
-        cfg.shares = rec
-            .mounts
-            .iter()
-            .enumerate()
-            .map(|(i, m)| Share {
-                tag: format!("atl{i}"),
-                path: PathBuf::from(&m.source),
-                read_only: m.read_only,
-            })
-            .collect();
-        cfg.run_as = rec
-            .mount_owner
-            .filter(|o| o.uid != rustix::process::geteuid().as_raw())
-            .map(|o| (o.uid, o.gid));
-        self.store
-            .record_resource(id, RES_PROCESS, &dir.display().to_string())
+        let (process, agent) = self
+            .launch_restored(id, &cfg, Duration::from_secs(30), "forked")
             .await?;
-        let process = self.hv.launch(&cfg).await?;
-        let agent = AgentClient::connect_unix(&process.paths().agent)
-            .await
-            .map_err(|e| Error::unavailable(format!("agent socket of the fork: {e}")))?;
-        if let Err(e) = agent.wait_ready(Duration::from_secs(30)).await {
-            let _ = process.kill().await;
-            return Err(Error::unavailable(format!(
-                "the forked agent did not answer: {e}"
-            )));
-        }
         crate::templates::fix_identity(&agent, &rec.name).await?;
         let _ = std::fs::remove_file(&state);
         write_memory_backing(&dir, &memory)?;
@@ -1151,49 +1163,15 @@ impl Manager {
             )));
         }
         let accel = self.accel(image).await.accel;
-        let disk = self.pool.disk_path(id.as_str());
-        let mut cfg = self.vm_config(
-            id.as_str(),
-            &dir,
-            image,
-            &rec.name,
-            &disk,
-            rec.memory_mib,
-            rec.vcpus,
-            accel,
-        );
+        let mut cfg = self.sandbox_vm_config(rec, image, accel);
         cfg.memory = read_memory_backing(&dir);
         cfg.incoming = Some(atelier_vmm::Incoming {
             path: state.clone(),
             ignore_shared: false,
         });
-        cfg.shares = rec
-            .mounts
-            .iter()
-            .enumerate()
-            .map(|(i, m)| Share {
-                tag: format!("atl{i}"),
-                path: PathBuf::from(&m.source),
-                read_only: m.read_only,
-            })
-            .collect();
-        cfg.run_as = rec
-            .mount_owner
-            .filter(|o| o.uid != rustix::process::geteuid().as_raw())
-            .map(|o| (o.uid, o.gid));
-        self.store
-            .record_resource(id, RES_PROCESS, &dir.display().to_string())
+        let (process, agent) = self
+            .launch_restored(id, &cfg, Duration::from_secs(30), "resumed")
             .await?;
-        let process = self.hv.launch(&cfg).await?;
-        let agent = AgentClient::connect_unix(&process.paths().agent)
-            .await
-            .map_err(|e| Error::unavailable(format!("agent socket after resume: {e}")))?;
-        if let Err(e) = agent.wait_ready(Duration::from_secs(30)).await {
-            let _ = process.kill().await;
-            return Err(Error::unavailable(format!(
-                "the resumed agent did not answer: {e}"
-            )));
-        }
         agent
             .set_time(std::time::SystemTime::now())
             .await

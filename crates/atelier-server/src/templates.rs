@@ -227,16 +227,9 @@ impl Manager {
             path: t.state.clone(),
             ignore_shared: true,
         });
-        let vm = self.hv.launch(&cfg).await?;
-        let agent = AgentClient::connect_unix(&vm.paths().agent)
-            .await
-            .map_err(|e| Error::unavailable(format!("agent socket after restore: {e}")))?;
-        if let Err(e) = agent.wait_ready(Duration::from_secs(15)).await {
-            let _ = vm.kill().await;
-            return Err(Error::unavailable(format!(
-                "restored agent did not answer: {e}"
-            )));
-        }
+        let (vm, agent) = self
+            .launch_restored(id, &cfg, Duration::from_secs(15), "restored")
+            .await?;
         fix_identity(&agent, &rec.name).await?;
         tracing::debug!(sandbox = %id, "restored from memory snapshot");
         Ok((vm, agent))
