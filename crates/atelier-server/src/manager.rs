@@ -900,25 +900,14 @@ async fn mount_share(
         "trans=virtio,version=9p2000.L,msize=262144"
     };
     let script = "modprobe -q 9pnet_virtio 2>/dev/null; modprobe -q 9p 2>/dev/null; mkdir -p \"$2\" && mount -t 9p -o \"$3\" \"$1\" \"$2\"";
-    let req =
-        atelier_agent_proto::ExecRequest::new(["sh", "-c", script, "mount", tag, &m.target, opts])
-            .timeout(Duration::from_secs(60));
-    let out = agent
-        .exec(req)
+    crate::templates::exec_ok(agent, &["sh", "-c", script, "mount", tag, &m.target, opts])
         .await
-        .map_err(Manager::agent_error)?
-        .wait()
-        .await
-        .map_err(Manager::agent_error)?;
-    if !out.success() {
-        return Err(Error::internal(format!(
-            "mounting {} at {} in the guest failed: {}",
-            m.source,
-            m.target,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
+        .map_err(|e| {
+            Error::internal(format!(
+                "mounting {} at {} in the guest failed: {e}",
+                m.source, m.target
+            ))
+        })
 }
 
 /// Records how a sandbox's RAM is backed (`vm-memory` in its directory): a paused
@@ -940,6 +929,23 @@ fn read_memory_backing(dir: &Path) -> MemoryBacking {
 }
 
 impl Manager {
+    /// The VM of a sandbox that must be running for an operation (`done` names it:
+    /// "paused", "forked"); a conflict or unavailable error otherwise.
+    fn running_vm(&self, rec: &SandboxRecord, done: &str) -> Result<Arc<RunningVm>, Error> {
+        if rec.state != SandboxState::Running {
+            return Err(Error::conflict(format!(
+                "sandbox {} is {}; only a running sandbox can be {done}",
+                rec.name, rec.state
+            )));
+        }
+        self.vm(&rec.id).ok_or_else(|| {
+            Error::unavailable(format!(
+                "sandbox {} has no connected VM yet; retry shortly",
+                rec.name
+            ))
+        })
+    }
+
     /// Pauses a running sandbox: saves its memory and device state to its directory
     /// and stops the VMM, freeing the host memory. The disk is kept.
     pub async fn pause(self: &Arc<Self>, id_or_name: &str) -> Result<SandboxRecord, Error> {
@@ -949,18 +955,7 @@ impl Manager {
         if rec.state == SandboxState::Paused {
             return Ok(rec);
         }
-        if rec.state != SandboxState::Running {
-            return Err(Error::conflict(format!(
-                "sandbox {} is {}; only a running sandbox can be paused",
-                rec.name, rec.state
-            )));
-        }
-        let vm = self.vm(&rec.id).ok_or_else(|| {
-            Error::unavailable(format!(
-                "sandbox {} has no connected VM yet; retry shortly",
-                rec.name
-            ))
-        })?;
+        let vm = self.running_vm(&rec, "paused")?;
         let dir = self.sandbox_dir(&rec.id);
         let state = dir.join("paused.state");
         let saved = atelier_vmm::save_full_state(&vm.process, &state).await;
@@ -1041,18 +1036,7 @@ impl Manager {
         let src = self.get(id_or_name).await?;
         let _src_guard = self.lock(&src.id).await;
         let src = self.store.get_sandbox(&src.id).await?;
-        if src.state != SandboxState::Running {
-            return Err(Error::conflict(format!(
-                "sandbox {} is {}; only a running sandbox can be forked",
-                src.name, src.state
-            )));
-        }
-        let vm = self.vm(&src.id).ok_or_else(|| {
-            Error::unavailable(format!(
-                "sandbox {} has no connected VM yet; retry shortly",
-                src.name
-            ))
-        })?;
+        let vm = self.running_vm(&src, "forked")?;
         let image = self.image(&src.image)?;
         let now = now_ms();
         let rec = SandboxRecord {

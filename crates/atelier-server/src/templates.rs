@@ -263,7 +263,8 @@ pub(crate) async fn fix_identity(agent: &AgentClient, hostname: &str) -> Result<
     .await
 }
 
-async fn exec_ok(agent: &AgentClient, argv: &[&str]) -> Result<(), Error> {
+/// Runs a command in the guest and fails with its stderr unless it exits 0.
+pub(crate) async fn exec_ok(agent: &AgentClient, argv: &[&str]) -> Result<(), Error> {
     let out = agent
         .exec(ExecRequest::new(argv.iter().copied()).timeout(Duration::from_secs(60)))
         .await
