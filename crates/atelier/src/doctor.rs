@@ -175,10 +175,8 @@ pub async fn run(g: &Global) -> anyhow::Result<u8> {
             .then(|| "atelier image build minimal".into()),
     });
 
-    let agent = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|d| d.join("atelier-agent")));
-    let agent_ok = agent.as_ref().is_some_and(|a| a.exists());
+    let agent = crate::default_agent_binary();
+    let agent_ok = agent.is_some();
     checks.push(Check {
         name: "guest agent",
         ok: agent_ok,
