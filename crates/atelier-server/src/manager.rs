@@ -248,6 +248,18 @@ impl Manager {
         m.lock_owned().await
     }
 
+    /// Finds a live sandbox, takes its lock and reads it again under the lock (its
+    /// state may have changed while we waited).
+    async fn locked(
+        &self,
+        id_or_name: &str,
+    ) -> Result<(OwnedMutexGuard<()>, SandboxRecord), Error> {
+        let rec = self.get(id_or_name).await?;
+        let guard = self.lock(&rec.id).await;
+        let rec = self.store.get_sandbox(&rec.id).await?;
+        Ok((guard, rec))
+    }
+
     pub(crate) fn try_lock(&self, id: &SandboxId) -> Option<OwnedMutexGuard<()>> {
         let m = Arc::clone(lock_map(&self.locks).entry(id.clone()).or_default());
         m.try_lock_owned().ok()
@@ -361,9 +373,7 @@ impl Manager {
         id_or_name: &str,
         wait: bool,
     ) -> Result<SandboxRecord, Error> {
-        let rec = self.get(id_or_name).await?;
-        let guard = self.lock(&rec.id).await;
-        let rec = self.store.get_sandbox(&rec.id).await?;
+        let (guard, rec) = self.locked(id_or_name).await?;
         if !matches!(rec.state, SandboxState::Stopped | SandboxState::Failed) {
             return Err(Error::conflict(format!(
                 "sandbox {} is {}; only a stopped or failed sandbox can be started",
@@ -729,9 +739,7 @@ impl Manager {
     /// Stops a running sandbox: asks the agent to power off, then QEMU to quit, then
     /// kills it. The disk is kept.
     pub async fn stop(self: &Arc<Self>, id_or_name: &str) -> Result<SandboxRecord, Error> {
-        let rec = self.get(id_or_name).await?;
-        let _guard = self.lock(&rec.id).await;
-        let rec = self.store.get_sandbox(&rec.id).await?;
+        let (_guard, rec) = self.locked(id_or_name).await?;
         if rec.state == SandboxState::Stopped {
             return Ok(rec);
         }
@@ -765,9 +773,7 @@ impl Manager {
 
     /// Deletes a sandbox in any state, reclaiming everything it holds on the host.
     pub async fn delete(self: &Arc<Self>, id_or_name: &str) -> Result<SandboxRecord, Error> {
-        let rec = self.get(id_or_name).await?;
-        let _guard = self.lock(&rec.id).await;
-        let rec = self.store.get_sandbox(&rec.id).await?;
+        let (_guard, rec) = self.locked(id_or_name).await?;
         if rec.state == SandboxState::Deleted {
             return Err(Error::not_found(format!("sandbox {id_or_name} not found")));
         }
@@ -949,9 +955,7 @@ impl Manager {
     /// Pauses a running sandbox: saves its memory and device state to its directory
     /// and stops the VMM, freeing the host memory. The disk is kept.
     pub async fn pause(self: &Arc<Self>, id_or_name: &str) -> Result<SandboxRecord, Error> {
-        let rec = self.get(id_or_name).await?;
-        let _guard = self.lock(&rec.id).await;
-        let rec = self.store.get_sandbox(&rec.id).await?;
+        let (_guard, rec) = self.locked(id_or_name).await?;
         if rec.state == SandboxState::Paused {
             return Ok(rec);
         }
@@ -982,9 +986,7 @@ impl Manager {
     /// Resumes a paused sandbox exactly where it was (processes, memory, clock set
     /// to now).
     pub async fn resume(self: &Arc<Self>, id_or_name: &str) -> Result<SandboxRecord, Error> {
-        let rec = self.get(id_or_name).await?;
-        let _guard = self.lock(&rec.id).await;
-        let rec = self.store.get_sandbox(&rec.id).await?;
+        let (_guard, rec) = self.locked(id_or_name).await?;
         if rec.state != SandboxState::Paused {
             return Err(Error::conflict(format!(
                 "sandbox {} is {}; only a paused sandbox can be resumed",
@@ -1033,9 +1035,7 @@ impl Manager {
         name: &str,
     ) -> Result<SandboxRecord, Error> {
         atelier_core::validate_name(name)?;
-        let src = self.get(id_or_name).await?;
-        let _src_guard = self.lock(&src.id).await;
-        let src = self.store.get_sandbox(&src.id).await?;
+        let (_src_guard, src) = self.locked(id_or_name).await?;
         let vm = self.running_vm(&src, "forked")?;
         let image = self.image(&src.image)?;
         let now = now_ms();

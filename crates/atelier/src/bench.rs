@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 
 use crate::Global;
 use crate::client::{Client, decode};
-use crate::commands::BenchArgs;
+use crate::commands::{BenchArgs, enc};
 
 /// Cold boots timed for the create → ready figure.
 const COLD_BOOTS: usize = 3;
@@ -395,17 +395,6 @@ fn skip(cx: &mut Ctx<'_>, step: &str) {
     let why = "skipped: the manager's data dir is not on this host (set --data-dir / ATELIER_DATA_DIR to the manager's)";
     progress(format!("      {step} {why}"));
     cx.report.problems.insert(step.into(), why.into());
-}
-
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 async fn create(

@@ -125,6 +125,16 @@ impl Client {
     }
 }
 
+/// The CLI's exit code for a guest program that exited with `code` or was killed
+/// by `signal` (128 + signal, as shells do).
+pub fn exit_status(code: Option<i32>, signal: Option<i32>) -> u8 {
+    match (code, signal) {
+        (Some(c), _) => c as u8,
+        (None, Some(s)) => 128u8.wrapping_add(s as u8),
+        _ => 1,
+    }
+}
+
 /// Decodes a JSON response body.
 pub async fn decode<T: serde::de::DeserializeOwned>(resp: Response) -> anyhow::Result<T> {
     let bytes = resp

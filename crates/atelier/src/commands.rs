@@ -205,7 +205,8 @@ fn state_str(s: &SandboxView) -> String {
         .unwrap_or_default()
 }
 
-fn enc(s: &str) -> String {
+/// Percent-encodes a path segment or query value.
+pub(crate) fn enc(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
@@ -510,11 +511,7 @@ async fn exec(
                     if timed_out {
                         eprintln!("atelier: command timed out and was killed");
                     }
-                    return Ok(match (code, signal) {
-                        (Some(c), _) => c as u8,
-                        (None, Some(s)) => 128u8.wrapping_add(s as u8),
-                        _ => 1,
-                    });
+                    return Ok(crate::client::exit_status(code, signal));
                 }
                 ExecEventView::Error { message } => {
                     return Err(CliError::error(

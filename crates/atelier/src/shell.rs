@@ -334,11 +334,7 @@ async fn attach(
                 Some(Ok(Message::Binary(b))) => { out.write_all(&b)?; out.flush()?; }
                 Some(Ok(Message::Text(t))) => match serde_json::from_str::<PtyServerMessage>(&t) {
                     Ok(PtyServerMessage::Exit { code, signal }) => {
-                        return Ok(match (code, signal) {
-                            (Some(c), _) => c as u8,
-                            (None, Some(s)) => 128u8.wrapping_add(s as u8),
-                            _ => 1,
-                        });
+                        return Ok(crate::client::exit_status(code, signal));
                     }
                     Ok(PtyServerMessage::Error { message }) => {
                         return Err(CliError::error(ErrorKind::Unavailable, message));
