@@ -20,11 +20,13 @@ use tokio::net::UnixStream;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::dev::{DevSpec, DevStatus};
 use crate::error::ProtoError;
 use crate::frame::{FrameReader, SYNC_PREAMBLE_LEN, encode_frame};
 use crate::message::{
     ExecEvent, ExecRequest, GuestMessage, Hello, HostMessage, Metrics, PtyEvent, PtyRequest,
 };
+use crate::net::NetConfig;
 use crate::{EXEC_CHUNK_LEN, FILE_CHUNK_LEN, NO_REQUEST, PROTOCOL_VERSION, STREAM_WINDOW};
 
 type Reply = Result<GuestMessage, ProtoError>;
@@ -299,11 +301,12 @@ impl Inner {
                 PtyEvent::Started { .. } => self.deliver(id, msg, false),
                 PtyEvent::Exit { .. } => self.deliver(id, msg, true),
             },
-            GuestMessage::FileChunk { id, ref data } => {
+            GuestMessage::FileChunk { id, ref data } | GuestMessage::DevLog { id, ref data } => {
                 let len = data.len();
                 self.on_data(id, len, msg)
             }
             GuestMessage::Pong { id }
+            | GuestMessage::DevList { id, .. }
             | GuestMessage::FileEnd { id, .. }
             | GuestMessage::WriteDone { id, .. }
             | GuestMessage::Metrics { id, .. }
@@ -717,6 +720,94 @@ impl AgentClient {
     }
 }
 
+/// Dev commands and network configuration.
+impl AgentClient {
+    /// Starts dev command `spec.name` and returns once it is spawned. A dev command of
+    /// that name is stopped first (SIGTERM, SIGKILL after the grace period) and replaced;
+    /// its log continues in a fresh file (the previous runs rotate to `.1` and `.2`).
+    pub async fn dev_start(&self, spec: DevSpec) -> Result<(), ProtoError> {
+        const OP: &str = "dev_start";
+        match self
+            .request(OP, |id| HostMessage::DevStart { id, spec })
+            .await?
+        {
+            GuestMessage::Done { .. } => Ok(()),
+            other => Err(reply_error(OP, other)),
+        }
+    }
+
+    /// Stops dev command `name` (its whole process group) and returns once it is gone.
+    /// It stays listed as [`DevState::Stopped`](crate::DevState::Stopped), its log
+    /// readable, until a `dev_start` of that name replaces it.
+    pub async fn dev_stop(&self, name: &str) -> Result<(), ProtoError> {
+        const OP: &str = "dev_stop";
+        match self
+            .request(OP, |id| HostMessage::DevStop {
+                id,
+                name: name.to_owned(),
+            })
+            .await?
+        {
+            GuestMessage::Done { .. } => Ok(()),
+            other => Err(reply_error(OP, other)),
+        }
+    }
+
+    /// Status of every dev command, sorted by name.
+    pub async fn dev_list(&self) -> Result<Vec<DevStatus>, ProtoError> {
+        const OP: &str = "dev_list";
+        match self.request(OP, |id| HostMessage::DevList { id }).await? {
+            GuestMessage::DevList { items, .. } => Ok(items),
+            other => Err(reply_error(OP, other)),
+        }
+    }
+
+    /// Streams the log of dev command `name`, starting `tail_bytes` before its end
+    /// (`u64::MAX`: all of it). Without `follow` the stream ends at the current end;
+    /// with it, it goes on with new output until dropped, or until the command is
+    /// replaced by a `dev_start`. Errors of the agent (an unknown name) arrive as the
+    /// first item. Dropping the stream cancels it in the agent.
+    pub async fn dev_logs(
+        &self,
+        name: &str,
+        follow: bool,
+        tail_bytes: u64,
+    ) -> Result<DevLogStream, ProtoError> {
+        let mut reg = self.inner.register("dev_logs", true, false)?;
+        reg.guard.cancel_on_drop = true;
+        self.inner
+            .send_data(&HostMessage::DevLogs {
+                id: reg.id,
+                name: name.to_owned(),
+                follow,
+                tail_bytes,
+            })
+            .await?;
+        Ok(DevLogStream {
+            id: reg.id,
+            rx: reg.rx,
+            inbound: reg.inbound,
+            done: false,
+            guard: reg.guard,
+            client: self.clone(),
+        })
+    }
+
+    /// Configures the guest's network interface: MAC, IPv4 address, default route,
+    /// name servers (and hostname). Idempotent: each call replaces the previous setup,
+    /// so send it after every boot and after every restore of a memory snapshot.
+    pub async fn net_config(&self, cfg: NetConfig) -> Result<(), ProtoError> {
+        const OP: &str = "net_config";
+        match self
+            .request(OP, |id| HostMessage::NetConfig { id, cfg })
+            .await?
+        {
+            GuestMessage::Done { .. } => Ok(()),
+            other => Err(reply_error(OP, other)),
+        }
+    }
+}
+
 async fn read_full(
     reader: &mut (impl AsyncRead + Unpin),
     buf: &mut [u8],
@@ -976,6 +1067,75 @@ impl Stream for ReadFileStream {
         if let Some(first) = self.first.take() {
             return Poll::Ready(self.handle(Ok(first)));
         }
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(item)) => Poll::Ready(self.handle(item)),
+            Poll::Ready(None) => {
+                self.done = true;
+                let err = self.client.inner.disconnected();
+                Poll::Ready(Some(Err(err)))
+            }
+        }
+    }
+}
+
+/// The log of a dev command (see [`AgentClient::dev_logs`]); dropping it before its end
+/// cancels the stream in the agent.
+pub struct DevLogStream {
+    id: u64,
+    rx: mpsc::UnboundedReceiver<Reply>,
+    inbound: Arc<AtomicU64>,
+    done: bool,
+    guard: PendingGuard,
+    client: AgentClient,
+}
+
+impl DevLogStream {
+    /// The request id of this stream.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn handle(&mut self, item: Reply) -> Option<Result<Bytes, ProtoError>> {
+        let msg = match item {
+            Ok(msg) => msg,
+            Err(e) => {
+                self.done = true;
+                return Some(Err(e));
+            }
+        };
+        match msg {
+            GuestMessage::DevLog { data, .. } => {
+                let len = data.len();
+                self.inbound.fetch_sub(len as u64, Ordering::AcqRel);
+                // len <= MAX_FRAME_LEN, fits u32.
+                let _ = self.client.inner.send_ctl(&HostMessage::Credit {
+                    id: self.id,
+                    bytes: len as u32,
+                });
+                Some(Ok(Bytes::from(data)))
+            }
+            GuestMessage::Done { .. } => {
+                self.done = true;
+                self.guard.cancel_on_drop = false;
+                None
+            }
+            other => {
+                self.done = true;
+                self.guard.cancel_on_drop = false;
+                Some(Err(reply_error("dev_logs", other)))
+            }
+        }
+    }
+}
+
+impl Stream for DevLogStream {
+    type Item = Result<Bytes, ProtoError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if self.done {
             return Poll::Ready(None);
         }

@@ -13,9 +13,16 @@
 //! [`AgentClient::pty`] wraps this as a [`PtySession`] that splits into a
 //! [`PtyReader`] and a cloneable [`PtyWriter`].
 //!
+//! Dev commands: [`HostMessage::DevStart`] / [`HostMessage::DevStop`] /
+//! [`HostMessage::DevList`] / [`HostMessage::DevLogs`] manage long-running commands the
+//! agent supervises ([`DevSpec`], [`DevStatus`]); [`AgentClient::dev_start`] and friends
+//! wrap them. Network: [`HostMessage::NetConfig`] ([`NetConfig`]) sets the guest's MAC,
+//! IPv4 address, default route and name servers, after every boot and restore.
+//!
 //! Flow control: every byte stream (exec output, exec stdin, file chunks, PTY output
-//! and input) is credit-based with a window of [`STREAM_WINDOW`] bytes per request, so
-//! neither side buffers unboundedly and a slow consumer never blocks other requests.
+//! and input, dev command logs) is credit-based with a window of [`STREAM_WINDOW`]
+//! bytes per request, so neither side buffers unboundedly and a slow consumer never
+//! blocks other requests.
 //!
 //! This crate must not depend on any other Atelier crate: the guest agent links it
 //! statically and it has to stay small.
@@ -23,20 +30,24 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod dev;
 pub mod error;
 pub mod frame;
 pub mod message;
+pub mod net;
 
 pub use client::{
-    AgentClient, ExecHandle, ExecOutput, ExecStdin, PtyReader, PtySession, PtyWriter,
+    AgentClient, DevLogStream, ExecHandle, ExecOutput, ExecStdin, PtyReader, PtySession, PtyWriter,
     ReadFileStream,
 };
+pub use dev::{DEV_NAME_MAX, DevSpec, DevState, DevStatus, RestartPolicy, valid_dev_name};
 pub use error::{FrameError, ProtoError};
 pub use frame::{FrameDecoder, FrameReader, encode_frame};
 pub use message::{
     CpuTimes, DEFAULT_TERM, ErrorKind, ExecEvent, ExecRequest, GuestMessage, Hello, HostMessage,
     Metrics, PtyEvent, PtyRequest,
 };
+pub use net::NetConfig;
 
 /// Version of the wire protocol; a [`Hello`] with another version is refused by the host.
 pub const PROTOCOL_VERSION: u32 = 1;

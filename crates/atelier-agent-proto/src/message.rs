@@ -5,6 +5,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::dev::{DevSpec, DevStatus};
+use crate::net::NetConfig;
+
 /// Sent by the agent whenever it (re)starts, and in reply to [`HostMessage::Hello`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
@@ -412,6 +415,50 @@ pub enum HostMessage {
         /// Width in character cells.
         cols: u16,
     },
+    /// Starts dev command `spec.name`, replacing (stopping first) one of that name;
+    /// answered by `Done` once it is spawned, or `Error`.
+    DevStart {
+        /// Request id.
+        id: u64,
+        /// What to run.
+        spec: DevSpec,
+    },
+    /// Stops dev command `name` (SIGTERM to its process group, SIGKILL after a grace
+    /// period) without restarting it; answered by `Done`, or `Error` (`NotFound`).
+    DevStop {
+        /// Request id.
+        id: u64,
+        /// Dev command name.
+        name: String,
+    },
+    /// Lists the dev commands; answered by [`GuestMessage::DevList`].
+    DevList {
+        /// Request id.
+        id: u64,
+    },
+    /// Streams the log of dev command `name` as [`GuestMessage::DevLog`] chunks (each
+    /// needs a credit). Without `follow` it ends with `Done`; with it, new output keeps
+    /// coming until the host sends `Cancel` (no reply) or the command is replaced by a
+    /// `DevStart` (then `Done`).
+    DevLogs {
+        /// Request id.
+        id: u64,
+        /// Dev command name.
+        name: String,
+        /// Keep streaming new output.
+        follow: bool,
+        /// Start this many bytes before the end of the log (across rotated files);
+        /// `u64::MAX` for all of it, 0 for only new output.
+        tail_bytes: u64,
+    },
+    /// Configures the guest's network interface (idempotent; replaces any earlier
+    /// configuration); answered by `Done` or `Error`.
+    NetConfig {
+        /// Request id.
+        id: u64,
+        /// The configuration.
+        cfg: NetConfig,
+    },
 }
 
 /// Messages from the guest agent to the host.
@@ -468,7 +515,8 @@ pub enum GuestMessage {
         /// The sample.
         metrics: Metrics,
     },
-    /// Generic acknowledgement (`Shutdown`, `SetTime`).
+    /// Generic acknowledgement (`Shutdown`, `SetTime`, `DevStart`, `DevStop`, `NetConfig`,
+    /// the end of `DevLogs`).
     Done {
         /// Request id.
         id: u64,
@@ -489,11 +537,27 @@ pub enum GuestMessage {
         /// The event.
         event: PtyEvent,
     },
+    /// Answer to `DevList`: every dev command the agent knows, sorted by name.
+    DevList {
+        /// Request id.
+        id: u64,
+        /// Their status.
+        items: Vec<DevStatus>,
+    },
+    /// A piece of a dev command's log (needs a credit).
+    DevLog {
+        /// Request id of the `DevLogs`.
+        id: u64,
+        /// Log bytes, as the command wrote them.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dev::{DevState, RestartPolicy};
 
     fn host_samples() -> Vec<HostMessage> {
         vec![
@@ -560,6 +624,44 @@ mod tests {
                 id: 8,
                 rows: 40,
                 cols: 132,
+            },
+            HostMessage::DevStart {
+                id: 10,
+                spec: DevSpec::new("web", "npm run dev")
+                    .cwd("/work")
+                    .env("PORT", "3000")
+                    .port(3000)
+                    .restart(RestartPolicy::Always),
+            },
+            HostMessage::DevStart {
+                id: 11,
+                spec: DevSpec::new("w", "true").restart(RestartPolicy::Never),
+            },
+            HostMessage::DevStart {
+                id: 12,
+                spec: DevSpec::new("x", "y"),
+            },
+            HostMessage::DevStop {
+                id: 13,
+                name: "web".into(),
+            },
+            HostMessage::DevList { id: 14 },
+            HostMessage::DevLogs {
+                id: 15,
+                name: "web".into(),
+                follow: true,
+                tail_bytes: 4096,
+            },
+            HostMessage::NetConfig {
+                id: 16,
+                cfg: NetConfig {
+                    mac: [0x02, 0xa7, 0, 0, 0, 1],
+                    address: [10, 0, 0, 2],
+                    prefix_len: 24,
+                    gateway: [10, 0, 0, 1],
+                    dns: vec![[10, 0, 0, 1], [1, 1, 1, 1]],
+                    hostname: Some("sbx".into()),
+                },
             },
         ]
     }
@@ -658,6 +760,59 @@ mod tests {
                     signal: Some(1),
                 },
             },
+            GuestMessage::DevList {
+                id: 14,
+                items: vec![
+                    DevStatus {
+                        name: "web".into(),
+                        command: "npm run dev".into(),
+                        port: Some(3000),
+                        state: DevState::Running,
+                        pid: Some(500),
+                        restarts: 2,
+                        last_exit: Some(-9),
+                        listening: true,
+                        uptime_secs: 61,
+                    },
+                    DevStatus {
+                        name: "a".into(),
+                        command: "b".into(),
+                        port: None,
+                        state: DevState::Starting,
+                        pid: None,
+                        restarts: 0,
+                        last_exit: None,
+                        listening: false,
+                        uptime_secs: 0,
+                    },
+                ],
+            },
+            GuestMessage::DevList {
+                id: 14,
+                items: [
+                    DevState::Restarting,
+                    DevState::Exited,
+                    DevState::Stopped,
+                    DevState::Failed,
+                ]
+                .into_iter()
+                .map(|state| DevStatus {
+                    name: "s".into(),
+                    command: "c".into(),
+                    port: None,
+                    state,
+                    pid: None,
+                    restarts: 0,
+                    last_exit: Some(1),
+                    listening: false,
+                    uptime_secs: 0,
+                })
+                .collect(),
+            },
+            GuestMessage::DevLog {
+                id: 15,
+                data: b"listening\n".to_vec(),
+            },
         ]
     }
 
@@ -684,6 +839,14 @@ mod tests {
         "0e0900000032c8010e787465726d2d323536636f6c6f72",
         "0f080303710d",
         "1008288401",
+        // Dev commands and network configuration (appended; earlier encodings unchanged).
+        "110a037765620b6e706d2072756e2064657601052f776f726b0104504f5254043330303001b81700",
+        "110b0177047472756500000002",
+        "110c0178017900000001",
+        "120d03776562",
+        "130e",
+        "140f03776562018020",
+        "151002a7000000010a000002180a000001020a000001010101010103736278",
     ];
     const GUEST_SNAPSHOT: &[&str] = &[
         "000105302e312e3004623030742a",
@@ -706,6 +869,11 @@ mod tests {
         "0a0801051b5b482420",
         "0a0802010e00",
         "0a0902000102",
+        // Dev commands (appended; earlier encodings unchanged).
+        "0b0e02037765620b6e706d2072756e2064657601b8170101f403020111013d0161016200000000000000",
+        "0b0e0401730163000200000102000001730163000300000102000001730163000400000102000001730163\
+         0005000001020000",
+        "0c0f0a6c697374656e696e670a",
     ];
 
     fn encode_all<T: Serialize>(msgs: &[T]) -> Vec<String> {
@@ -746,7 +914,7 @@ mod tests {
     #[test]
     fn samples_cover_every_variant() {
         // Exhaustive matches: adding a variant without a sample fails to compile.
-        let mut host_seen = [false; 17];
+        let mut host_seen = [false; 22];
         for m in host_samples() {
             let i = match m {
                 HostMessage::Hello { .. } => 0,
@@ -766,11 +934,16 @@ mod tests {
                 HostMessage::Pty { .. } => 14,
                 HostMessage::PtyInput { .. } => 15,
                 HostMessage::PtyResize { .. } => 16,
+                HostMessage::DevStart { .. } => 17,
+                HostMessage::DevStop { .. } => 18,
+                HostMessage::DevList { .. } => 19,
+                HostMessage::DevLogs { .. } => 20,
+                HostMessage::NetConfig { .. } => 21,
             };
             host_seen[i] = true;
         }
         assert!(host_seen.iter().all(|s| *s));
-        let mut guest_seen = [false; 16];
+        let mut guest_seen = [false; 23];
         for m in guest_samples() {
             let i = match m {
                 GuestMessage::Hello(_) => 0,
@@ -801,6 +974,21 @@ mod tests {
                     PtyEvent::Output(_) => 14,
                     PtyEvent::Exit { .. } => 15,
                 },
+                GuestMessage::DevList { items, .. } => {
+                    for item in items {
+                        let j = match item.state {
+                            DevState::Starting => 16,
+                            DevState::Running => 17,
+                            DevState::Restarting => 18,
+                            DevState::Exited => 19,
+                            DevState::Stopped => 20,
+                            DevState::Failed => 21,
+                        };
+                        guest_seen[j] = true;
+                    }
+                    continue;
+                }
+                GuestMessage::DevLog { .. } => 22,
             };
             guest_seen[i] = true;
         }

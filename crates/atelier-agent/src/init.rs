@@ -109,16 +109,19 @@ fn setup_system() {
     if let Err(e) = sys::loopback_up() {
         log!("{e}");
     }
-    // Entropy from the host (virtio-rng): without udev nothing loads the driver, and
-    // without it the guest CRNG may not be initialised when a memory snapshot is
-    // taken, so clones restored from it could not be reseeded apart.
-    match std::process::Command::new("/sbin/modprobe")
-        .args(["-q", "virtio_rng"])
-        .status()
-    {
-        Ok(s) if s.success() => {}
-        Ok(s) => log!("modprobe virtio_rng: {s}"),
-        Err(e) => log!("modprobe virtio_rng: {e}"),
+    // Without udev nothing loads drivers. Entropy from the host (virtio-rng): without
+    // it the guest CRNG may not be initialised when a memory snapshot is taken, so
+    // clones restored from it could not be reseeded apart. The NIC (virtio-net): loaded
+    // at boot so memory snapshots already have it when the host sends NetConfig.
+    for module in ["virtio_rng", "virtio_net"] {
+        match std::process::Command::new("/sbin/modprobe")
+            .args(["-q", module])
+            .status()
+        {
+            Ok(s) if s.success() => {}
+            Ok(s) => log!("modprobe {module}: {s}"),
+            Err(e) => log!("modprobe {module}: {e}"),
+        }
     }
 }
 

@@ -4,22 +4,28 @@
 //! hostname, loopback), supervises the worker (`atelier-agent serve`), reaps zombies
 //! and powers off cleanly on SIGTERM/SIGINT. The worker serves the control channel
 //! (`atelier-agent-proto`) on the virtio-serial port named [`PORT_NAME`]: exec, files,
-//! interactive PTY sessions (`pty`), metrics, shutdown.
+//! interactive PTY sessions (`pty`), supervised dev commands (`dev`, `devlog`), the
+//! guest's network setup (`net`), metrics, shutdown.
 //!
 //! Build (static, no NSS/dlopen; `ldd` reports "statically linked"):
 //! `RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target x86_64-unknown-linux-gnu -p atelier-agent`
 //!
 //! It is linked statically and must stay small: it depends only on the protocol crate,
-//! tokio, rustix and libc, and nothing that needs NSS or dlopen.
+//! tokio, futures, rustix, libc and rtnetlink (netlink sockets, no iproute2), and
+//! nothing that needs NSS or dlopen.
 //!
 //! [`PORT_NAME`]: atelier_agent_proto::PORT_NAME
 
 #[macro_use]
 mod log;
+mod dev;
+mod devlog;
 mod exec;
 mod files;
 mod init;
 mod metrics;
+mod net;
+mod paths;
 mod pty;
 mod serve;
 mod sys;

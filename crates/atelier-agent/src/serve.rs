@@ -2,7 +2,8 @@
 //!
 //! The dispatcher never blocks on a request: exec, file and metrics work runs in
 //! tasks; stream data from the host goes to per-request unbounded queues whose size
-//! the credit window bounds.
+//! the credit window bounds. Dev commands (`dev`) and their logs (`devlog`) and the
+//! network setup (`net`) are served the same way.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -16,8 +17,9 @@ use atelier_agent_proto::{
 };
 use tokio::sync::{Notify, Semaphore, mpsc};
 
+use crate::paths::Paths;
 use crate::transport::{Endpoint, Incoming, Transport};
-use crate::{exec, files, metrics, pty, sys};
+use crate::{dev, devlog, exec, files, metrics, net, pty, sys};
 
 /// Control state of one running exec.
 pub struct ExecCtl {
@@ -43,6 +45,14 @@ pub struct PtyCtl {
     pub hangup: Arc<Notify>,
 }
 
+/// Control state of one dev command log stream.
+pub struct DevLogCtl {
+    /// Credits granted by the host.
+    pub credit: Arc<Semaphore>,
+    /// Notified when the host gives up on the stream.
+    pub cancel: Arc<Notify>,
+}
+
 /// Messages to an upload task.
 pub enum WriteMsg {
     /// File bytes.
@@ -63,6 +73,8 @@ pub enum Stream {
     Read(Arc<Semaphore>),
     /// An interactive terminal session.
     Pty(PtyCtl),
+    /// A dev command's log.
+    DevLog(DevLogCtl),
 }
 
 /// Shared state of the worker.
@@ -72,6 +84,10 @@ pub struct Agent {
     hello: Hello,
     /// Inside a VM: shutdown and set_time act on the system; in tests they do not.
     pub in_vm: bool,
+    /// Where the worker keeps its files.
+    pub paths: Paths,
+    /// The dev commands.
+    pub dev: dev::Supervisor,
 }
 
 impl Agent {
@@ -148,13 +164,20 @@ impl Agent {
                         ctl.credit.close();
                         ctl.hangup.notify_one();
                     }
+                    Some(Stream::DevLog(ctl)) => {
+                        ctl.credit.close();
+                        ctl.cancel.notify_one();
+                    }
                     None => {}
                 }
             }
             HostMessage::Credit { id, bytes } => match self.streams().get(&id) {
                 Some(Stream::Exec(ExecCtl { credit, .. }))
                 | Some(Stream::Read(credit))
-                | Some(Stream::Pty(PtyCtl { credit, .. })) => credit.add_permits(bytes as usize),
+                | Some(Stream::Pty(PtyCtl { credit, .. }))
+                | Some(Stream::DevLog(DevLogCtl { credit, .. })) => {
+                    credit.add_permits(bytes as usize)
+                }
                 _ => {}
             },
             HostMessage::WriteFile { id, path, mode } => {
@@ -226,6 +249,48 @@ impl Agent {
                 };
                 self.send(reply).await;
             }
+            HostMessage::DevStart { id, spec } => {
+                let agent = self.clone();
+                tokio::spawn(async move {
+                    let result = agent.dev.start(spec).await;
+                    agent.reply_done(id, result).await;
+                });
+            }
+            HostMessage::DevStop { id, name } => {
+                let agent = self.clone();
+                tokio::spawn(async move {
+                    let result = agent.dev.stop(&name).await;
+                    agent.reply_done(id, result).await;
+                });
+            }
+            HostMessage::DevList { id } => {
+                let agent = self.clone();
+                tokio::spawn(async move {
+                    let items = agent.dev.list().await;
+                    agent.send(GuestMessage::DevList { id, items }).await;
+                });
+            }
+            HostMessage::DevLogs {
+                id,
+                name,
+                follow,
+                tail_bytes,
+            } => devlog::start(self.clone(), id, name, follow, tail_bytes),
+            HostMessage::NetConfig { id, cfg } => {
+                let agent = self.clone();
+                tokio::spawn(async move {
+                    let result = net::configure(&cfg, &agent.paths, agent.in_vm).await;
+                    agent.reply_done(id, result).await;
+                });
+            }
+        }
+    }
+
+    /// Answers `Done`, or the error.
+    async fn reply_done(&self, id: u64, result: Result<(), (ErrorKind, String)>) {
+        match result {
+            Ok(()) => self.send(GuestMessage::Done { id }).await,
+            Err((kind, message)) => self.send_error(id, kind, message).await,
         }
     }
 
@@ -248,6 +313,7 @@ impl Agent {
             log!("{failure}");
         } else {
             log!("not in a VM: exiting instead of powering off");
+            self.dev.kill_all();
             std::process::exit(0);
         }
     }
@@ -277,11 +343,14 @@ async fn serve(transport: Transport) {
         boot_id: sys::boot_id(),
         pid: std::process::id(),
     };
+    let paths = Paths::from_env();
     let agent = Arc::new(Agent {
         out: outgoing,
         streams: Mutex::default(),
         hello,
         in_vm,
+        dev: dev::Supervisor::new(paths.clone()),
+        paths,
     });
     // Flush a frame a previous agent may have torn, then announce ourselves.
     let _ = agent.out.send(vec![0; SYNC_PREAMBLE_LEN]).await;
@@ -314,4 +383,6 @@ async fn serve(transport: Transport) {
         }
     }
     log!("host connection ended");
+    // Dev commands end with the worker (see `dev`): do not leave them behind.
+    agent.dev.kill_all();
 }

@@ -1,10 +1,7 @@
-//! Runs the real agent binary (`serve --connect-unix`) against the real `AgentClient`.
-//!
-//! A small bridge stands in for QEMU's chardev: the client's connection stays open
-//! while agent processes come and go, exactly as a virtio-serial port behaves.
+//! Runs the real agent binary (`serve --connect-unix`) against the real `AgentClient`
+//! (harness in `common`): exec, files, PTY sessions, restarts.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use atelier_agent_proto::{
@@ -13,99 +10,9 @@ use atelier_agent_proto::{
 };
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixListener;
-use tokio::net::unix::OwnedWriteHalf;
-use tokio::sync::Mutex;
 
-const READY: Duration = Duration::from_secs(10);
-
-struct Harness {
-    dir: tempfile::TempDir,
-    client: AgentClient,
-    agent: tokio::process::Child,
-}
-
-fn agent_socket(dir: &Path) -> PathBuf {
-    dir.join("agent.sock")
-}
-
-/// Host side <-> whichever agent is connected; the host connection never closes.
-async fn bridge(host: UnixListener, agents: UnixListener) {
-    let Ok((host_conn, _)) = host.accept().await else {
-        return;
-    };
-    let (mut host_r, mut host_w) = host_conn.into_split();
-    let agent_w: Arc<Mutex<Option<OwnedWriteHalf>>> = Arc::default();
-    let to_agent = agent_w.clone();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = match host_r.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            // Like a port with no guest reader: bytes for a missing agent are lost.
-            if let Some(w) = to_agent.lock().await.as_mut() {
-                let _ = w.write_all(&buf[..n]).await;
-            }
-        }
-    });
-    loop {
-        let Ok((conn, _)) = agents.accept().await else {
-            return;
-        };
-        let (mut r, w) = conn.into_split();
-        *agent_w.lock().await = Some(w);
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match r.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if host_w.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-        *agent_w.lock().await = None;
-    }
-}
-
-fn spawn_agent(dir: &Path) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_atelier-agent"))
-        .arg("serve")
-        .arg("--connect-unix")
-        .arg(agent_socket(dir))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn agent")
-}
-
-impl Harness {
-    async fn start() -> Harness {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let host = UnixListener::bind(dir.path().join("host.sock")).expect("bind host");
-        let agents = UnixListener::bind(agent_socket(dir.path())).expect("bind agent");
-        tokio::spawn(bridge(host, agents));
-        let client = AgentClient::connect_unix(&dir.path().join("host.sock"))
-            .await
-            .expect("connect");
-        let agent = spawn_agent(dir.path());
-        let hello = client.wait_ready(READY).await.expect("hello");
-        assert_eq!(hello.pid, agent.id().expect("pid"));
-        Harness { dir, client, agent }
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir
-            .path()
-            .join(name)
-            .to_str()
-            .expect("utf8")
-            .to_owned()
-    }
-}
+mod common;
+use common::{Harness, READY, agent_error, alive, spawn_agent};
 
 fn sh(script: &str) -> ExecRequest {
     ExecRequest::new(["sh", "-c", script])
@@ -348,13 +255,6 @@ async fn fifty_mib_file_roundtrip() {
         .filter(|e| e.file_name().to_string_lossy().contains("atelier-"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
-}
-
-fn agent_error(e: ProtoError) -> (ErrorKind, String) {
-    match e {
-        ProtoError::Agent { kind, message, .. } => (kind, message),
-        other => panic!("expected an agent error, got {other:?}"),
-    }
 }
 
 #[tokio::test]
@@ -694,16 +594,6 @@ async fn pty_sessions_run_concurrently_and_independently() {
     let (ea, eb) = tokio::join!(a.exit(), b.exit());
     assert_eq!(ea, (Some(3), None));
     assert_eq!(eb, (Some(4), None));
-}
-
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name; Z is a zombie.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
 }
 
 #[tokio::test]

@@ -4,9 +4,11 @@
 //! This crate must not depend on any other Atelier crate, on tokio, or on anything
 //! that touches the host.
 
+pub mod egress;
 mod error;
 mod sandbox;
 
+pub use egress::{DomainPattern, EgressPolicy, MAX_EGRESS_DOMAINS};
 pub use error::{ErrorKind, ValidationError};
 pub use sandbox::{
     MAX_MEMORY_MIB, MAX_MOUNTS, MAX_VCPUS, MIN_MEMORY_MIB, MIN_VCPUS, MountSpec, Owner, SandboxId,

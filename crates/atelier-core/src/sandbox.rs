@@ -168,6 +168,9 @@ pub struct SandboxSpec {
     /// Boot the kernel even when a memory snapshot could be restored.
     #[serde(default)]
     pub cold_boot: bool,
+    /// What the guest may reach on the network.
+    #[serde(default)]
+    pub egress: crate::EgressPolicy,
 }
 
 /// Most host folders one sandbox may share.
@@ -284,7 +287,7 @@ impl SandboxSpec {
                 ),
             ));
         }
-        Ok(())
+        self.egress.validate()
     }
 }
 
@@ -354,6 +357,7 @@ mod tests {
             mounts: vec![],
             mount_owner: None,
             cold_boot: false,
+            egress: Default::default(),
         };
         assert!(ok.validate().is_ok());
         for (v, m, field) in [
@@ -391,6 +395,7 @@ mod tests {
             mounts,
             mount_owner: None,
             cold_boot: false,
+            egress: Default::default(),
         };
         assert!(
             spec(vec![MountSpec::parse("/a:/w").unwrap()])

@@ -54,6 +54,7 @@ impl From<StoreError> for Error {
         let kind = match &e {
             StoreError::NameTaken(_) | StoreError::BadTransition { .. } => ErrorKind::Conflict,
             StoreError::SandboxNotFound(_) => ErrorKind::NotFound,
+            StoreError::PoolExhausted => ErrorKind::ResourceExhausted,
             _ => ErrorKind::Internal,
         };
         Error::new(kind, e.to_string())

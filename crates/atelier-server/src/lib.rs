@@ -9,6 +9,7 @@ pub mod api;
 pub mod auth;
 mod error;
 pub mod manager;
+mod network;
 mod reconcile;
 mod templates;
 

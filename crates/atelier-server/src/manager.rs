@@ -15,7 +15,7 @@ use atelier_storage::{BackendChoice, Pool};
 use atelier_store::{ResourceRecord, SandboxRecord, Store, now_ms};
 use atelier_vmm::qemu::Qemu;
 use atelier_vmm::{
-    Accel, AccelChoice, Hypervisor, MemoryBacking, ProbeOutcome, RunPaths, Share, VmConfig,
+    Accel, AccelChoice, Hypervisor, MemoryBacking, Nic, ProbeOutcome, RunPaths, Share, VmConfig,
     VmProcess,
 };
 use tokio::sync::{Mutex, OnceCell, OwnedMutexGuard};
@@ -28,6 +28,12 @@ pub const RES_DIR: &str = "dir";
 pub const RES_DISK: &str = "disk";
 /// Journal kind: a VMM process, located by its run directory.
 pub const RES_PROCESS: &str = "process";
+/// Journal kind: a sandbox's TAP (made by, and dying with, its VMM; reclaimed with
+/// the process).
+pub const RES_TAP: &str = "tap";
+/// Journal kind: a sandbox's leased guest address and its firewall elements
+/// (reclaimed with the disk: the address is part of the sandbox's identity).
+pub const RES_IP: &str = "ip";
 
 /// Manager settings.
 #[derive(Debug, Clone)]
@@ -44,6 +50,31 @@ pub struct ManagerConfig {
     pub reconcile_interval: Duration,
     /// Where built images are (default `<data_dir>/images`).
     pub images_dir: PathBuf,
+    /// Sandbox networking; None gives guests no network card.
+    pub network: Option<atelier_net::NetConfig>,
+    /// How sandboxes' URLs look (the proxy's public side).
+    pub urls: UrlBase,
+}
+
+/// The public side of the proxy: `{scheme}://sandbox-{id}.{domain}{:port}/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UrlBase {
+    /// Wildcard domain (`localhost` for local use).
+    pub domain: String,
+    /// `https` when TLS is on, else `http`.
+    pub scheme: String,
+    /// Port, when not the scheme's default.
+    pub port: Option<u16>,
+}
+
+impl UrlBase {
+    /// The URL of host `label.{domain}`.
+    pub fn url(&self, label: &str) -> String {
+        match self.port {
+            Some(p) => format!("{}://{label}.{}:{p}/", self.scheme, self.domain),
+            None => format!("{}://{label}.{}/", self.scheme, self.domain),
+        }
+    }
 }
 
 impl ManagerConfig {
@@ -57,6 +88,12 @@ impl ManagerConfig {
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
             storage: BackendChoice::Auto,
             reconcile_interval: Duration::from_secs(30),
+            network: Some(atelier_net::NetConfig::new()),
+            urls: UrlBase {
+                domain: "localhost".into(),
+                scheme: "http".into(),
+                port: Some(7777),
+            },
         }
     }
 
@@ -110,6 +147,9 @@ pub struct Manager {
     building: StdMutex<std::collections::HashSet<String>>,
     started: Instant,
     qemu_version: String,
+    pub(crate) net: Option<crate::network::Network>,
+    /// Addresses of sandboxes that are online (their TAP is on the bridge).
+    online: StdMutex<HashMap<SandboxId, std::net::Ipv4Addr>>,
 }
 
 fn lock_map<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -135,7 +175,13 @@ impl Manager {
             .version()
             .await
             .unwrap_or_else(|e| format!("unavailable: {e}"));
+        let net = match &cfg.network {
+            Some(n) => Some(crate::network::Network::open(n).await?),
+            None => None,
+        };
         let mgr = Arc::new(Manager {
+            net,
+            online: StdMutex::new(HashMap::new()),
             cfg,
             store,
             pool,
@@ -335,6 +381,7 @@ impl Manager {
             } else {
                 spec.mount_owner
             },
+            egress: spec.egress.to_string(),
         };
         for m in &rec.mounts {
             let meta = std::fs::metadata(&m.source).map_err(|e| {
@@ -478,13 +525,14 @@ impl Manager {
                 .await?;
         }
 
-        let cfg = self.sandbox_vm_config(&rec, image, accel);
+        let cfg = self.sandbox_vm_config(&rec, image, accel).await?;
         self.store
             .record_resource(id, RES_PROCESS, &dir.display().to_string())
             .await?;
         if let Some(t) = &template {
             match self.restore_from_template(id, &rec, t, cfg.clone()).await {
                 Ok((process, agent)) => {
+                    self.go_online(&rec, &agent, true).await?;
                     write_memory_backing(&dir, &MemoryBacking::PrivateFile(t.mem.clone()))?;
                     self.register_vm(id, process, agent, true);
                     return Ok(());
@@ -541,6 +589,7 @@ impl Manager {
         for (i, m) in rec.mounts.iter().enumerate() {
             mount_share(&agent, &format!("atl{i}"), m).await?;
         }
+        self.go_online(&rec, &agent, true).await?;
         write_memory_backing(&dir, &cfg.memory)?;
         self.register_vm(id, process, agent, false);
         if fresh && rec.mounts.is_empty() {
@@ -572,13 +621,14 @@ impl Manager {
     }
 
     /// The VMM configuration of sandbox `rec`: its directory, disk, shape, shared
-    /// folders and the user the VMM runs as.
-    pub(crate) fn sandbox_vm_config(
+    /// folders, the user the VMM runs as, and its network card (leasing its address
+    /// and journaling its TAP first).
+    pub(crate) async fn sandbox_vm_config(
         &self,
         rec: &SandboxRecord,
         image: &atelier_image::Image,
         accel: Accel,
-    ) -> VmConfig {
+    ) -> Result<VmConfig, Error> {
         let dir = self.sandbox_dir(&rec.id);
         let disk = self.pool.disk_path(rec.id.as_str());
         let mut cfg = self.vm_config(
@@ -606,7 +656,65 @@ impl Manager {
             .mount_owner
             .filter(|o| o.uid != rustix::process::geteuid().as_raw())
             .map(|o| (o.uid, o.gid));
-        cfg
+        if let Some(net) = &self.net {
+            let (first, last) = net.cfg.guest_range();
+            let ip = self.store.lease_ip(&rec.id, first, last, RES_IP).await?;
+            let tap = atelier_net::tap_name(rec.id.as_str());
+            self.store.record_resource(&rec.id, RES_TAP, &tap).await?;
+            cfg.nic = Some(Nic {
+                tap,
+                mac: atelier_net::mac_for(ip),
+            });
+        }
+        Ok(cfg)
+    }
+
+    /// Connects a sandbox whose agent just answered to the network: the guest takes
+    /// its address (when `configure_guest`; an adopted VM already has it), the
+    /// firewall learns its policy, and only then does its TAP join the bridge.
+    pub(crate) async fn go_online(
+        &self,
+        rec: &SandboxRecord,
+        agent: &AgentClient,
+        configure_guest: bool,
+    ) -> Result<(), Error> {
+        let Some(net) = &self.net else {
+            return Ok(());
+        };
+        let Some(ip) = self.store.lease_of(&rec.id).await? else {
+            return Ok(());
+        };
+        if configure_guest {
+            agent
+                .net_config(net.guest_config(ip))
+                .await
+                .map_err(Manager::agent_error)?;
+        }
+        let policy: atelier_core::EgressPolicy = rec.egress.parse()?;
+        let tap = atelier_net::tap_name(rec.id.as_str());
+        net.admit(ip, &tap, &policy).await?;
+        net.links.attach(&tap).await?;
+        lock_map(&self.online).insert(rec.id.clone(), ip);
+        Ok(())
+    }
+
+    /// The address of an online sandbox.
+    pub fn ip_of(&self, id: &SandboxId) -> Option<String> {
+        lock_map(&self.online).get(id).map(|ip| ip.to_string())
+    }
+
+    /// Where the proxy reaches an online sandbox's `port`.
+    pub fn upstream(&self, id: &SandboxId, port: u16) -> Option<std::net::SocketAddr> {
+        lock_map(&self.online)
+            .get(id)
+            .map(|ip| std::net::SocketAddr::from((*ip, port)))
+    }
+
+    /// The sandbox's own URL through the proxy.
+    pub fn sandbox_url(&self, id: &SandboxId) -> Option<String> {
+        self.net
+            .as_ref()
+            .map(|_| self.cfg.urls.url(&format!("sandbox-{id}")))
     }
 
     /// Journals and launches a VMM that restores saved state (`cfg.incoming`), and
@@ -671,6 +779,7 @@ impl Manager {
             incoming: None,
             shares: Vec::new(),
             run_as: None,
+            nic: None,
         }
     }
 
@@ -728,6 +837,7 @@ impl Manager {
 
     /// Removes a VM from the running map, killing its VMM if still alive.
     pub(crate) async fn drop_vm(&self, id: &SandboxId) {
+        lock_map(&self.online).remove(id);
         let vm = lock_map(&self.vms).remove(id);
         if let Some(vm) = vm
             && let Err(e) = vm.process.kill().await
@@ -796,8 +906,14 @@ impl Manager {
     /// Reclaims the journaled resources of `id` whose kind is in `kinds`, newest
     /// first, forgetting each once it is gone.
     pub(crate) async fn reclaim(&self, id: &SandboxId, kinds: &[&str]) -> Result<(), Error> {
+        // A TAP goes with its VMM; an address goes with the disk.
+        let implied = |k: &str| match k {
+            RES_TAP => kinds.contains(&RES_PROCESS),
+            RES_IP => kinds.contains(&RES_DISK),
+            _ => false,
+        };
         for r in self.store.resources(Some(id)).await? {
-            if kinds.contains(&r.kind.as_str()) {
+            if kinds.contains(&r.kind.as_str()) || implied(&r.kind) {
                 self.reclaim_one(&r).await?;
             }
         }
@@ -815,6 +931,19 @@ impl Manager {
                 }
             }
             RES_DISK => self.pool.remove_disk(Path::new(&r.locator))?,
+            RES_TAP => {
+                if let Some(net) = &self.net {
+                    net.links.delete(&r.locator).await?;
+                }
+            }
+            RES_IP => {
+                if let Some(net) = &self.net
+                    && let Ok(ip) = r.locator.parse()
+                {
+                    net.forget(ip).await?;
+                }
+                self.store.release_ip(&r.locator).await?;
+            }
             RES_DIR => match std::fs::remove_dir_all(&r.locator) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     return Err(Error::internal(format!("cannot remove {}: {e}", r.locator)));
@@ -1116,7 +1245,7 @@ impl Manager {
         resumed?;
         let memory = read_memory_backing(&self.sandbox_dir(&src.id));
         let accel = self.accel(image).await.accel;
-        let mut cfg = self.sandbox_vm_config(rec, image, accel);
+        let mut cfg = self.sandbox_vm_config(rec, image, accel).await?;
         cfg.memory = memory.clone();
         cfg.incoming = Some(atelier_vmm::Incoming {
             path: state.clone(),
@@ -1126,6 +1255,7 @@ impl Manager {
             .launch_restored(id, &cfg, Duration::from_secs(30), "forked")
             .await?;
         crate::templates::fix_identity(&agent, &rec.name).await?;
+        self.go_online(rec, &agent, true).await?;
         let _ = std::fs::remove_file(&state);
         write_memory_backing(&dir, &memory)?;
         self.register_vm(id, process, agent, true);
@@ -1147,7 +1277,7 @@ impl Manager {
             )));
         }
         let accel = self.accel(image).await.accel;
-        let mut cfg = self.sandbox_vm_config(rec, image, accel);
+        let mut cfg = self.sandbox_vm_config(rec, image, accel).await?;
         cfg.memory = read_memory_backing(&dir);
         cfg.incoming = Some(atelier_vmm::Incoming {
             path: state.clone(),
@@ -1160,6 +1290,7 @@ impl Manager {
             .set_time(std::time::SystemTime::now())
             .await
             .map_err(Manager::agent_error)?;
+        self.go_online(rec, &agent, true).await?;
         let _ = std::fs::remove_file(&state);
         let restored = matches!(cfg.memory, MemoryBacking::PrivateFile(_));
         self.register_vm(id, process, agent, restored);

@@ -144,6 +144,12 @@ impl Manager {
             return false;
         }
         tracing::info!(sandbox = %id, pid = process.pid(), "adopted running vm");
+        // Firewall sets and bridge ports may have been rebuilt since; restore them.
+        if let Ok(rec) = self.store.get_sandbox(id).await
+            && let Err(e) = self.go_online(&rec, &agent, false).await
+        {
+            tracing::warn!(sandbox = %id, error = %e, "cannot reconnect adopted vm to the network");
+        }
         self.register_vm(id, process, agent, false);
         true
     }

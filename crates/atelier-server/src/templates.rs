@@ -52,8 +52,10 @@ pub(crate) fn key(
     vcpus: u32,
     accel: Accel,
 ) -> String {
+    // `n1`: the device model includes a network card (templates made without
+    // one cannot be restored with one).
     format!(
-        "{}-{}m-{}c-{}",
+        "{}-{}m-{}c-{}-n1",
         image.manifest.hash,
         memory_mib,
         vcpus,
@@ -178,6 +180,19 @@ impl Manager {
             accel,
         );
         cfg.memory = MemoryBacking::SharedFile(t.mem.clone());
+        if self.net.is_some() {
+            // Same device model as the sandboxes restored from it; the TAP stays off
+            // the bridge (the template never talks), named per build directory so
+            // two managers on one host never collide.
+            let tag = {
+                use sha2::Digest;
+                hex::encode(sha2::Sha256::digest(build.display().to_string().as_bytes()))
+            };
+            cfg.nic = Some(atelier_vmm::Nic {
+                tap: format!("atlt{}", &tag[..11]),
+                mac: [0x02, 0xa7, 0, 0, 0, 1],
+            });
+        }
         let vm = self.hv.launch(&cfg).await?;
         crate::manager::fault_point("template-after-launch").await;
         let agent = AgentClient::connect_unix(&vm.paths().agent)

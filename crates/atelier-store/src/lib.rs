@@ -30,6 +30,9 @@ pub enum StoreError {
     /// A live sandbox already has this name.
     #[error("a sandbox named {0:?} already exists")]
     NameTaken(String),
+    /// Every address of the sandbox subnet is leased.
+    #[error("the sandbox IP pool is exhausted; delete sandboxes or configure a larger subnet")]
+    PoolExhausted,
     /// No such sandbox.
     #[error("sandbox {0} not found")]
     SandboxNotFound(String),
@@ -101,6 +104,8 @@ pub struct SandboxRecord {
     pub mounts: Vec<MountSpec>,
     /// Host user the VMM runs as when folders are shared.
     pub mount_owner: Option<Owner>,
+    /// Egress policy in its text form (`allow-all`, `deny-all`, `a.com,*.b.org`).
+    pub egress: String,
 }
 
 /// A recorded state transition.
@@ -176,6 +181,7 @@ fn sandbox_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<SandboxRecord, Stor
                 gid: g.parse().ok()?,
             })
         }),
+        egress: row.get("egress"),
     })
 }
 
@@ -208,8 +214,8 @@ impl Store {
     pub async fn insert_sandbox(&self, rec: &SandboxRecord) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await.map_err(q("begin"))?;
         let res = sqlx::query(
-            "INSERT INTO sandboxes (id, name, image, vcpus, memory_mib, state, error, boot_ms, created_at, updated_at, mounts, mount_owner)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO sandboxes (id, name, image, vcpus, memory_mib, state, error, boot_ms, created_at, updated_at, mounts, mount_owner, egress)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(rec.id.as_str())
         .bind(&rec.name)
@@ -223,6 +229,7 @@ impl Store {
         .bind(rec.updated_at)
         .bind(serde_json::to_string(&rec.mounts).unwrap_or_else(|_| "[]".into()))
         .bind(rec.mount_owner.map(|o| format!("{}:{}", o.uid, o.gid)))
+        .bind(&rec.egress)
         .execute(&mut *tx)
         .await;
         match res {
@@ -498,6 +505,249 @@ impl Store {
     }
 }
 
+/// A dev command row: its name and the JSON spec the server owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DevCommandRecord {
+    /// Owning sandbox.
+    pub sandbox_id: SandboxId,
+    /// Name (unique per sandbox).
+    pub name: String,
+    /// JSON document (command, port, cwd, env, restart).
+    pub spec: String,
+}
+
+impl Store {
+    /// The guest address leased to `sandbox_id`, leasing the lowest free address in
+    /// `first..=last` if it has none. The lease and its journal row (`kind`, the
+    /// address) are written in one transaction, so a crash never leaves one without
+    /// the other.
+    pub async fn lease_ip(
+        &self,
+        sandbox_id: &SandboxId,
+        first: u32,
+        last: u32,
+        kind: &str,
+    ) -> Result<std::net::Ipv4Addr, StoreError> {
+        let _serial = self.rmw.lock().await;
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(q("begin"))?;
+        if let Some(row) = sqlx::query("SELECT address FROM ip_leases WHERE sandbox_id = ?")
+            .bind(sandbox_id.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(q("get lease"))?
+        {
+            let a: String = row.get("address");
+            return a.parse().map_err(|_| StoreError::Corrupt {
+                table: "ip_leases",
+                detail: format!("address {a:?}"),
+            });
+        }
+        let used: std::collections::HashSet<u32> = sqlx::query("SELECT address FROM ip_leases")
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(q("list leases"))?
+            .iter()
+            .filter_map(|r| {
+                r.get::<&str, _>("address")
+                    .parse::<std::net::Ipv4Addr>()
+                    .ok()
+            })
+            .map(u32::from)
+            .collect();
+        let Some(free) = (first..=last).find(|a| !used.contains(a)) else {
+            return Err(StoreError::PoolExhausted);
+        };
+        let addr = std::net::Ipv4Addr::from(free);
+        sqlx::query("INSERT INTO ip_leases (address, sandbox_id, created_at) VALUES (?, ?, ?)")
+            .bind(addr.to_string())
+            .bind(sandbox_id.as_str())
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await
+            .map_err(q("insert lease"))?;
+        sqlx::query(
+            "INSERT INTO resources (sandbox_id, kind, locator, created_at) VALUES (?, ?, ?, ?)
+             ON CONFLICT(kind, locator) DO NOTHING",
+        )
+        .bind(sandbox_id.as_str())
+        .bind(kind)
+        .bind(addr.to_string())
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await
+        .map_err(q("record lease"))?;
+        tx.commit().await.map_err(q("commit"))?;
+        Ok(addr)
+    }
+
+    /// The address leased to a sandbox, if any.
+    pub async fn lease_of(
+        &self,
+        sandbox_id: &SandboxId,
+    ) -> Result<Option<std::net::Ipv4Addr>, StoreError> {
+        let row = sqlx::query("SELECT address FROM ip_leases WHERE sandbox_id = ?")
+            .bind(sandbox_id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("get lease"))?;
+        Ok(row.and_then(|r| r.get::<&str, _>("address").parse().ok()))
+    }
+
+    /// All leases: (address, sandbox).
+    pub async fn leases(&self) -> Result<Vec<(std::net::Ipv4Addr, SandboxId)>, StoreError> {
+        let rows = sqlx::query("SELECT address, sandbox_id FROM ip_leases ORDER BY address")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("list leases"))?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                Some((
+                    r.get::<&str, _>("address").parse().ok()?,
+                    SandboxId::parse(r.get::<&str, _>("sandbox_id"))?,
+                ))
+            })
+            .collect())
+    }
+
+    /// Returns an address to the pool.
+    pub async fn release_ip(&self, address: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM ip_leases WHERE address = ?")
+            .bind(address)
+            .execute(&self.pool)
+            .await
+            .map_err(q("release lease"))?;
+        Ok(())
+    }
+
+    /// Changes a sandbox's egress policy (text form).
+    pub async fn set_egress(&self, id: &SandboxId, egress: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE sandboxes SET egress = ?, updated_at = ? WHERE id = ?")
+            .bind(egress)
+            .bind(now_ms())
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(q("set egress"))?;
+        Ok(())
+    }
+
+    /// Creates or replaces a dev command.
+    pub async fn put_dev_command(
+        &self,
+        id: &SandboxId,
+        name: &str,
+        spec: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO dev_commands (sandbox_id, name, spec, created_at) VALUES (?, ?, ?, ?)
+             ON CONFLICT(sandbox_id, name) DO UPDATE SET spec = excluded.spec",
+        )
+        .bind(id.as_str())
+        .bind(name)
+        .bind(spec)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(q("put dev command"))?;
+        Ok(())
+    }
+
+    /// Dev commands of a sandbox (all sandboxes when None), by name.
+    pub async fn dev_commands(
+        &self,
+        id: Option<&SandboxId>,
+    ) -> Result<Vec<DevCommandRecord>, StoreError> {
+        let rows = match id {
+            Some(id) => {
+                sqlx::query("SELECT * FROM dev_commands WHERE sandbox_id = ? ORDER BY name")
+                    .bind(id.as_str())
+                    .fetch_all(&self.pool)
+                    .await
+            }
+            None => {
+                sqlx::query("SELECT * FROM dev_commands ORDER BY sandbox_id, name")
+                    .fetch_all(&self.pool)
+                    .await
+            }
+        }
+        .map_err(q("list dev commands"))?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                Some(DevCommandRecord {
+                    sandbox_id: SandboxId::parse(r.get::<&str, _>("sandbox_id"))?,
+                    name: r.get("name"),
+                    spec: r.get("spec"),
+                })
+            })
+            .collect())
+    }
+
+    /// Removes a dev command; false when there was none.
+    pub async fn delete_dev_command(&self, id: &SandboxId, name: &str) -> Result<bool, StoreError> {
+        let r = sqlx::query("DELETE FROM dev_commands WHERE sandbox_id = ? AND name = ?")
+            .bind(id.as_str())
+            .bind(name)
+            .execute(&self.pool)
+            .await
+            .map_err(q("delete dev command"))?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Removes every dev command of a sandbox.
+    pub async fn delete_dev_commands(&self, id: &SandboxId) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM dev_commands WHERE sandbox_id = ?")
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(q("delete dev commands"))?;
+        Ok(())
+    }
+
+    /// Stores a browser session (hash of the cookie value) valid until `expires_at`.
+    pub async fn insert_session(
+        &self,
+        sha256_hex: &str,
+        expires_at: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO sessions (sha256, created_at, expires_at) VALUES (?, ?, ?)")
+            .bind(sha256_hex)
+            .bind(now_ms())
+            .bind(expires_at)
+            .execute(&self.pool)
+            .await
+            .map_err(q("insert session"))?;
+        Ok(())
+    }
+
+    /// Whether a session hash is known and unexpired.
+    pub async fn session_valid(&self, sha256_hex: &str) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT 1 FROM sessions WHERE sha256 = ? AND expires_at > ?")
+            .bind(sha256_hex)
+            .bind(now_ms())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("check session"))?;
+        Ok(row.is_some())
+    }
+
+    /// Removes a session (logout) and every expired one.
+    pub async fn delete_session(&self, sha256_hex: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM sessions WHERE sha256 = ? OR expires_at <= ?")
+            .bind(sha256_hex)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await
+            .map_err(q("delete session"))?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -524,7 +774,46 @@ mod tests {
                 uid: 1000,
                 gid: 100,
             }),
+            egress: "allow-all".into(),
         }
+    }
+
+    #[tokio::test]
+    async fn ip_leases_are_lowest_free_stable_and_exhaust() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+        let base = u32::from(std::net::Ipv4Addr::new(10, 9, 0, 2));
+        let mut ids = Vec::new();
+        for n in 0..3 {
+            let rec = rec(&format!("s{n}"));
+            store.insert_sandbox(&rec).await.unwrap();
+            ids.push(rec.id);
+        }
+        let a = store.lease_ip(&ids[0], base, base + 1, "ip").await.unwrap();
+        let b = store.lease_ip(&ids[1], base, base + 1, "ip").await.unwrap();
+        assert_eq!(a.to_string(), "10.9.0.2");
+        assert_eq!(b.to_string(), "10.9.0.3");
+        // Asking again returns the same lease.
+        assert_eq!(
+            store.lease_ip(&ids[0], base, base + 1, "ip").await.unwrap(),
+            a
+        );
+        assert!(matches!(
+            store.lease_ip(&ids[2], base, base + 1, "ip").await,
+            Err(StoreError::PoolExhausted)
+        ));
+        // Journaled with the lease.
+        let res = store.resources(Some(&ids[0])).await.unwrap();
+        assert!(
+            res.iter()
+                .any(|r| r.kind == "ip" && r.locator == "10.9.0.2")
+        );
+        store.release_ip("10.9.0.2").await.unwrap();
+        assert_eq!(store.lease_of(&ids[0]).await.unwrap(), None);
+        assert_eq!(
+            store.lease_ip(&ids[2], base, base + 1, "ip").await.unwrap(),
+            a
+        );
     }
 
     #[tokio::test]

@@ -100,6 +100,17 @@ pub struct VmConfig {
     /// Host uid/gid the VMM drops to after start-up (files written through shares
     /// then belong to that user); None keeps the manager's user.
     pub run_as: Option<(u32, u32)>,
+    /// The network card, if any.
+    pub nic: Option<Nic>,
+}
+
+/// A virtio-net card on a TAP the VMM creates (and the kernel removes with it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nic {
+    /// TAP interface name (≤ 15 bytes).
+    pub tap: String,
+    /// Guest MAC address.
+    pub mac: [u8; 6],
 }
 
 /// Guest RAM: anonymous memory, or a file that memory snapshots are built on.

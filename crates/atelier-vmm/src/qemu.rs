@@ -156,6 +156,20 @@ impl Qemu {
         if cfg.incoming.is_some() {
             a.extend(["-incoming".into(), "defer".into()]);
         }
+        if let Some(nic) = &cfg.nic {
+            // No vhost (this kind of host may lack /dev/vhost-net) and no scripts:
+            // the manager attaches the TAP to its bridge itself.
+            let m = nic.mac;
+            a.extend([
+                "-netdev".into(),
+                format!("tap,id=net0,ifname={},script=no,downscript=no", nic.tap),
+                "-device".into(),
+                format!(
+                    "virtio-net-device,netdev=net0,mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                    m[0], m[1], m[2], m[3], m[4], m[5]
+                ),
+            ]);
+        }
         for (i, sh) in cfg.shares.iter().enumerate() {
             // security_model=none: files are created as the VMM's user and guest chown
             // requests are ignored; symlinks are stored as links and resolved inside the

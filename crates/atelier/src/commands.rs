@@ -44,6 +44,10 @@ pub enum SandboxCmd {
         /// Boot the kernel even when a memory snapshot could be restored.
         #[arg(long)]
         cold: bool,
+        /// What the guest may reach: allow-all, deny-all, or allowed domains
+        /// (comma-separated; `*.example.org` allows every name under it).
+        #[arg(long, default_value = "allow-all")]
+        egress: atelier_core::EgressPolicy,
     },
     /// List sandboxes.
     #[command(alias = "ls")]
@@ -194,6 +198,13 @@ fn print_sandbox(g: &Global, s: &SandboxView) -> anyhow::Result<()> {
     if let Some(e) = &s.error {
         println!("error:    {e}");
     }
+    println!("egress:   {}", s.egress);
+    if let Some(ip) = &s.ip {
+        println!("ip:       {ip}");
+    }
+    if let Some(u) = &s.url {
+        println!("url:      {u}");
+    }
     println!("created:  {}", s.created_at);
     Ok(())
 }
@@ -229,6 +240,7 @@ pub async fn sandbox(g: &Global, cmd: SandboxCmd) -> anyhow::Result<u8> {
             no_wait,
             mounts,
             cold,
+            egress,
         } => {
             let mounts = mounts
                 .iter()
@@ -246,7 +258,7 @@ pub async fn sandbox(g: &Global, cmd: SandboxCmd) -> anyhow::Result<u8> {
                 )
                 .json(
                     &json!({ "name": name, "image": image, "vcpus": vcpus, "memory_mib": memory,
-                    "mounts": mounts, "mount_owner": owner, "cold_boot": cold }),
+                    "mounts": mounts, "mount_owner": owner, "cold_boot": cold, "egress": egress }),
                 );
             let s: SandboxView = decode(c.send(rb).await?).await?;
             if g.json {

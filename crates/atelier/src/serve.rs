@@ -43,6 +43,28 @@ pub struct ServeArgs {
         default_value = "/usr/local/share/atelier/swagger-ui"
     )]
     pub swagger_dir: PathBuf,
+    /// Give sandboxes no network at all (no bridge, no TAPs, no firewall rules).
+    #[arg(long, env = "ATELIER_NO_NETWORK")]
+    pub no_network: bool,
+    /// Bridge the sandboxes' TAPs join (created if missing; also names the
+    /// nftables tables `atelier_<bridge>`).
+    #[arg(long, env = "ATELIER_BRIDGE", default_value = "atl0")]
+    pub bridge: String,
+    /// Sandbox subnet; its first address is the bridge (gateway and DNS).
+    #[arg(long, env = "ATELIER_SUBNET", default_value = "10.88.0.0/16")]
+    pub subnet: ipnet::Ipv4Net,
+    /// Upstream DNS servers for guests (comma-separated ip[:port]; default: the
+    /// host's /etc/resolv.conf).
+    #[arg(long, env = "ATELIER_DNS_UPSTREAM", value_delimiter = ',')]
+    pub dns_upstream: Vec<String>,
+    /// Destination ranges guests may not connect to unless an allow-list names
+    /// them (comma-separated CIDRs; default: private, loopback, link-local, CGNAT,
+    /// multicast).
+    #[arg(long, env = "ATELIER_BLOCKED", value_delimiter = ',')]
+    pub blocked: Vec<ipnet::Ipv4Net>,
+    /// Wildcard domain of sandbox URLs: `sandbox-{id}.DOMAIN`, `dev-{name}-{id}.DOMAIN`.
+    #[arg(long, env = "ATELIER_DOMAIN", default_value = "localhost")]
+    pub domain: String,
 }
 
 /// Runs the manager.
@@ -68,6 +90,33 @@ pub async fn run(g: &Global, args: ServeArgs) -> anyhow::Result<u8> {
     cfg.storage = storage;
     cfg.qemu_binary = args.qemu.clone();
     cfg.reconcile_interval = Duration::from_secs(args.reconcile_secs.max(1));
+    cfg.network = if args.no_network {
+        None
+    } else {
+        let mut n = atelier_net::NetConfig::new();
+        n.bridge = args.bridge.clone();
+        n.subnet = args.subnet;
+        if !args.dns_upstream.is_empty() {
+            n.dns_upstreams = args
+                .dns_upstream
+                .iter()
+                .map(|u| {
+                    u.parse::<SocketAddr>()
+                        .or_else(|_| u.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
+                        .with_context(|| format!("--dns-upstream {u:?}: use ip or ip:port"))
+                })
+                .collect::<anyhow::Result<_>>()?;
+        }
+        if !args.blocked.is_empty() {
+            n.blocked = args.blocked.clone();
+        }
+        Some(n)
+    };
+    cfg.urls = atelier_server::manager::UrlBase {
+        domain: args.domain.to_ascii_lowercase(),
+        scheme: "http".into(),
+        port: Some(args.listen.port()).filter(|p| *p != 80),
+    };
     let mgr = Manager::open(cfg)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;

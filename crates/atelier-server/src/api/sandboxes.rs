@@ -96,6 +96,12 @@ pub struct SandboxView {
     pub booted_from: Option<String>,
     /// Host folders shared into the guest.
     pub mounts: Vec<atelier_core::MountSpec>,
+    /// Egress policy (`allow-all`, `deny-all`, or the allowed domains, comma-separated).
+    pub egress: String,
+    /// The guest's address on the sandbox network, when it has one.
+    pub ip: Option<String>,
+    /// The sandbox's own URL through the proxy (`https://sandbox-{id}.{domain}/`).
+    pub url: Option<String>,
     /// Creation time (RFC 3339).
     pub created_at: String,
     /// Last state change (RFC 3339).
@@ -127,6 +133,9 @@ impl SandboxView {
             boot_ms: r.boot_ms,
             error: r.error,
             mounts: r.mounts,
+            ip: mgr.ip_of(&r.id),
+            url: mgr.sandbox_url(&r.id),
+            egress: r.egress,
             created_at: rfc3339(r.created_at),
             updated_at: rfc3339(r.updated_at),
         }
@@ -157,6 +166,9 @@ pub struct CreateBody {
     /// Boot the kernel even when a memory snapshot of this image could be restored.
     #[serde(default)]
     pub cold_boot: bool,
+    /// Egress policy: `"allow-all"` (default), `"deny-all"`, or `{"allow": ["github.com", "*.pypi.org"]}`.
+    #[serde(default)]
+    pub egress: atelier_core::EgressPolicy,
 }
 
 fn default_image() -> String {
@@ -216,6 +228,7 @@ pub async fn create(
         mounts: body.mounts,
         mount_owner: body.mount_owner,
         cold_boot: body.cold_boot,
+        egress: body.egress,
     };
     let rec = st.mgr.create(spec, q.wait).await?;
     Ok((StatusCode::CREATED, Json(SandboxView::new(&st.mgr, rec))))

@@ -35,6 +35,98 @@ pub struct Server {
     child: Option<Child>,
     log: Arc<Mutex<String>>,
     extra_env: Vec<(String, String)>,
+    /// This manager's own bridge and subnet (tests run in parallel on one host).
+    pub net: NetSlot,
+}
+
+/// A bridge name and /24 subnet no other test holds (a lock file per slot).
+pub struct NetSlot {
+    pub slot: u32,
+    pub bridge: String,
+    /// `10.201.{slot}.0/24`; the gateway is `.1`.
+    pub subnet: String,
+    _lock: std::fs::File,
+}
+
+impl NetSlot {
+    fn claim() -> NetSlot {
+        let dir = Path::new("/var/tmp/atl-net-slots");
+        std::fs::create_dir_all(dir).unwrap();
+        let start = std::process::id() % 200;
+        for i in 0..200 {
+            let slot = (start + i) % 200 + 20;
+            let f = std::fs::File::create(dir.join(format!("{slot}.lock"))).unwrap();
+            if f.try_lock().is_ok() {
+                return NetSlot {
+                    slot,
+                    bridge: format!("atlt{slot}"),
+                    subnet: format!("10.201.{slot}.0/24"),
+                    _lock: f,
+                };
+            }
+        }
+        panic!("no free network slot in /var/tmp/atl-net-slots");
+    }
+
+    pub fn gateway(&self) -> String {
+        format!("10.201.{}.1", self.slot)
+    }
+
+    pub fn table(&self) -> String {
+        format!("atelier_{}", self.bridge)
+    }
+
+    /// TAPs on this manager's bridge.
+    pub fn ports(&self) -> Vec<String> {
+        let out = Command::new("ip")
+            .args(["-o", "link", "show", "master", &self.bridge])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                l.split(':')
+                    .nth(1)
+                    .map(|n| n.trim().split('@').next().unwrap_or("").to_owned())
+            })
+            .collect()
+    }
+
+    /// Elements of the per-sandbox nftables sets (deny, listed, allowed, bound).
+    pub fn elements(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (fam, set) in [
+            ("inet", "deny"),
+            ("inet", "listed"),
+            ("inet", "allowed"),
+            ("bridge", "bound"),
+            ("bridge", "ports"),
+        ] {
+            let o = Command::new("nft")
+                .args(["-j", "list", "set", fam, &self.table(), set])
+                .output()
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+            for item in v["nftables"].as_array().into_iter().flatten() {
+                for e in item["set"]["elem"].as_array().into_iter().flatten() {
+                    out.push(format!("{set}:{e}"));
+                }
+            }
+        }
+        out
+    }
+
+    fn teardown(&self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
+        for fam in ["inet", "bridge"] {
+            let _ = Command::new("nft")
+                .args(["delete", "table", fam, &self.table()])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
 }
 
 fn free_port() -> u16 {
@@ -67,7 +159,11 @@ impl Server {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            net: NetSlot::claim(),
         };
+        // A previous run that died without cleaning up may have left this slot's
+        // bridge behind.
+        s.net.teardown();
         s.spawn();
         s.token = std::fs::read_to_string(s.data_dir.path().join("admin-token"))
             .unwrap()
@@ -87,6 +183,8 @@ impl Server {
             .env("ATELIER_IMAGES_DIR", images_dir())
             .env("ATELIER_LOG", "info,atelier_server=debug")
             .env("ATELIER_RECONCILE_SECS", "2")
+            .env("ATELIER_BRIDGE", &self.net.bridge)
+            .env("ATELIER_SUBNET", &self.net.subnet)
             .env_remove("ATELIER_TOKEN")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -254,6 +352,16 @@ impl Server {
             "journal rows left: {:?}",
             self.journal()
         );
+        assert!(
+            self.net.ports().is_empty(),
+            "TAPs left on the bridge: {:?}",
+            self.net.ports()
+        );
+        assert!(
+            self.net.elements().is_empty(),
+            "firewall elements left: {:?}",
+            self.net.elements()
+        );
     }
 }
 
@@ -303,6 +411,7 @@ impl Drop for Server {
         std::thread::sleep(Duration::from_millis(200));
         let pool = self.data_dir.path().join("pool");
         let _ = Command::new("umount").arg(&pool).status();
+        self.net.teardown();
     }
 }
 

@@ -1,0 +1,148 @@
+//! The manager's side of sandbox networking: the bridge and firewall of this
+//! manager, the DNS forwarder guests use, and the egress policy of every guest
+//! address (which the forwarder consults on each query).
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use atelier_core::EgressPolicy;
+use atelier_net::dns::{DnsForwarder, DnsForwarderHandle, EgressHooks};
+use atelier_net::{Firewall, Links, NetConfig, NetError};
+use futures::future::BoxFuture;
+
+use crate::Error;
+
+impl From<NetError> for Error {
+    fn from(e: NetError) -> Self {
+        match e {
+            NetError::Config(_) => Error::invalid(e.to_string()),
+            _ => Error::internal(e.to_string()),
+        }
+    }
+}
+
+/// Policies by guest address, shared with the DNS forwarder.
+#[derive(Debug, Default)]
+struct Policies(StdMutex<HashMap<Ipv4Addr, EgressPolicy>>);
+
+struct Hooks {
+    policies: Arc<Policies>,
+    fw: Firewall,
+}
+
+impl EgressHooks for Hooks {
+    fn policy_for(&self, client: Ipv4Addr) -> Option<EgressPolicy> {
+        let map = self.policies.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&client).cloned()
+    }
+
+    fn allow(
+        &self,
+        client: Ipv4Addr,
+        addrs: Vec<(Ipv4Addr, Duration)>,
+    ) -> BoxFuture<'static, Result<(), String>> {
+        let fw = self.fw.clone();
+        Box::pin(async move { fw.allow(client, &addrs).await.map_err(|e| e.to_string()) })
+    }
+}
+
+/// This manager's network.
+pub(crate) struct Network {
+    pub(crate) cfg: NetConfig,
+    pub(crate) links: Links,
+    pub(crate) fw: Firewall,
+    policies: Arc<Policies>,
+    _dns: Option<DnsForwarderHandle>,
+}
+
+impl std::fmt::Debug for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Network")
+            .field("bridge", &self.cfg.bridge)
+            .field("subnet", &self.cfg.subnet)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Network {
+    /// Creates or refreshes the bridge and rules and starts the DNS forwarder on
+    /// the bridge address.
+    pub(crate) async fn open(cfg: &NetConfig) -> Result<Network, Error> {
+        cfg.validate()?;
+        let links = Links::open(cfg)?;
+        links.ensure_bridge().await?;
+        let fw = Firewall::new(cfg);
+        fw.install().await?;
+        let policies = Arc::new(Policies::default());
+        let hooks = Arc::new(Hooks {
+            policies: Arc::clone(&policies),
+            fw: fw.clone(),
+        });
+        let listen = SocketAddr::from((cfg.gateway(), 53));
+        let dns = if cfg.dns_upstreams.is_empty() {
+            tracing::warn!(
+                "no upstream DNS servers (none in /etc/resolv.conf; set --dns-upstream): guests cannot resolve names"
+            );
+            None
+        } else {
+            let fwd = DnsForwarder::bind(listen, cfg.dns_upstreams.clone(), hooks)
+                .await
+                .map_err(|e| {
+                    Error::unavailable(format!(
+                        "cannot serve DNS for guests on {listen}: {e} (is another DNS server bound to all addresses?)"
+                    ))
+                })?;
+            Some(fwd.spawn())
+        };
+        tracing::info!(bridge = %cfg.bridge, subnet = %cfg.subnet, dns = %listen, "network ready");
+        Ok(Network {
+            cfg: cfg.clone(),
+            links,
+            fw,
+            policies,
+            _dns: dns,
+        })
+    }
+
+    /// Puts a guest address under `policy` (firewall sets and DNS answers) and
+    /// binds it to its TAP.
+    pub(crate) async fn admit(
+        &self,
+        ip: Ipv4Addr,
+        tap: &str,
+        policy: &EgressPolicy,
+    ) -> Result<(), Error> {
+        self.fw.admit(ip, tap, policy).await?;
+        self.policies
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ip, policy.clone());
+        Ok(())
+    }
+
+    /// Forgets everything about a guest address.
+    pub(crate) async fn forget(&self, ip: Ipv4Addr) -> Result<(), Error> {
+        self.policies
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&ip);
+        self.fw.forget(ip).await?;
+        Ok(())
+    }
+
+    /// The guest's side of its configuration.
+    pub(crate) fn guest_config(&self, ip: Ipv4Addr) -> atelier_agent_proto::NetConfig {
+        atelier_agent_proto::NetConfig {
+            mac: atelier_net::mac_for(ip),
+            address: ip.octets(),
+            prefix_len: self.cfg.subnet.prefix_len(),
+            gateway: self.cfg.gateway().octets(),
+            dns: vec![self.cfg.gateway().octets()],
+            hostname: None,
+        }
+    }
+}
