@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod dev;
 mod error;
 pub mod manager;
 mod network;

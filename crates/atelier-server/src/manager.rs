@@ -150,6 +150,8 @@ pub struct Manager {
     pub(crate) net: Option<crate::network::Network>,
     /// Addresses of sandboxes that are online (their TAP is on the bridge).
     online: StdMutex<HashMap<SandboxId, std::net::Ipv4Addr>>,
+    /// Listening dev commands, for the proxy.
+    dev_routes: StdMutex<crate::dev::DevRoutes>,
 }
 
 fn lock_map<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -182,6 +184,7 @@ impl Manager {
         let mgr = Arc::new(Manager {
             net,
             online: StdMutex::new(HashMap::new()),
+            dev_routes: StdMutex::new(HashMap::new()),
             cfg,
             store,
             pool,
@@ -227,6 +230,9 @@ impl Manager {
                 me.check_agents().await;
             }
         });
+        if self.net.is_some() {
+            self.spawn_dev_watcher();
+        }
     }
 
     /// The store.
@@ -698,6 +704,15 @@ impl Manager {
         Ok(())
     }
 
+    /// Ids of online sandboxes.
+    pub(crate) fn online_ids(&self) -> Vec<SandboxId> {
+        lock_map(&self.online).keys().cloned().collect()
+    }
+
+    pub(crate) fn dev_routes(&self) -> std::sync::MutexGuard<'_, crate::dev::DevRoutes> {
+        lock_map(&self.dev_routes)
+    }
+
     /// The address of an online sandbox.
     pub fn ip_of(&self, id: &SandboxId) -> Option<String> {
         lock_map(&self.online).get(id).map(|ip| ip.to_string())
@@ -896,6 +911,7 @@ impl Manager {
         self.reclaim(&rec.id, &[RES_PROCESS]).await?;
         fault_point("delete-after-kill").await;
         self.reclaim(&rec.id, &[RES_DISK, RES_DIR]).await?;
+        self.store.delete_dev_commands(&rec.id).await?;
         tracing::info!(sandbox = %rec.id, "sandbox deleted");
         Ok(self
             .store

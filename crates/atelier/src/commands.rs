@@ -737,3 +737,29 @@ pub async fn status(g: &Global) -> anyhow::Result<u8> {
 pub async fn bench(g: &Global, args: BenchArgs) -> anyhow::Result<u8> {
     crate::bench::run(g, args).await
 }
+
+/// `atelier tls …`
+#[derive(clap::Subcommand, Debug)]
+pub enum TlsCmd {
+    /// Print the local CA certificate (PEM) that signs sandbox URLs when the manager
+    /// runs with --https-listen and no certificate of its own. Trust it, e.g.:
+    /// `atelier tls ca > atelier-ca.pem && sudo cp atelier-ca.pem /usr/local/share/ca-certificates/atelier.crt && sudo update-ca-certificates`
+    Ca,
+}
+
+/// Runs `atelier tls …`.
+pub async fn tls(g: &Global, cmd: TlsCmd) -> anyhow::Result<u8> {
+    let c = Client::new(g)?;
+    match cmd {
+        TlsCmd::Ca => {
+            let pem = c
+                .send(c.request(Method::GET, "/api/v1/tls/ca"))
+                .await?
+                .text()
+                .await
+                .context("reading the CA certificate")?;
+            print!("{pem}");
+        }
+    }
+    Ok(0)
+}

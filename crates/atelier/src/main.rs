@@ -5,6 +5,7 @@
 mod bench;
 mod client;
 mod commands;
+mod dev;
 mod doctor;
 mod serve;
 mod shell;
@@ -63,6 +64,12 @@ enum Command {
     Sandbox(commands::SandboxCmd),
     /// An interactive terminal in a sandbox (the current folder's by default, shared at /workspace).
     Shell(shell::ShellArgs),
+    /// Dev commands in a sandbox: supervised servers with URLs through the proxy.
+    #[command(subcommand)]
+    Dev(dev::DevCmd),
+    /// TLS helpers: print the local CA to trust.
+    #[command(subcommand)]
+    Tls(commands::TlsCmd),
     /// Build and list guest images (runs locally, as root).
     #[command(subcommand)]
     Image(commands::ImageCmd),
@@ -113,6 +120,8 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve::run(&cli.global, args).await,
             Command::Sandbox(cmd) => commands::sandbox(&cli.global, cmd).await,
             Command::Shell(args) => shell::run(&cli.global, args).await,
+            Command::Dev(cmd) => dev::run(&cli.global, cmd).await,
+            Command::Tls(cmd) => commands::tls(&cli.global, cmd).await,
             Command::Image(cmd) => commands::image(&cli.global, cmd).await,
             Command::Status => commands::status(&cli.global).await,
             Command::Doctor => doctor::run(&cli.global).await,

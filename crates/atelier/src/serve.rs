@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use atelier_server::api::proxy::{ProxyState, Tls};
 use atelier_server::api::{AppState, router};
 use atelier_server::auth::{generate_token, hash_token};
 use atelier_server::{Manager, ManagerConfig};
@@ -65,6 +66,23 @@ pub struct ServeArgs {
     /// Wildcard domain of sandbox URLs: `sandbox-{id}.DOMAIN`, `dev-{name}-{id}.DOMAIN`.
     #[arg(long, env = "ATELIER_DOMAIN", default_value = "localhost")]
     pub domain: String,
+    /// Guest port `sandbox-{id}.DOMAIN` reaches (OpenCode's server by default).
+    #[arg(long, env = "ATELIER_SANDBOX_PORT", default_value_t = 4096)]
+    pub sandbox_port: u16,
+    /// Also serve API and proxy over TLS on this address (e.g. 0.0.0.0:443).
+    #[arg(long, env = "ATELIER_HTTPS_LISTEN")]
+    pub https_listen: Option<SocketAddr>,
+    /// Plain-HTTP listener that redirects to HTTPS and answers ACME HTTP-01
+    /// challenges (e.g. 0.0.0.0:80); needs --https-listen.
+    #[arg(long, env = "ATELIER_HTTP_LISTEN", requires = "https_listen")]
+    pub http_listen: Option<SocketAddr>,
+    /// Certificate chain (PEM) for --https-listen, e.g. a wildcard certificate;
+    /// without it a local CA in DATA/tls signs certificates (`atelier tls ca`).
+    #[arg(long, env = "ATELIER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "ATELIER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Runs the manager.
@@ -112,10 +130,17 @@ pub async fn run(g: &Global, args: ServeArgs) -> anyhow::Result<u8> {
         }
         Some(n)
     };
-    cfg.urls = atelier_server::manager::UrlBase {
-        domain: args.domain.to_ascii_lowercase(),
-        scheme: "http".into(),
-        port: Some(args.listen.port()).filter(|p| *p != 80),
+    cfg.urls = match args.https_listen {
+        Some(a) => atelier_server::manager::UrlBase {
+            domain: args.domain.to_ascii_lowercase(),
+            scheme: "https".into(),
+            port: Some(a.port()).filter(|p| *p != 443),
+        },
+        None => atelier_server::manager::UrlBase {
+            domain: args.domain.to_ascii_lowercase(),
+            scheme: "http".into(),
+            port: Some(args.listen.port()).filter(|p| *p != 80),
+        },
     };
     let mgr = Manager::open(cfg)
         .await
@@ -142,21 +167,94 @@ pub async fn run(g: &Global, args: ServeArgs) -> anyhow::Result<u8> {
         );
     }
     let hashes = store.token_hashes().await?;
+    let tls = match args.https_listen {
+        Some(_) => Some(tls_setup(g, &args)?),
+        None => None,
+    };
     let state = AppState {
         mgr: Arc::clone(&mgr),
         token_hashes: Arc::new(hashes),
         swagger_dir: Some(args.swagger_dir.clone()),
+        proxy: Some(Arc::new(ProxyState::new(&args.domain, args.sandbox_port))),
+        ca_pem: tls.as_ref().and_then(|t| t.1.clone()).map(Arc::new),
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let mut servers = tokio::task::JoinSet::new();
+    if let (Some(addr), Some((config, _))) = (args.https_listen, tls) {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let app = router(state.clone()).layer(axum::Extension(Tls));
+        tracing::info!(listen = %addr, "serving HTTPS");
+        servers.spawn(atelier_proxy::serve_tls(l, config, app, stopped()));
+        if let Some(plain) = args.http_listen {
+            let l = tokio::net::TcpListener::bind(plain)
+                .await
+                .with_context(|| format!("cannot listen on {plain}"))?;
+            let app = atelier_proxy::redirect_to_https(Default::default(), addr.port());
+            let stop = stopped();
+            servers.spawn(async move {
+                let _ = axum::serve(l, app).with_graceful_shutdown(stop).await;
+            });
+        }
+    }
     tracing::info!(listen = %args.listen, data_dir = %g.data_dir.display(), "atelier manager ready");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown_signal())
+    let stop = stopped();
+    servers.spawn(async move {
+        if let Err(e) = axum::serve(
+            listener,
+            router(state).into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop)
         .await
-        .context("http server")?;
+        {
+            tracing::error!(error = %e, "http server");
+        }
+    });
+    shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while servers.join_next().await.is_some() {}
+    })
+    .await;
     tracing::info!("manager stopped; sandboxes keep running and are adopted at the next start");
     Ok(0)
+}
+
+/// The TLS configuration: the user's certificate files, or leaves signed by the
+/// local CA in DATA/tls (whose PEM is returned for `atelier tls ca`).
+fn tls_setup(
+    g: &Global,
+    args: &ServeArgs,
+) -> anyhow::Result<(Arc<rustls::ServerConfig>, Option<String>)> {
+    let domain = args.domain.to_ascii_lowercase();
+    let (resolver, ca) = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => (
+            atelier_proxy::CertResolver::from_pem_files(c, k)
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+            None,
+        ),
+        _ => {
+            let ca = atelier_proxy::LocalCa::load_or_create(&g.data_dir.join("tls"))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let pem = ca.ca_pem();
+            let r = atelier_proxy::CertResolver::local(Arc::new(ca), &[&domain])
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            (r, Some(pem))
+        }
+    };
+    let config =
+        atelier_proxy::server_config(Arc::new(resolver)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok((config, ca))
 }
 
 async fn shutdown_signal() {

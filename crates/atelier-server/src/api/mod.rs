@@ -1,6 +1,8 @@
 //! The REST API under `/api/v1`, its bearer-token auth, error mapping and the
 //! OpenAPI document generated from the handlers.
 
+mod dev;
+pub mod proxy;
 pub mod pty;
 mod sandboxes;
 mod system;
@@ -21,6 +23,7 @@ use crate::Error;
 use crate::auth::{constant_time_eq, hash_token};
 use crate::manager::Manager;
 
+pub use dev::{DevStartBody, DevView};
 pub use sandboxes::{ExecBody, ExecEventView, SandboxView};
 pub use system::StatusView;
 
@@ -33,6 +36,10 @@ pub struct AppState {
     pub token_hashes: Arc<Vec<String>>,
     /// Where Swagger UI's static files are (npm `swagger-ui-dist`), if installed.
     pub swagger_dir: Option<std::path::PathBuf>,
+    /// Host-routed proxy to sandboxes and dev commands; None serves only the API.
+    pub proxy: Option<Arc<proxy::ProxyState>>,
+    /// The local CA's certificate (PEM), when TLS uses it.
+    pub ca_pem: Option<Arc<String>>,
 }
 
 /// The JSON body of every error response.
@@ -115,7 +122,7 @@ async fn require_token(
         sandboxes::list, sandboxes::create, sandboxes::show, sandboxes::delete,
         sandboxes::start, sandboxes::stop, sandboxes::pause, sandboxes::resume, sandboxes::fork, sandboxes::exec, sandboxes::upload,
         sandboxes::download, sandboxes::logs, sandboxes::metrics,
-        system::status, system::images,
+        system::status, system::images, dev::list, dev::start, dev::stop, dev::logs, dev::ca,
     ),
     components(schemas(ApiErrorBody)),
     modifiers(&BearerAuth),
@@ -162,6 +169,13 @@ pub fn router(state: AppState) -> Router {
         .route("/sandboxes/{id}/logs", get(sandboxes::logs))
         .route("/sandboxes/{id}/metrics", get(sandboxes::metrics))
         .route("/sandboxes/{id}/pty", get(pty::pty))
+        .route("/sandboxes/{id}/dev", get(dev::list).post(dev::start))
+        .route(
+            "/sandboxes/{id}/dev/{name}",
+            axum::routing::delete(dev::stop),
+        )
+        .route("/sandboxes/{id}/dev/{name}/logs", get(dev::logs))
+        .route("/tls/ca", get(dev::ca))
         .route("/status", get(system::status))
         .route("/images", get(system::images))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -176,5 +190,9 @@ pub fn router(state: AppState) -> Router {
                 "no such route; the API lives under /api/v1 (see /api/docs)",
             ))
         })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            proxy::dispatch,
+        ))
         .with_state(state)
 }

@@ -1,0 +1,179 @@
+//! Dev commands: the specs live in the store (what should run), the agent runs and
+//! supervises them (what does run), and the proxy's route table holds the ones
+//! whose port answers. A watcher refreshes the table every second, so a route
+//! appears when the server starts listening and disappears when it stops; after
+//! a cold boot or an agent restart it starts the stored commands again.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use atelier_agent_proto::{DevSpec, DevState, DevStatus};
+use atelier_core::SandboxId;
+
+use crate::Error;
+use crate::manager::Manager;
+
+/// Proxy routes: (sandbox, dev name) -> guest port, for listening dev commands.
+pub(crate) type DevRoutes = HashMap<(SandboxId, String), u16>;
+
+/// Checks a spec before it is stored or sent.
+pub fn validate_spec(spec: &DevSpec) -> Result<(), Error> {
+    if !atelier_agent_proto::valid_dev_name(&spec.name) {
+        return Err(Error::invalid(format!(
+            "dev command name {:?}: use 1-30 of a-z, 0-9 and '-', starting with a letter",
+            spec.name
+        )));
+    }
+    if spec.command.trim().is_empty() || spec.command.len() > 16 * 1024 {
+        return Err(Error::invalid(
+            "dev command: command must be 1 byte to 16 KiB",
+        ));
+    }
+    if spec.port == Some(0) {
+        return Err(Error::invalid("dev command: port must be 1-65535"));
+    }
+    if let Some(cwd) = &spec.cwd
+        && !cwd.starts_with('/')
+    {
+        return Err(Error::invalid(format!(
+            "dev command: cwd {cwd:?} must be an absolute path"
+        )));
+    }
+    if spec.env.len() > 256
+        || spec
+            .env
+            .iter()
+            .any(|(k, _)| k.is_empty() || k.contains('=') || k.contains('\0'))
+    {
+        return Err(Error::invalid(
+            "dev command: env names must be non-empty, without '=' (at most 256)",
+        ));
+    }
+    Ok(())
+}
+
+impl Manager {
+    /// Starts (or replaces) a dev command in a running sandbox and remembers it, so it
+    /// runs again after a restart.
+    pub async fn dev_start(&self, id_or_name: &str, spec: DevSpec) -> Result<DevStatus, Error> {
+        validate_spec(&spec)?;
+        let (rec, agent) = self.agent(id_or_name).await?;
+        let json = serde_json::to_string(&spec).map_err(|e| Error::internal(e.to_string()))?;
+        self.store
+            .put_dev_command(&rec.id, &spec.name, &json)
+            .await?;
+        agent
+            .dev_start(spec.clone())
+            .await
+            .map_err(Manager::agent_error)?;
+        tracing::info!(sandbox = %rec.id, dev = %spec.name, "dev command started");
+        self.refresh_dev_routes(&rec.id).await;
+        self.dev_status(&rec.id, &spec.name).await
+    }
+
+    /// Stops a dev command and forgets it (its logs stay readable).
+    pub async fn dev_stop(&self, id_or_name: &str, name: &str) -> Result<DevStatus, Error> {
+        let (rec, agent) = self.agent(id_or_name).await?;
+        let known = self.store.delete_dev_command(&rec.id, name).await?;
+        match agent.dev_stop(name).await {
+            Err(e) if !known => return Err(Manager::agent_error(e)),
+            Err(e) => tracing::warn!(sandbox = %rec.id, dev = name, error = %e, "dev stop"),
+            Ok(()) => {}
+        }
+        self.dev_routes().remove(&(rec.id.clone(), name.to_owned()));
+        self.dev_status(&rec.id, name).await
+    }
+
+    /// Statuses of a sandbox's dev commands, as the agent reports them.
+    pub async fn dev_list(&self, id_or_name: &str) -> Result<Vec<DevStatus>, Error> {
+        let (_rec, agent) = self.agent(id_or_name).await?;
+        agent.dev_list().await.map_err(Manager::agent_error)
+    }
+
+    async fn dev_status(&self, id: &SandboxId, name: &str) -> Result<DevStatus, Error> {
+        let (_rec, agent) = self.agent(id.as_str()).await?;
+        agent
+            .dev_list()
+            .await
+            .map_err(Manager::agent_error)?
+            .into_iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| Error::not_found(format!("no dev command named {name:?}")))
+    }
+
+    /// The proxy's upstream for `dev-{name}-{id}`, if that dev command listens.
+    pub fn dev_upstream(&self, id: &SandboxId, name: &str) -> Option<SocketAddr> {
+        let port = *self.dev_routes().get(&(id.clone(), name.to_owned()))?;
+        self.upstream(id, port)
+    }
+
+    /// The URL of a dev command through the proxy.
+    pub fn dev_url(&self, id: &SandboxId, name: &str) -> Option<String> {
+        self.net
+            .as_ref()
+            .map(|_| self.cfg.urls.url(&format!("dev-{name}-{id}")))
+    }
+
+    /// Re-reads a sandbox's dev commands from its agent: routes for the listening
+    /// ones; stored commands the agent does not run (cold boot, agent restart) are
+    /// started again.
+    pub(crate) async fn refresh_dev_routes(&self, id: &SandboxId) {
+        let Some(vm) = self.vm(id) else {
+            self.dev_routes().retain(|(s, _), _| s != id);
+            return;
+        };
+        let Ok(mut statuses) = vm.agent.dev_list().await else {
+            return;
+        };
+        let stored = self.store.dev_commands(Some(id)).await.unwrap_or_default();
+        let mut restarted = false;
+        for row in &stored {
+            let present = statuses
+                .iter()
+                .any(|s| s.name == row.name && !matches!(s.state, DevState::Stopped));
+            if present {
+                continue;
+            }
+            let Ok(spec) = serde_json::from_str::<DevSpec>(&row.spec) else {
+                tracing::warn!(sandbox = %id, dev = %row.name, "unreadable stored dev command");
+                continue;
+            };
+            match vm.agent.dev_start(spec).await {
+                Ok(()) => {
+                    tracing::info!(sandbox = %id, dev = %row.name, "dev command started again");
+                    restarted = true;
+                }
+                Err(e) => {
+                    tracing::warn!(sandbox = %id, dev = %row.name, error = %e, "cannot start dev command")
+                }
+            }
+        }
+        if restarted && let Ok(s) = vm.agent.dev_list().await {
+            statuses = s;
+        }
+        let mut routes = self.dev_routes();
+        routes.retain(|(s, _), _| s != id);
+        for s in statuses {
+            if let (true, Some(port)) = (s.listening && s.state != DevState::Stopped, s.port) {
+                routes.insert((id.clone(), s.name), port);
+            }
+        }
+    }
+
+    /// Refreshes every online sandbox's routes once a second.
+    pub(crate) fn spawn_dev_watcher(self: &Arc<Self>) {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let ids: Vec<SandboxId> = me.online_ids();
+                for id in &ids {
+                    me.refresh_dev_routes(id).await;
+                }
+                me.dev_routes().retain(|(s, _), _| ids.contains(s));
+            }
+        });
+    }
+}
