@@ -49,4 +49,38 @@ pub enum ProxyError {
     /// rustls rejected the certificate, key or protocol configuration.
     #[error("building the TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    /// The ACME configuration is unusable (names, challenge type, directory URL, hook).
+    #[error("invalid ACME configuration: {reason}")]
+    AcmeConfig {
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
+    /// Creating, loading or storing the ACME account failed.
+    #[error("ACME account at {directory_url} failed: {reason}")]
+    AcmeAccount {
+        /// The ACME directory the account belongs to.
+        directory_url: String,
+        /// The server's problem detail or the local failure.
+        reason: String,
+    },
+    /// Ordering a certificate failed (challenge, validation, finalisation or download).
+    #[error("ACME order for {names} failed: {reason}")]
+    AcmeOrder {
+        /// The names the certificate was ordered for, comma-separated.
+        names: String,
+        /// The server's problem detail or the local failure.
+        reason: String,
+    },
+    /// The DNS-01 hook did not publish or remove a TXT record.
+    #[error("DNS-01 hook {hook} {action} {record} failed: {reason}")]
+    AcmeHook {
+        /// The hook executable.
+        hook: PathBuf,
+        /// `add` or `remove`.
+        action: &'static str,
+        /// The TXT record name, e.g. `_acme-challenge.example.com`.
+        record: String,
+        /// Exit status, spawn error or timeout.
+        reason: String,
+    },
 }

@@ -1,12 +1,13 @@
 //! TLS certificates: a local certificate authority for development (leaf certificates
-//! issued on demand per SNI name) or a static certificate the operator brings.
+//! issued on demand per SNI name), a static certificate the operator brings, or an ACME
+//! certificate swapped in at runtime when it is renewed.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -34,7 +35,7 @@ const LEAF_DAYS: i64 = 397;
 const CA_DAYS: i64 = 3650;
 
 /// The crypto provider everything here uses: ring, so no cmake-built aws-lc is needed.
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -146,7 +147,7 @@ fn key_der(key: &KeyPair) -> PrivateKeyDer<'static> {
     PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()))
 }
 
-fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), ProxyError> {
+pub(crate) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), ProxyError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let err = |source| ProxyError::WriteFile {
         path: path.to_owned(),
@@ -162,14 +163,14 @@ fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), ProxyErro
     Ok(())
 }
 
-fn read_string(path: &Path) -> Result<String, ProxyError> {
+pub(crate) fn read_string(path: &Path) -> Result<String, ProxyError> {
     std::fs::read_to_string(path).map_err(|source| ProxyError::ReadFile {
         path: path.to_owned(),
         source,
     })
 }
 
-fn parse_err(path: &Path, reason: impl fmt::Display) -> ProxyError {
+pub(crate) fn parse_err(path: &Path, reason: impl fmt::Display) -> ProxyError {
     ProxyError::ParsePem {
         path: path.to_owned(),
         reason: reason.to_string(),
@@ -183,16 +184,14 @@ fn issue_err(name: &str, source: rcgen::Error) -> ProxyError {
     }
 }
 
-/// Picks the certificate for each TLS handshake from its SNI name.
+/// Picks the certificate for each TLS handshake: one fixed certificate (brought by the
+/// operator or obtained by ACME, replaceable at runtime) or, without one, a leaf issued by
+/// the local CA for the SNI name.
 #[derive(Debug)]
 pub struct CertResolver {
-    inner: Inner,
-}
-
-#[derive(Debug)]
-enum Inner {
-    Local(Box<LocalIssuer>),
-    Static(Arc<CertifiedKey>),
+    local: Option<Box<LocalIssuer>>,
+    /// Served for every handshake when set; swapped by [`CertResolver::set_certified_key`].
+    fixed: RwLock<Option<Arc<CertifiedKey>>>,
 }
 
 /// State for on-demand issuance. One leaf key is shared by all leaves: generating a key
@@ -263,7 +262,7 @@ impl CertResolver {
         let default_der = ca.issue(&[main.clone(), format!("*.{main}")], &leaf_key)?;
         let default = Arc::new(CertifiedKey::new(vec![default_der], signing_key.clone()));
         Ok(Self {
-            inner: Inner::Local(Box::new(LocalIssuer {
+            local: Some(Box::new(LocalIssuer {
                 ca,
                 domains,
                 leaf_key,
@@ -271,7 +270,32 @@ impl CertResolver {
                 default,
                 cache: Mutex::default(),
             })),
+            fixed: RwLock::new(None),
         })
+    }
+
+    /// Serves `cert` (a chain and its signing key, e.g. from ACME) for every handshake
+    /// until [`CertResolver::set_certified_key`] replaces it.
+    pub fn from_certified_key(cert: Arc<CertifiedKey>) -> Self {
+        Self {
+            local: None,
+            fixed: RwLock::new(Some(cert)),
+        }
+    }
+
+    /// Replaces the certificate served from now on (e.g. after an ACME renewal); handshakes
+    /// already under way keep the old one. On a local-CA resolver this takes precedence
+    /// over the issued leaves.
+    pub fn set_certified_key(&self, cert: Arc<CertifiedKey>) {
+        *self.fixed.write().unwrap_or_else(PoisonError::into_inner) = Some(cert);
+    }
+
+    /// The fixed certificate currently served, if any (none for a plain local-CA resolver).
+    pub fn certified_key(&self) -> Option<Arc<CertifiedKey>> {
+        self.fixed
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Serves one certificate chain and key from PEM files (e.g. an operator's wildcard
@@ -285,23 +309,32 @@ impl CertResolver {
             path: key_path.to_owned(),
             source,
         })?;
-        let chain = CertificateDer::pem_slice_iter(&cert_pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| parse_err(cert_path, e))?;
-        if chain.is_empty() {
-            return Err(parse_err(cert_path, "no CERTIFICATE block found"));
-        }
-        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| parse_err(key_path, e))?;
-        let certified = CertifiedKey::from_der(chain, key, &provider()).map_err(|e| {
-            parse_err(
-                key_path,
-                format!("{e} (does the key belong to {})?", cert_path.display()),
-            )
-        })?;
-        Ok(Self {
-            inner: Inner::Static(Arc::new(certified)),
-        })
+        let certified = certified_key_from_pem(&cert_pem, cert_path, &key_pem, key_path)?;
+        Ok(Self::from_certified_key(Arc::new(certified)))
     }
+}
+
+/// Builds a certified key from a PEM chain and a PEM private key; the paths only name the
+/// inputs in errors. Fails when the key does not belong to the leaf certificate.
+pub(crate) fn certified_key_from_pem(
+    cert_pem: &[u8],
+    cert_path: &Path,
+    key_pem: &[u8],
+    key_path: &Path,
+) -> Result<CertifiedKey, ProxyError> {
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| parse_err(cert_path, e))?;
+    if chain.is_empty() {
+        return Err(parse_err(cert_path, "no CERTIFICATE block found"));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| parse_err(key_path, e))?;
+    CertifiedKey::from_der(chain, key, &provider()).map_err(|e| {
+        parse_err(
+            key_path,
+            format!("{e} (does the key belong to {})?", cert_path.display()),
+        )
+    })
 }
 
 impl LocalIssuer {
@@ -338,10 +371,12 @@ impl LocalIssuer {
 
 impl ResolvesServerCert for CertResolver {
     fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        match &self.inner {
-            Inner::Static(cert) => Some(cert.clone()),
-            Inner::Local(local) => Some(local.resolve(client_hello.server_name())),
+        if let Some(cert) = self.certified_key() {
+            return Some(cert);
         }
+        self.local
+            .as_ref()
+            .map(|local| local.resolve(client_hello.server_name()))
     }
 }
 
@@ -402,9 +437,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = Arc::new(LocalCa::load_or_create(dir.path()).unwrap());
         let r = CertResolver::local(ca, &["localhost", "Example.Test."]).unwrap();
-        let Inner::Local(local) = &r.inner else {
-            panic!("local")
-        };
+        let local = r.local.as_deref().expect("local");
         for ok in [
             "localhost",
             "a.localhost",
@@ -443,7 +476,7 @@ mod tests {
         let key = write("key.pem", a.signing_key.serialize_pem());
         let other = write("other.pem", b.serialize_pem());
         let r = CertResolver::from_pem_files(&cert, &key).unwrap();
-        assert!(matches!(r.inner, Inner::Static(_)));
+        assert!(r.local.is_none() && r.certified_key().is_some());
         let err = CertResolver::from_pem_files(&cert, &other).unwrap_err();
         assert!(matches!(err, ProxyError::ParsePem { .. }), "{err}");
         let err = CertResolver::from_pem_files(&key, &key).unwrap_err();
@@ -454,13 +487,32 @@ mod tests {
     }
 
     #[test]
+    fn set_certified_key_replaces_the_served_certificate() {
+        let certified = |name: &str| {
+            let c = rcgen::generate_simple_self_signed(vec![name.into()]).unwrap();
+            let key = PrivateKeyDer::Pkcs8(c.signing_key.serialize_der().into());
+            Arc::new(CertifiedKey::from_der(vec![c.cert.der().clone()], key, &provider()).unwrap())
+        };
+        let (a, b) = (certified("a.example.test"), certified("b.example.test"));
+        let r = CertResolver::from_certified_key(a.clone());
+        assert!(Arc::ptr_eq(&r.certified_key().unwrap(), &a));
+        r.set_certified_key(b.clone());
+        assert!(Arc::ptr_eq(&r.certified_key().unwrap(), &b));
+
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Arc::new(LocalCa::load_or_create(dir.path()).unwrap());
+        let local = CertResolver::local(ca, &["localhost"]).unwrap();
+        assert!(local.certified_key().is_none());
+        local.set_certified_key(a.clone());
+        assert!(Arc::ptr_eq(&local.certified_key().unwrap(), &a));
+    }
+
+    #[test]
     fn cache_evicts_least_recently_used() {
         let dir = tempfile::tempdir().unwrap();
         let ca = Arc::new(LocalCa::load_or_create(dir.path()).unwrap());
         let r = CertResolver::local(ca, &["localhost"]).unwrap();
-        let Inner::Local(local) = &r.inner else {
-            panic!("local")
-        };
+        let local = r.local.as_deref().expect("local");
         let mut cache = Cache::default();
         for i in 0..CACHE_CAP {
             cache.insert(format!("n{i}"), local.default.clone());

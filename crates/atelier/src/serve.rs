@@ -83,6 +83,27 @@ pub struct ServeArgs {
     /// Private key (PEM) of --tls-cert.
     #[arg(long, env = "ATELIER_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Get certificates from this ACME directory (e.g. Let's Encrypt:
+    /// https://acme-v02.api.letsencrypt.org/directory); state in DATA/acme.
+    #[arg(
+        long,
+        env = "ATELIER_ACME_DIRECTORY",
+        requires = "https_listen",
+        conflicts_with = "tls_cert"
+    )]
+    pub acme_directory: Option<String>,
+    /// Contact e-mail for the ACME account.
+    #[arg(long, env = "ATELIER_ACME_EMAIL")]
+    pub acme_email: Option<String>,
+    /// DNS-01 hook: an executable called as `HOOK add|remove NAME VALUE` that sets
+    /// the TXT record; with it the certificate is a wildcard (DOMAIN and *.DOMAIN)
+    /// covering every sandbox URL. Without it, HTTP-01 through --http-listen (port
+    /// 80) certifies DOMAIN only.
+    #[arg(long, env = "ATELIER_ACME_DNS_HOOK")]
+    pub acme_dns_hook: Option<PathBuf>,
+    /// Extra root certificates (PEM) to trust for the ACME server (a private CA).
+    #[arg(long, env = "ATELIER_ACME_ROOT")]
+    pub acme_root: Vec<PathBuf>,
 }
 
 /// Runs the manager.
@@ -167,8 +188,29 @@ pub async fn run(g: &Global, args: ServeArgs) -> anyhow::Result<u8> {
         );
     }
     let hashes = store.token_hashes().await?;
+    // The plain listener comes first: ACME HTTP-01 validation reaches it.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let mut servers = tokio::task::JoinSet::new();
+    let challenges = atelier_proxy::AcmeChallenges::default();
+    if let (Some(plain), Some(https)) = (args.http_listen, args.https_listen) {
+        let l = tokio::net::TcpListener::bind(plain)
+            .await
+            .with_context(|| format!("cannot listen on {plain}"))?;
+        let app = atelier_proxy::redirect_to_https(challenges.clone(), https.port());
+        let stop = stopped();
+        tracing::info!(listen = %plain, "serving HTTP redirects and ACME challenges");
+        servers.spawn(async move {
+            let _ = axum::serve(l, app).with_graceful_shutdown(stop).await;
+        });
+    }
     let tls = match args.https_listen {
-        Some(_) => Some(tls_setup(g, &args)?),
+        Some(_) => Some(tls_setup(g, &args, challenges).await?),
         None => None,
     };
     let state = AppState {
@@ -181,14 +223,6 @@ pub async fn run(g: &Global, args: ServeArgs) -> anyhow::Result<u8> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
-    let mut servers = tokio::task::JoinSet::new();
     if let (Some(addr), Some((config, _))) = (args.https_listen, tls) {
         let l = tokio::net::TcpListener::bind(addr)
             .await
@@ -196,16 +230,6 @@ pub async fn run(g: &Global, args: ServeArgs) -> anyhow::Result<u8> {
         let app = router(state.clone()).layer(axum::Extension(Tls));
         tracing::info!(listen = %addr, "serving HTTPS");
         servers.spawn(atelier_proxy::serve_tls(l, config, app, stopped()));
-        if let Some(plain) = args.http_listen {
-            let l = tokio::net::TcpListener::bind(plain)
-                .await
-                .with_context(|| format!("cannot listen on {plain}"))?;
-            let app = atelier_proxy::redirect_to_https(Default::default(), addr.port());
-            let stop = stopped();
-            servers.spawn(async move {
-                let _ = axum::serve(l, app).with_graceful_shutdown(stop).await;
-            });
-        }
     }
     tracing::info!(listen = %args.listen, data_dir = %g.data_dir.display(), "atelier manager ready");
     let stop = stopped();
@@ -230,13 +254,47 @@ pub async fn run(g: &Global, args: ServeArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// The TLS configuration: the user's certificate files, or leaves signed by the
-/// local CA in DATA/tls (whose PEM is returned for `atelier tls ca`).
-fn tls_setup(
+/// The TLS configuration: an ACME certificate (renewed in the background), the
+/// user's certificate files, or leaves signed by the local CA in DATA/tls (whose
+/// PEM is returned for `atelier tls ca`).
+async fn tls_setup(
     g: &Global,
     args: &ServeArgs,
+    challenges: atelier_proxy::AcmeChallenges,
 ) -> anyhow::Result<(Arc<rustls::ServerConfig>, Option<String>)> {
     let domain = args.domain.to_ascii_lowercase();
+    if let Some(dir) = &args.acme_directory {
+        let (names, challenge) = match &args.acme_dns_hook {
+            Some(hook) => (
+                vec![domain.clone(), format!("*.{domain}")],
+                atelier_proxy::AcmeChallenge::Dns01 { hook: hook.clone() },
+            ),
+            None => {
+                if args.http_listen.is_none() {
+                    anyhow::bail!(
+                        "ACME without --acme-dns-hook uses HTTP-01, which needs --http-listen (port 80 reachable from the internet)"
+                    );
+                }
+                tracing::warn!(
+                    "ACME HTTP-01 certifies {domain} only; sandbox URLs need a wildcard certificate (--acme-dns-hook)"
+                );
+                (vec![domain.clone()], atelier_proxy::AcmeChallenge::Http01)
+            }
+        };
+        let mut cfg =
+            atelier_proxy::AcmeConfig::new(dir.clone(), names, challenge, g.data_dir.join("acme"));
+        cfg.contact = args.acme_email.clone();
+        cfg.extra_roots = args.acme_root.clone();
+        let acme = Arc::new(
+            atelier_proxy::AcmeManager::new(cfg, challenges).map_err(|e| anyhow::anyhow!("{e}"))?,
+        );
+        tracing::info!(directory = %dir, "obtaining the ACME certificate");
+        let key = acme.ensure().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let resolver = Arc::new(atelier_proxy::CertResolver::from_certified_key(key));
+        tokio::spawn(Arc::clone(&acme).run_renewals(Arc::clone(&resolver)));
+        let config = atelier_proxy::server_config(resolver).map_err(|e| anyhow::anyhow!("{e}"))?;
+        return Ok((config, None));
+    }
     let (resolver, ca) = match (&args.tls_cert, &args.tls_key) {
         (Some(c), Some(k)) => (
             atelier_proxy::CertResolver::from_pem_files(c, k)

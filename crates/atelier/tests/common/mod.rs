@@ -129,7 +129,7 @@ impl NetSlot {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -184,6 +184,8 @@ impl Server {
             .env("ATELIER_LOG", "info,atelier_server=debug")
             .env("ATELIER_RECONCILE_SECS", "2")
             .env("ATELIER_BRIDGE", &self.net.bridge)
+            // Never a resolver off this machine; tests that resolve names run their own.
+            .env("ATELIER_DNS_UPSTREAM", "127.0.0.1:9")
             .env("ATELIER_SUBNET", &self.net.subnet)
             .env_remove("ATELIER_TOKEN")
             .stdin(Stdio::null())
@@ -430,5 +432,109 @@ pub fn http_ok(url: &str) -> std::io::Result<bool> {
     )?;
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
-    Ok(buf.starts_with("HTTP/1.1 200"))
+    // HTTP/1.0 servers (Python's http.server) answer with their own version.
+    Ok(buf.starts_with("HTTP/1.") && buf.get(8..13) == Some(" 200 "))
+}
+
+/// A "public" network the tests own: a network namespace joined to the host by a
+/// veth pair, with an HTTP server answering on two addresses (198.18.{slot}.2 and
+/// .3, benchmark space that the default blocked ranges do not cover). Nothing
+/// leaves the machine.
+pub struct PublicNet {
+    pub ns: String,
+    pub host_ip: String,
+    pub ip_a: String,
+    pub ip_b: String,
+    server: Child,
+    _dir: tempfile::TempDir,
+    _slot: NetSlot,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl PublicNet {
+    /// Creates the namespace (on a slot of its own) and starts the server on port
+    /// 8080, serving `hello.txt` = "public-ok".
+    pub fn start() -> PublicNet {
+        let slot_lock = NetSlot::claim();
+        let slot = slot_lock.slot;
+        let ns = format!("atlpub{slot}");
+        let host_if = format!("atlpv{slot}");
+        let _ = Command::new("ip")
+            .args(["netns", "del", &ns])
+            .stderr(Stdio::null())
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &host_if])
+            .stderr(Stdio::null())
+            .status();
+        let (host_ip, ip_a, ip_b) = (
+            format!("198.18.{slot}.1"),
+            format!("198.18.{slot}.2"),
+            format!("198.18.{slot}.3"),
+        );
+        ip(&["netns", "add", &ns]);
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", "pub0", "netns", &ns,
+        ]);
+        ip(&["addr", "add", &format!("{host_ip}/29"), "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        for (a, d) in [(&ip_a, "pub0"), (&ip_b, "pub0")] {
+            ip(&["-n", &ns, "addr", "add", &format!("{a}/29"), "dev", d]);
+        }
+        ip(&["-n", &ns, "link", "set", "pub0", "up"]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("hello.txt"), "public-ok\n").unwrap();
+        let server = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "python3",
+                "-m",
+                "http.server",
+                "8080",
+                "--bind",
+                "0.0.0.0",
+                "--directory",
+            ])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while !http_ok(&format!("http://{ip_a}:8080/hello.txt")).unwrap_or(false) {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "public server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        PublicNet {
+            ns,
+            host_ip,
+            ip_a,
+            ip_b,
+            server,
+            _dir: dir,
+            _slot: slot_lock,
+        }
+    }
+}
+
+impl Drop for PublicNet {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
 }
