@@ -58,7 +58,7 @@ pub struct Global {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the manager (API, reconcile loop) in the foreground.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Create and drive sandboxes.
     #[command(subcommand)]
     Sandbox(commands::SandboxCmd),
@@ -117,7 +117,7 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve::run(&cli.global, args).await,
+            Command::Serve(args) => serve::run(&cli.global, *args).await,
             Command::Sandbox(cmd) => commands::sandbox(&cli.global, cmd).await,
             Command::Shell(args) => shell::run(&cli.global, args).await,
             Command::Dev(cmd) => dev::run(&cli.global, cmd).await,
