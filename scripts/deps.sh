@@ -17,7 +17,11 @@ need_update=1
 # Refresh package lists at most once an hour (the image builder resolves kernel versions from them).
 if [ -n "$(find /var/lib/apt/lists -maxdepth 1 -name '*backports*Packages*' -mmin -60 2>/dev/null)" ]; then need_update=0; fi
 [ "$need_update" = 1 ] && apt-get update -q
-pkgs=(debootstrap xfsprogs e2fsprogs busybox-static cpio xz-utils zstd qemu-utils sqlite3 util-linux mount ca-certificates tmux)
+# Networking: iproute2 and nftables (bridge, TAPs, NAT, egress rules); the tests
+# also run python3 servers in network namespaces, curl, and a local ACME server
+# (pebble).
+pkgs=(debootstrap xfsprogs e2fsprogs busybox-static cpio xz-utils zstd qemu-utils sqlite3 util-linux mount ca-certificates tmux
+      iproute2 nftables python3 curl pebble)
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 [ ${#missing[@]} -eq 0 ] || apt-get install -y -q "${missing[@]}"

@@ -86,6 +86,7 @@ impl Manager {
                 SandboxState::Deleting => {
                     tracing::warn!(sandbox = %id, "delete was interrupted; finishing it");
                     self.reclaim(&id, &[RES_PROCESS, RES_DISK, RES_DIR]).await?;
+                    self.store.delete_dev_commands(&id).await?;
                     self.store
                         .transition(&id, SandboxState::Deleted, "reconcile", None)
                         .await?;
@@ -222,6 +223,7 @@ impl Manager {
                 let _ = std::fs::remove_dir_all(&path);
             }
         }
+        self.reconcile_network(&with_vm).await?;
         for disk in self.pool.list_disks()? {
             let stem = disk
                 .file_stem()
@@ -230,6 +232,42 @@ impl Manager {
             if !live.contains(&stem) && !journaled.contains(&disk.display().to_string()) {
                 tracing::warn!(path = %disk.display(), "removing orphaned disk");
                 self.pool.remove_disk(&disk)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// TAPs on our bridge whose sandbox has no VM, and firewall elements of
+    /// addresses nobody leases (e.g. after the database was restored from backup).
+    async fn reconcile_network(&self, with_vm: &HashSet<String>) -> Result<(), Error> {
+        let Some(net) = &self.net else {
+            return Ok(());
+        };
+        for port in net.links.ports().await? {
+            // TAP `atl<10 chars>` belongs to sandbox `sb-<10 chars>`.
+            let id = format!("sb-{}", port.get(3..).unwrap_or(""));
+            if with_vm.contains(&id) {
+                continue;
+            }
+            if let Some(sid) = atelier_core::SandboxId::parse(&id)
+                && self.try_lock(&sid).is_none()
+            {
+                continue; // an operation in flight owns it
+            }
+            tracing::warn!(tap = %port, "removing orphaned TAP");
+            net.links.delete(&port).await?;
+        }
+        let leased: HashSet<std::net::Ipv4Addr> = self
+            .store
+            .leases()
+            .await?
+            .into_iter()
+            .map(|(ip, _)| ip)
+            .collect();
+        for ip in net.fw.known_addresses().await? {
+            if !leased.contains(&ip) {
+                tracing::warn!(%ip, "forgetting firewall state of an unleased address");
+                net.forget(ip).await?;
             }
         }
         Ok(())

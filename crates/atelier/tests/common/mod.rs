@@ -80,6 +80,7 @@ impl NetSlot {
     pub fn ports(&self) -> Vec<String> {
         let out = Command::new("ip")
             .args(["-o", "link", "show", "master", &self.bridge])
+            .stderr(Stdio::null())
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout)
