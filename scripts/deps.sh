@@ -21,7 +21,7 @@ if [ -n "$(find /var/lib/apt/lists -maxdepth 1 -name '*backports*Packages*' -mmi
 # also run python3 servers in network namespaces, curl, and a local ACME server
 # (pebble).
 pkgs=(debootstrap xfsprogs e2fsprogs busybox-static cpio xz-utils zstd qemu-utils sqlite3 util-linux mount ca-certificates tmux
-      iproute2 nftables python3 curl pebble)
+      iproute2 nftables python3 curl pebble git)
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 [ ${#missing[@]} -eq 0 ] || apt-get install -y -q "${missing[@]}"

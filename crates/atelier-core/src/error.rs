@@ -79,17 +79,21 @@ impl ErrorKind {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {field}: {reason}")]
 pub struct ValidationError {
-    /// The field that was wrong, named as in the API.
-    pub field: &'static str,
+    /// The field that was wrong, named as in the API; a path into a document such
+    /// as `repos[1].path` for nested input.
+    pub field: std::borrow::Cow<'static, str>,
     /// Why, including the accepted range or form.
     pub reason: String,
 }
 
 impl ValidationError {
     /// A validation error for `field`.
-    pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
+    pub fn new(
+        field: impl Into<std::borrow::Cow<'static, str>>,
+        reason: impl Into<String>,
+    ) -> Self {
         Self {
-            field,
+            field: field.into(),
             reason: reason.into(),
         }
     }

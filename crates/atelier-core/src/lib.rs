@@ -7,10 +7,15 @@
 pub mod egress;
 mod error;
 mod sandbox;
+pub mod workspace;
 
 pub use egress::{DomainPattern, EgressPolicy, MAX_EGRESS_DOMAINS};
 pub use error::{ErrorKind, ValidationError};
 pub use sandbox::{
     MAX_MEMORY_MIB, MAX_MOUNTS, MAX_VCPUS, MIN_MEMORY_MIB, MIN_VCPUS, MountSpec, Owner, SandboxId,
     SandboxSpec, SandboxState, validate_name,
+};
+pub use workspace::{
+    RepoSpec, Resources, SecretFile, SecretRef, WorkspaceDev, WorkspaceSecrets, WorkspaceSpec,
+    validate_secret_name,
 };

@@ -171,6 +171,10 @@ pub struct SandboxSpec {
     /// What the guest may reach on the network.
     #[serde(default)]
     pub egress: crate::EgressPolicy,
+    /// Spawn from this workspace's newest ready prebuild (its shape and egress
+    /// policy replace the ones above).
+    #[serde(default)]
+    pub workspace: Option<String>,
 }
 
 /// Most host folders one sandbox may share.
@@ -358,6 +362,7 @@ mod tests {
             mount_owner: None,
             cold_boot: false,
             egress: Default::default(),
+            workspace: None,
         };
         assert!(ok.validate().is_ok());
         for (v, m, field) in [
@@ -396,6 +401,7 @@ mod tests {
             mount_owner: None,
             cold_boot: false,
             egress: Default::default(),
+            workspace: None,
         };
         assert!(
             spec(vec![MountSpec::parse("/a:/w").unwrap()])

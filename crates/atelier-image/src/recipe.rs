@@ -220,8 +220,16 @@ const MINIMAL: Recipe = Recipe {
     description: "Debian bookworm minbase with the agent; for tests",
     suite: "bookworm",
     variant: "minbase",
-    // python3: the tests' dev servers (HTTP, WebSocket echo) run on it.
-    packages: &["ca-certificates", "iproute2", "kmod", "procps", "python3"],
+    // python3: the tests' dev servers (HTTP, WebSocket echo) run on it; git: the
+    // prebuild tests clone repos in the guest.
+    packages: &[
+        "ca-certificates",
+        "git",
+        "iproute2",
+        "kmod",
+        "procps",
+        "python3",
+    ],
     // The generic kernel, not the cloud one: only it has 9p (host folder sharing
     // with QEMU's built-in virtio-9p; the cloud kernel has virtiofs, which needs a
     // virtiofsd Debian 12 does not package). Hardware drivers are pruned below.

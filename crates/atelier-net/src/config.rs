@@ -84,12 +84,18 @@ impl NetConfig {
         Ipv4Addr::from(u32::from(self.subnet.network()) + 1)
     }
 
-    /// First and last guest addresses (as integers, for the lease pool).
+    /// First and last guest addresses (as integers, for the lease pool). The last
+    /// host address is kept for the prebuild builder.
     pub fn guest_range(&self) -> (u32, u32) {
         (
             u32::from(self.subnet.network()) + 2,
-            u32::from(self.subnet.broadcast()) - 1,
+            u32::from(self.subnet.broadcast()) - 2,
         )
+    }
+
+    /// The address of the VM that builds prebuilds (one build at a time).
+    pub fn builder_address(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.subnet.broadcast()) - 1)
     }
 
     /// Name of this manager's nftables tables (inet and bridge families).
@@ -127,7 +133,8 @@ mod tests {
         assert_eq!(c.gateway(), Ipv4Addr::new(10, 88, 0, 1));
         let (a, b) = c.guest_range();
         assert_eq!(Ipv4Addr::from(a), Ipv4Addr::new(10, 88, 0, 2));
-        assert_eq!(Ipv4Addr::from(b), Ipv4Addr::new(10, 88, 255, 254));
+        assert_eq!(Ipv4Addr::from(b), Ipv4Addr::new(10, 88, 255, 253));
+        assert_eq!(c.builder_address(), Ipv4Addr::new(10, 88, 255, 254));
         assert_eq!(c.table(), "atelier_atl0");
         assert_eq!(tap_name("sb-abcdefghij"), "atlabcdefghij");
         assert_eq!(

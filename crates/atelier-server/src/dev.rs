@@ -140,6 +140,7 @@ impl Manager {
                 tracing::warn!(sandbox = %id, dev = %row.name, "unreadable stored dev command");
                 continue;
             };
+            let spec = self.with_workspace_secrets(id, spec).await;
             match vm.agent.dev_start(spec).await {
                 Ok(()) => {
                     tracing::info!(sandbox = %id, dev = %row.name, "dev command started again");

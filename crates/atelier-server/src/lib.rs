@@ -11,8 +11,11 @@ pub mod dev;
 mod error;
 pub mod manager;
 mod network;
+pub mod prebuild;
 mod reconcile;
+pub mod secrets;
 mod templates;
+mod workspaces;
 
 pub use error::Error;
 pub use manager::{Manager, ManagerConfig};

@@ -54,6 +54,8 @@ pub struct ManagerConfig {
     pub network: Option<atelier_net::NetConfig>,
     /// How sandboxes' URLs look (the proxy's public side).
     pub urls: UrlBase,
+    /// How often prebuilds are checked for new commits.
+    pub prebuild_check_interval: Duration,
 }
 
 /// The public side of the proxy: `{scheme}://sandbox-{id}.{domain}{:port}/`.
@@ -89,6 +91,7 @@ impl ManagerConfig {
             storage: BackendChoice::Auto,
             reconcile_interval: Duration::from_secs(30),
             network: Some(atelier_net::NetConfig::new()),
+            prebuild_check_interval: Duration::from_secs(1800),
             urls: UrlBase {
                 domain: "localhost".into(),
                 scheme: "http".into(),
@@ -152,6 +155,15 @@ pub struct Manager {
     online: StdMutex<HashMap<SandboxId, std::net::Ipv4Addr>>,
     /// Listening dev commands, for the proxy.
     dev_routes: StdMutex<crate::dev::DevRoutes>,
+    /// Prebuilds build one at a time.
+    pub(crate) prebuild_lock: Mutex<()>,
+}
+
+/// What a sandbox spawned from a workspace starts from.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkspaceSpawn {
+    pub(crate) template: crate::templates::Template,
+    pub(crate) spec: atelier_core::workspace::WorkspaceSpec,
 }
 
 fn lock_map<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -185,6 +197,7 @@ impl Manager {
             net,
             online: StdMutex::new(HashMap::new()),
             dev_routes: StdMutex::new(HashMap::new()),
+            prebuild_lock: Mutex::new(()),
             cfg,
             store,
             pool,
@@ -233,6 +246,7 @@ impl Manager {
         if self.net.is_some() {
             self.spawn_dev_watcher();
         }
+        self.spawn_prebuild_checker();
     }
 
     /// The store.
@@ -364,9 +378,34 @@ impl Manager {
     /// without, it returns the `creating` record at once.
     pub async fn create(
         self: &Arc<Self>,
-        spec: SandboxSpec,
+        mut spec: SandboxSpec,
         wait: bool,
     ) -> Result<SandboxRecord, Error> {
+        // A workspace decides the shape and starts from its newest ready prebuild.
+        let spawn = match spec.workspace.clone() {
+            Some(w) => {
+                let (_rec, ws) = self.load_workspace(&w).await?;
+                let pb = self.newest_ready_prebuild(&w).await?.ok_or_else(|| {
+                    Error::conflict(format!(
+                        "workspace {w} has no ready prebuild yet; run `atelier prebuild create {w}`"
+                    ))
+                })?;
+                spec.image = ws.image.clone();
+                spec.vcpus = ws.resources.vcpus;
+                spec.memory_mib = ws.resources.memory_mib;
+                spec.egress = ws.egress.clone();
+                if !spec.mounts.is_empty() {
+                    return Err(Error::invalid(
+                        "mounts cannot be combined with --workspace (the prebuild's device model has none)",
+                    ));
+                }
+                Some(Arc::new(WorkspaceSpawn {
+                    template: crate::templates::Template::at(&self.prebuilds_dir().join(&pb.id)),
+                    spec: ws,
+                }))
+            }
+            None => None,
+        };
         spec.validate()?;
         let image = self.image(&spec.image)?;
         let now = now_ms();
@@ -402,6 +441,9 @@ impl Manager {
         }
         let guard = self.lock(&rec.id).await;
         self.store.insert_sandbox(&rec).await?;
+        if let Some(w) = &spec.workspace {
+            self.store.set_sandbox_workspace(&rec.id, w).await?;
+        }
         tracing::info!(sandbox = %rec.id, name = %rec.name, "creating sandbox");
         let me = Arc::clone(self);
         let id = rec.id.clone();
@@ -410,7 +452,7 @@ impl Manager {
         let use_snapshot = !spec.cold_boot;
         let task = tokio::spawn(async move {
             let _guard = guard;
-            me.provision(&id, &image, true, use_snapshot).await
+            me.provision(&id, &image, true, use_snapshot, spawn).await
         });
         if !wait {
             return Ok(rec);
@@ -442,7 +484,7 @@ impl Manager {
         let id = rec.id.clone();
         let task = tokio::spawn(async move {
             let _guard = guard;
-            me.provision(&id, &image, false, false).await
+            me.provision(&id, &image, false, false, None).await
         });
         if !wait {
             return Ok(rec);
@@ -459,9 +501,13 @@ impl Manager {
         image: &atelier_image::Image,
         fresh: bool,
         use_snapshot: bool,
+        spawn: Option<Arc<WorkspaceSpawn>>,
     ) -> Result<SandboxRecord, Error> {
         let started = Instant::now();
-        match self.provision_inner(id, image, fresh, use_snapshot).await {
+        match self
+            .provision_inner(id, image, fresh, use_snapshot, spawn)
+            .await
+        {
             Ok(()) => {
                 let ms = started.elapsed().as_millis() as i64;
                 self.store.set_boot_ms(id, ms).await?;
@@ -502,6 +548,7 @@ impl Manager {
         image: &atelier_image::Image,
         fresh: bool,
         use_snapshot: bool,
+        spawn: Option<Arc<WorkspaceSpawn>>,
     ) -> Result<(), Error> {
         let rec = self.store.get_sandbox(id).await?;
         let dir = self.sandbox_dir(id);
@@ -512,7 +559,9 @@ impl Manager {
             .map_err(|e| Error::internal(format!("cannot create {}: {e}", dir.display())))?;
 
         let accel = self.accel(image).await.accel;
-        let template = if fresh && use_snapshot && rec.mounts.is_empty() {
+        let template = if let Some(w) = &spawn {
+            Some(w.template.clone())
+        } else if fresh && use_snapshot && rec.mounts.is_empty() {
             self.template(&crate::templates::key(
                 image,
                 rec.memory_mib,
@@ -539,6 +588,9 @@ impl Manager {
             match self.restore_from_template(id, &rec, t, cfg.clone()).await {
                 Ok((process, agent)) => {
                     self.go_online(&rec, &agent, true).await?;
+                    if let Some(w) = &spawn {
+                        self.finish_workspace_spawn(&rec, &agent, &w.spec).await?;
+                    }
                     write_memory_backing(&dir, &MemoryBacking::PrivateFile(t.mem.clone()))?;
                     self.register_vm(id, process, agent, true);
                     return Ok(());
@@ -546,7 +598,9 @@ impl Manager {
                 Err(e) => {
                     tracing::warn!(sandbox = %id, error = %e, "restore from memory snapshot failed; booting cold");
                     kill_vmms(&dir.display().to_string()).await;
-                    self.clone_root_disk(image, None, &disk).await?;
+                    // A prebuild's disk still holds the repos and init results.
+                    let source = spawn.as_ref().map(|w| w.template.disk.clone());
+                    self.clone_root_disk(image, source, &disk).await?;
                 }
             }
         }
@@ -596,9 +650,12 @@ impl Manager {
             mount_share(&agent, &format!("atl{i}"), m).await?;
         }
         self.go_online(&rec, &agent, true).await?;
+        if let Some(w) = &spawn {
+            self.finish_workspace_spawn(&rec, &agent, &w.spec).await?;
+        }
         write_memory_backing(&dir, &cfg.memory)?;
         self.register_vm(id, process, agent, false);
-        if fresh && rec.mounts.is_empty() {
+        if fresh && rec.mounts.is_empty() && spawn.is_none() {
             self.ensure_template(image, &rec, accel);
         }
         Ok(())

@@ -31,6 +31,7 @@ impl Manager {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
+        self.reconcile_prebuilds().await?;
         for rec in self.store.list_sandboxes(false).await? {
             let id = rec.id.clone();
             let _guard = self.lock(&id).await;

@@ -36,7 +36,7 @@ pub(crate) struct Template {
 }
 
 impl Template {
-    fn at(dir: &Path) -> Template {
+    pub(crate) fn at(dir: &Path) -> Template {
         Template {
             mem: dir.join("mem"),
             state: dir.join("state"),

@@ -12,6 +12,11 @@ use atelier_core::{MountSpec, Owner, SandboxId, SandboxState};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
+mod prebuilds;
+pub use prebuilds::PrebuildRecord;
+mod workspaces;
+pub use workspaces::{SecretRecord, WorkspaceRecord};
+
 /// Errors from the store; each names the operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -2,7 +2,9 @@
 //!
 //! One run gives, with the accelerator labelled: cold create → agent-ready time, disk
 //! clone time for a 1 GiB and an 8 GiB image (and their ratio), exec round trips,
-//! file transfer speed both ways, and host RSS per idle sandbox. It reports figures
+//! file transfer speed both ways, HTTP through the built-in proxy against the guest
+//! directly (throughput, and a burst of concurrent requests), and host RSS per idle
+//! sandbox. It reports figures
 //! and ratios; it never asserts on times. Every sandbox it makes is named
 //! `bench-<run>-…` and deleted at the end, also when a step fails or on Ctrl-C.
 //!
@@ -16,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use atelier_server::api::{ExecBody, ExecEventView, SandboxView, StatusView};
+use atelier_server::api::{DevView, ExecBody, ExecEventView, SandboxView, StatusView};
 use atelier_storage::{BackendChoice, Pool};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -41,6 +43,19 @@ const VCPUS: u32 = 1;
 const IDLE_SETTLE: Duration = Duration::from_secs(5);
 /// Path of the transfer file in the guest.
 const GUEST_FILE: &str = "/root/atelier-bench.bin";
+/// Proxy step: the dev command serving files, its port and directory in the guest.
+const PROXY_DEV: &str = "bench";
+const PROXY_PORT: u16 = 8000;
+const PROXY_DIR: &str = "/tmp/benchsrv";
+/// Proxy step: size of the large file, and downloads timed each way.
+const PROXY_MIB: usize = 32;
+const PROXY_REPEATS: usize = 5;
+/// Proxy step: concurrent GETs of a small file, its size, and the bound of one request.
+const PROXY_CONCURRENCY: usize = 200;
+const PROXY_SMALL_BYTES: usize = 1024;
+const PROXY_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Proxy step: how long the dev command may take to listen and its route to appear.
+const PROXY_LISTEN_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Summary statistics of a series, in milliseconds.
 #[derive(Debug, Serialize, Clone, Copy)]
@@ -152,6 +167,41 @@ struct Transfer {
     download_verified: bool,
 }
 
+/// Concurrent GETs of one small file, all started at once.
+#[derive(Debug, Serialize)]
+struct Burst {
+    requests: usize,
+    /// Failed, timed out or short responses.
+    errors: usize,
+    first_error: Option<String>,
+    /// From the first request sent to the last one finished.
+    wall_ms: f64,
+    /// Successful requests / wall time.
+    requests_per_s: f64,
+    /// Latency of the successful requests.
+    latency: Option<Stats>,
+}
+
+#[derive(Debug, Serialize)]
+struct Proxy {
+    /// Size of the downloaded file.
+    mib: usize,
+    /// Each download from the guest's address, host → guest port (MB/s).
+    direct_mb_s: Vec<f64>,
+    /// Each download through the manager's proxy (`dev-bench-{id}.{domain}`).
+    proxied_mb_s: Vec<f64>,
+    direct_mb_s_median: f64,
+    proxied_mb_s_median: f64,
+    /// Median proxied / median direct.
+    proxied_over_direct: f64,
+    /// Size of the file the bursts fetch.
+    small_bytes: usize,
+    direct_burst: Burst,
+    proxied_burst: Burst,
+    /// Proxied requests/s / direct requests/s.
+    burst_proxied_over_direct: f64,
+}
+
 #[derive(Debug, Serialize)]
 struct ProcRss {
     sandbox: String,
@@ -184,6 +234,7 @@ struct Report {
     clone: Option<Clone>,
     exec: Option<Exec>,
     transfer: Option<Transfer>,
+    proxy: Option<Proxy>,
     idle: Option<Idle>,
     /// Steps that failed or were skipped, with why.
     problems: BTreeMap<String, String>,
@@ -226,6 +277,10 @@ fn progress(msg: impl AsRef<str>) {
 
 struct Ctx<'a> {
     c: Client,
+    /// The manager's URL and token, for requests the API client does not make
+    /// (through the proxy, with another Host).
+    manager_url: String,
+    token: Option<String>,
     args: &'a BenchArgs,
     /// `bench-<run>-`: every sandbox this run makes starts with it.
     prefix: String,
@@ -251,6 +306,8 @@ pub async fn run(g: &Global, args: BenchArgs) -> anyhow::Result<u8> {
 
     let mut cx = Ctx {
         c,
+        manager_url: g.url.trim_end_matches('/').to_owned(),
+        token: crate::client::find_token(g),
         args: &args,
         prefix,
         data_dir,
@@ -307,7 +364,7 @@ pub async fn run(g: &Global, args: BenchArgs) -> anyhow::Result<u8> {
 }
 
 async fn steps(cx: &mut Ctx<'_>) {
-    // 1. Cold boots; the last sandbox stays up for exec and transfer.
+    // 1. Cold boots; the last sandbox stays up for exec, transfer and proxy.
     let kept = match boot_step(cx).await {
         Ok(name) => Some(name),
         Err(e) => {
@@ -325,7 +382,7 @@ async fn steps(cx: &mut Ctx<'_>) {
     match cx.data_dir.clone() {
         Some(dir) => {
             progress(format!(
-                "[2/5] disk clones: sparse 1 GiB, 8 GiB and 8 GiB dense images, {CLONE_REPEATS} clones each"
+                "[2/6] disk clones: sparse 1 GiB, 8 GiB and 8 GiB dense images, {CLONE_REPEATS} clones each"
             ));
             let r = tokio::task::spawn_blocking(move || clone_step(&dir)).await;
             match r {
@@ -349,7 +406,7 @@ async fn steps(cx: &mut Ctx<'_>) {
         None => skip(cx, "clone"),
     }
 
-    // 3 and 4 need a running sandbox.
+    // 3, 4 and 5 need a running sandbox.
     match &kept {
         Some(name) => {
             let name = name.clone();
@@ -361,11 +418,29 @@ async fn steps(cx: &mut Ctx<'_>) {
                 Ok(t) => cx.report.transfer = Some(t),
                 Err(e) => problem(cx, "transfer", e),
             }
+            match proxy_step(cx, &name).await {
+                Ok(Some(p)) => {
+                    if p.proxied_burst.errors > 0 {
+                        cx.report.problems.insert(
+                            "proxy".into(),
+                            format!(
+                                "{} of {} concurrent requests through the proxy failed (first: {})",
+                                p.proxied_burst.errors,
+                                p.proxied_burst.requests,
+                                p.proxied_burst.first_error.as_deref().unwrap_or("?")
+                            ),
+                        );
+                    }
+                    cx.report.proxy = Some(p);
+                }
+                Ok(None) => {}
+                Err(e) => problem(cx, "proxy", e),
+            }
             // Fresh sandboxes for the idle figure: this one has been busy.
             let _ = delete(&cx.c, &name).await;
         }
         None => {
-            for step in ["exec", "transfer"] {
+            for step in ["exec", "transfer", "proxy"] {
                 cx.report
                     .problems
                     .insert(step.into(), "skipped: no sandbox booted".into());
@@ -373,7 +448,7 @@ async fn steps(cx: &mut Ctx<'_>) {
         }
     }
 
-    // 5. Idle RSS (local).
+    // 6. Idle RSS (local).
     if cx.args.idle == 0 {
         return;
     }
@@ -472,7 +547,7 @@ async fn boot_step(cx: &mut Ctx<'_>) -> anyhow::Result<String> {
             .await
             .with_context(|| format!("creating {name}"))?;
         progress(format!(
-            "[1/5] cold create → agent ready {i}/{COLD_BOOTS}: {:.2} s (server boot_ms {})",
+            "[1/6] cold create → agent ready {i}/{COLD_BOOTS}: {:.2} s (server boot_ms {})",
             took.as_secs_f64(),
             s.boot_ms
                 .map(|m| m.to_string())
@@ -537,7 +612,7 @@ async fn restore_step(cx: &mut Ctx<'_>) -> anyhow::Result<Stats> {
             "{name} booted instead of restoring"
         );
         progress(format!(
-            "[1/5] create from memory snapshot → agent ready {i}/{COLD_BOOTS}: {:.2} s",
+            "[1/6] create from memory snapshot → agent ready {i}/{COLD_BOOTS}: {:.2} s",
             t.as_secs_f64()
         ));
         took.push(t);
@@ -702,7 +777,7 @@ async fn exec(c: &Client, sandbox: &str, command: &[&str]) -> anyhow::Result<(i3
 
 async fn exec_step(cx: &mut Ctx<'_>, sandbox: &str) -> anyhow::Result<Exec> {
     let n = cx.args.execs.max(1);
-    progress(format!("[3/5] exec round trips: {n} × `true`"));
+    progress(format!("[3/6] exec round trips: {n} × `true`"));
     // One untimed warm-up (connection, page cache in the guest).
     exec(&cx.c, sandbox, &["true"]).await?;
     let mut samples = Vec::with_capacity(n);
@@ -725,7 +800,7 @@ async fn exec_step(cx: &mut Ctx<'_>, sandbox: &str) -> anyhow::Result<Exec> {
 
 async fn transfer_step(cx: &mut Ctx<'_>, sandbox: &str) -> anyhow::Result<Transfer> {
     let mib = cx.args.transfer_mib.max(1);
-    progress(format!("[4/5] file transfer: {mib} MiB each way"));
+    progress(format!("[4/6] file transfer: {mib} MiB each way"));
     let mut data = vec![0u8; mib << 20];
     Rng::seeded().fill(&mut data);
     let sum = hex(&Sha256::digest(&data));
@@ -789,6 +864,273 @@ async fn transfer_step(cx: &mut Ctx<'_>, sandbox: &str) -> anyhow::Result<Transf
     Ok(tr)
 }
 
+/// Where the proxy step sends its GETs: the guest itself, or the manager with the
+/// dev command's Host and the API token.
+struct Target {
+    label: &'static str,
+    base: String,
+    host: Option<String>,
+    token: Option<String>,
+}
+
+impl Target {
+    fn get(&self, http: &reqwest::Client, path: &str) -> reqwest::RequestBuilder {
+        let mut rb = http.get(format!("{}{path}", self.base));
+        if let Some(h) = &self.host {
+            rb = rb.header(reqwest::header::HOST, h);
+        }
+        if let Some(t) = &self.token {
+            rb = rb.bearer_auth(t);
+        }
+        rb
+    }
+}
+
+/// The wildcard domain in a sandbox URL `{scheme}://sandbox-{id}.{domain}[:port]/`.
+fn domain_from_url(url: &str, id: &str) -> Option<String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let host = rest.split(['/', '?']).next()?;
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let domain = host.strip_prefix(&format!("sandbox-{id}."))?;
+    (!domain.is_empty()).then(|| domain.to_owned())
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// GETs `path` and reads the whole body; returns its length and the time taken.
+async fn fetch(
+    http: &reqwest::Client,
+    t: &Target,
+    path: &str,
+) -> anyhow::Result<(usize, Duration)> {
+    let start = Instant::now();
+    let resp = t
+        .get(http, path)
+        .send()
+        .await
+        .with_context(|| format!("GET {path} {}", t.label))?;
+    let status = resp.status();
+    anyhow::ensure!(status.is_success(), "GET {path} {}: HTTP {status}", t.label);
+    let mut body = resp.bytes_stream();
+    let mut n = 0;
+    while let Some(chunk) = body.next().await {
+        n += chunk
+            .with_context(|| format!("GET {path} {}: body broke", t.label))?
+            .len();
+    }
+    Ok((n, start.elapsed()))
+}
+
+/// Starts `n` GETs of `path` at once, each bounded by PROXY_REQUEST_TIMEOUT.
+async fn burst(http: &reqwest::Client, t: &Target, path: &str, len: usize, n: usize) -> Burst {
+    let start = Instant::now();
+    let requests = (0..n).map(|_| async move {
+        match tokio::time::timeout(PROXY_REQUEST_TIMEOUT, fetch(http, t, path)).await {
+            Ok(Ok((got, took))) if got == len => Ok(took),
+            Ok(Ok((got, _))) => Err(format!("{got} bytes instead of {len}")),
+            Ok(Err(e)) => Err(format!("{e:#}")),
+            Err(_) => Err(format!(
+                "no response within {} s",
+                PROXY_REQUEST_TIMEOUT.as_secs()
+            )),
+        }
+    });
+    let results = futures::future::join_all(requests).await;
+    let wall = start.elapsed();
+    let mut ok = Vec::new();
+    let mut first_error = None;
+    for r in results {
+        match r {
+            Ok(d) => ok.push(d),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Burst {
+        requests: n,
+        errors: n - ok.len(),
+        first_error,
+        wall_ms: wall.as_secs_f64() * 1e3,
+        requests_per_s: ok.len() as f64 / wall.as_secs_f64().max(1e-9),
+        latency: Stats::of(&ok),
+    }
+}
+
+/// Serves files from the sandbox with a dev command and downloads them directly and
+/// through the proxy. None (with the reason recorded) when the sandbox has no network.
+async fn proxy_step(cx: &mut Ctx<'_>, sandbox: &str) -> anyhow::Result<Option<Proxy>> {
+    let s: SandboxView =
+        cx.c.get_json(&format!("/api/v1/sandboxes/{}", enc(sandbox)))
+            .await?;
+    let (Some(ip), Some(url)) = (s.ip.clone(), s.url.clone()) else {
+        let why = "skipped: the sandbox has no network address (manager runs with --no-network)";
+        progress(format!("[5/6] proxy throughput {why}"));
+        cx.report.problems.insert("proxy".into(), why.into());
+        return Ok(None);
+    };
+    let domain = domain_from_url(&url, &s.id)
+        .with_context(|| format!("cannot find the domain in the sandbox URL {url:?}"))?;
+    progress(format!(
+        "[5/6] proxy throughput: {PROXY_REPEATS} × {PROXY_MIB} MiB and {PROXY_CONCURRENCY} concurrent GETs, direct ({ip}:{PROXY_PORT}) and through dev-{PROXY_DEV}-{}.{domain}",
+        s.id
+    ));
+    let setup = format!(
+        "mkdir -p {PROXY_DIR} && head -c {} /dev/urandom > {PROXY_DIR}/blob && head -c {PROXY_SMALL_BYTES} /dev/urandom > {PROXY_DIR}/small",
+        PROXY_MIB << 20
+    );
+    let (code, _) = exec(&cx.c, &s.id, &["sh", "-c", &setup]).await?;
+    anyhow::ensure!(code == 0, "writing the files to serve exited with {code}");
+    let dev_path = format!("/api/v1/sandboxes/{}/dev", enc(&s.id));
+    let rb = cx.c.request(Method::POST, &dev_path).json(&json!({
+        "name": PROXY_DEV,
+        "command": format!("exec python3 -m http.server {PROXY_PORT} --directory {PROXY_DIR}"),
+        "port": PROXY_PORT,
+        "restart": "never",
+    }));
+    let _: DevView = decode(cx.c.send(rb).await?).await?;
+    let direct = Target {
+        label: "direct",
+        base: format!("http://{ip}:{PROXY_PORT}"),
+        host: None,
+        token: None,
+    };
+    let proxied = Target {
+        label: "through the proxy",
+        base: cx.manager_url.clone(),
+        host: Some(format!("dev-{PROXY_DEV}-{}.{domain}", s.id)),
+        token: cx.token.clone(),
+    };
+    let r = measure_proxy(cx, &dev_path, &direct, &proxied).await;
+    let stop =
+        cx.c.request(Method::DELETE, &format!("{dev_path}/{}", enc(PROXY_DEV)));
+    if let Err(e) = cx.c.send(stop).await {
+        progress(format!("      stopping dev command {PROXY_DEV}: {e:#}"));
+    }
+    r.map(Some)
+}
+
+async fn measure_proxy(
+    cx: &Ctx<'_>,
+    dev_path: &str,
+    direct: &Target,
+    proxied: &Target,
+) -> anyhow::Result<Proxy> {
+    // Only to this host and the guest: never through an HTTP(S)_PROXY from the env.
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(PROXY_REQUEST_TIMEOUT)
+        .build()
+        .context("building the HTTP client")?;
+    let start = Instant::now();
+    loop {
+        let list: Vec<DevView> = cx.c.get_json(dev_path).await?;
+        let d = list
+            .iter()
+            .find(|d| d.name == PROXY_DEV)
+            .context("the dev command disappeared")?;
+        if d.listening {
+            break;
+        }
+        anyhow::ensure!(
+            !matches!(d.state.as_str(), "exited" | "failed" | "stopped"),
+            "the dev command {} (last exit {:?}); see `atelier dev logs SANDBOX {PROXY_DEV}`",
+            d.state,
+            d.last_exit
+        );
+        anyhow::ensure!(
+            start.elapsed() < PROXY_LISTEN_TIMEOUT,
+            "the dev command does not listen on {PROXY_PORT} after {} s",
+            PROXY_LISTEN_TIMEOUT.as_secs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // The proxy's route table follows within about a second; one GET each way also
+    // warms up connections.
+    loop {
+        match fetch(&http, proxied, "/small").await {
+            Ok(_) => break,
+            Err(e) if start.elapsed() >= PROXY_LISTEN_TIMEOUT => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+    fetch(&http, direct, "/small").await?;
+    progress(format!(
+        "      serving after {:.1} s",
+        start.elapsed().as_secs_f64()
+    ));
+
+    let len = PROXY_MIB << 20;
+    let (mut d_mb_s, mut p_mb_s) = (Vec::new(), Vec::new());
+    for _ in 0..PROXY_REPEATS {
+        // Alternated, so drift in the guest affects both alike.
+        for (t, out) in [(direct, &mut d_mb_s), (proxied, &mut p_mb_s)] {
+            let (got, took) = fetch(&http, t, "/blob").await?;
+            anyhow::ensure!(
+                got == len,
+                "GET /blob {}: {got} bytes instead of {len}",
+                t.label
+            );
+            out.push(len as f64 / 1e6 / took.as_secs_f64().max(1e-9));
+        }
+    }
+    let (dm, pm) = (median(&d_mb_s), median(&p_mb_s));
+    progress(format!(
+        "      {PROXY_MIB} MiB: direct {dm:.1} MB/s, proxied {pm:.1} MB/s (ratio {:.2})",
+        pm / dm.max(1e-9)
+    ));
+
+    let direct_burst = burst(
+        &http,
+        direct,
+        "/small",
+        PROXY_SMALL_BYTES,
+        PROXY_CONCURRENCY,
+    )
+    .await;
+    let proxied_burst = burst(
+        &http,
+        proxied,
+        "/small",
+        PROXY_SMALL_BYTES,
+        PROXY_CONCURRENCY,
+    )
+    .await;
+    for (label, b) in [("direct", &direct_burst), ("proxied", &proxied_burst)] {
+        progress(format!(
+            "      {PROXY_CONCURRENCY} concurrent GETs {label}: {} errors, {:.0} req/s, p50 {:.1} ms, p99 {:.1} ms",
+            b.errors,
+            b.requests_per_s,
+            b.latency.map_or(0.0, |l| l.median_ms),
+            b.latency.map_or(0.0, |l| l.p99_ms),
+        ));
+    }
+    Ok(Proxy {
+        mib: PROXY_MIB,
+        direct_mb_s_median: dm,
+        proxied_mb_s_median: pm,
+        proxied_over_direct: pm / dm.max(1e-9),
+        direct_mb_s: d_mb_s,
+        proxied_mb_s: p_mb_s,
+        small_bytes: PROXY_SMALL_BYTES,
+        burst_proxied_over_direct: proxied_burst.requests_per_s
+            / direct_burst.requests_per_s.max(1e-9),
+        direct_burst,
+        proxied_burst,
+    })
+}
+
 /// PIDs whose command line names `<data_dir>/sandboxes/<id>/`, QEMU first.
 fn vmm_pids(data_dir: &Path, id: &str) -> Vec<i32> {
     let needle = format!("{}/sandboxes/{id}/", data_dir.display());
@@ -831,7 +1173,7 @@ fn proc_status(pid: i32) -> anyhow::Result<BTreeMap<String, u64>> {
 async fn idle_step(cx: &mut Ctx<'_>, data_dir: &Path) -> anyhow::Result<Idle> {
     let n = cx.args.idle;
     progress(format!(
-        "[5/5] idle RSS: booting {n} sandboxes at once ({MEMORY_MIB} MiB, {VCPUS} vCPU)"
+        "[6/6] idle RSS: booting {n} sandboxes at once ({MEMORY_MIB} MiB, {VCPUS} vCPU)"
     ));
     let t = Instant::now();
     let boots = (1..=n).map(|i| {
@@ -1024,6 +1366,38 @@ fn print_table(r: &Report) {
             ),
         );
     }
+    if let Some(p) = &r.proxy {
+        row(
+            &format!(
+                "GET {} MiB direct (median of {})",
+                p.mib,
+                p.direct_mb_s.len()
+            ),
+            format!("{:.1} MB/s", p.direct_mb_s_median),
+            "host → guest port",
+        );
+        row(
+            &format!("GET {} MiB through the proxy (median)", p.mib),
+            format!("{:.1} MB/s", p.proxied_mb_s_median),
+            &format!("proxied / direct {:.2}×", p.proxied_over_direct),
+        );
+        for (label, b) in [("direct", &p.direct_burst), ("proxied", &p.proxied_burst)] {
+            let lat = b
+                .latency
+                .map(|l| format!("p50 {:.1} ms, p99 {:.1} ms", l.median_ms, l.p99_ms))
+                .unwrap_or_else(|| "no successful request".into());
+            row(
+                &format!("{} concurrent GETs {label}", b.requests),
+                format!("{:.0} req/s", b.requests_per_s),
+                &format!("{} errors, {lat}", b.errors),
+            );
+        }
+        row(
+            "  proxied / direct req/s",
+            format!("{:.2}×", p.burst_proxied_over_direct),
+            &format!("{} B file", p.small_bytes),
+        );
+    }
     if let Some(i) = &r.idle {
         row(
             &format!("idle VMM RSS, mean of {}", i.sandboxes),
@@ -1065,6 +1439,28 @@ mod tests {
         let one = Stats::of(&[Duration::from_millis(7)]).unwrap();
         assert_eq!((one.median_ms, one.p99_ms), (7.0, 7.0));
         assert!(Stats::of(&[]).is_none());
+    }
+
+    #[test]
+    fn domain_comes_from_the_sandbox_url() {
+        let id = "sb-abcdefghij";
+        assert_eq!(
+            domain_from_url("http://sandbox-sb-abcdefghij.localhost:7272/", id).as_deref(),
+            Some("localhost")
+        );
+        assert_eq!(
+            domain_from_url("https://sandbox-sb-abcdefghij.box.example.com/", id).as_deref(),
+            Some("box.example.com")
+        );
+        assert!(domain_from_url("http://sandbox-sb-other00000.localhost/", id).is_none());
+        assert!(domain_from_url("http://127.0.0.1:7070/", id).is_none());
+    }
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(&[]), 0.0);
     }
 
     #[test]

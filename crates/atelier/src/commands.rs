@@ -48,6 +48,10 @@ pub enum SandboxCmd {
         /// (comma-separated; `*.example.org` allows every name under it).
         #[arg(long, default_value = "allow-all")]
         egress: atelier_core::EgressPolicy,
+        /// Spawn from this workspace's newest ready prebuild (its image, shape and
+        /// egress policy apply).
+        #[arg(long)]
+        workspace: Option<String>,
     },
     /// List sandboxes.
     #[command(alias = "ls")]
@@ -241,6 +245,7 @@ pub async fn sandbox(g: &Global, cmd: SandboxCmd) -> anyhow::Result<u8> {
             mounts,
             cold,
             egress,
+            workspace,
         } => {
             let mounts = mounts
                 .iter()
@@ -258,7 +263,7 @@ pub async fn sandbox(g: &Global, cmd: SandboxCmd) -> anyhow::Result<u8> {
                 )
                 .json(
                     &json!({ "name": name, "image": image, "vcpus": vcpus, "memory_mib": memory,
-                    "mounts": mounts, "mount_owner": owner, "cold_boot": cold, "egress": egress }),
+                    "mounts": mounts, "mount_owner": owner, "cold_boot": cold, "egress": egress, "workspace": workspace }),
                 );
             let s: SandboxView = decode(c.send(rb).await?).await?;
             if g.json {

@@ -7,8 +7,10 @@ mod client;
 mod commands;
 mod dev;
 mod doctor;
+mod prebuild;
 mod serve;
 mod shell;
+mod workspace;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -67,6 +69,15 @@ enum Command {
     /// Dev commands in a sandbox: supervised servers with URLs through the proxy.
     #[command(subcommand)]
     Dev(dev::DevCmd),
+    /// Workspace definitions: image, repos, init and dev commands, secrets (YAML or JSON).
+    #[command(subcommand)]
+    Workspace(workspace::WorkspaceCmd),
+    /// Prebuilds: workspaces booted, cloned, initialised and snapshotted.
+    #[command(subcommand)]
+    Prebuild(prebuild::PrebuildCmd),
+    /// Secrets that workspaces reference (stored encrypted; values are never shown).
+    #[command(subcommand)]
+    Secret(workspace::SecretCmd),
     /// TLS helpers: print the local CA to trust.
     #[command(subcommand)]
     Tls(commands::TlsCmd),
@@ -121,6 +132,9 @@ fn main() -> ExitCode {
             Command::Sandbox(cmd) => commands::sandbox(&cli.global, cmd).await,
             Command::Shell(args) => shell::run(&cli.global, args).await,
             Command::Dev(cmd) => dev::run(&cli.global, cmd).await,
+            Command::Workspace(cmd) => workspace::workspace(&cli.global, cmd).await,
+            Command::Prebuild(cmd) => prebuild::run(&cli.global, cmd).await,
+            Command::Secret(cmd) => workspace::secret(&cli.global, cmd).await,
             Command::Tls(cmd) => commands::tls(&cli.global, cmd).await,
             Command::Image(cmd) => commands::image(&cli.global, cmd).await,
             Command::Status => commands::status(&cli.global).await,

@@ -34,6 +34,9 @@ pub struct ServeArgs {
     /// QEMU binary.
     #[arg(long, env = "ATELIER_QEMU", default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,
+    /// Seconds between checks of prebuilds for new commits (stale ones are rebuilt).
+    #[arg(long, env = "ATELIER_PREBUILD_CHECK_SECS", default_value_t = 1800)]
+    pub prebuild_check_secs: u64,
     /// Seconds between reconcile passes.
     #[arg(long, env = "ATELIER_RECONCILE_SECS", default_value_t = 30)]
     pub reconcile_secs: u64,
@@ -129,6 +132,7 @@ pub async fn run(g: &Global, args: ServeArgs) -> anyhow::Result<u8> {
     cfg.storage = storage;
     cfg.qemu_binary = args.qemu.clone();
     cfg.reconcile_interval = Duration::from_secs(args.reconcile_secs.max(1));
+    cfg.prebuild_check_interval = Duration::from_secs(args.prebuild_check_secs.max(1));
     cfg.network = if args.no_network {
         None
     } else {

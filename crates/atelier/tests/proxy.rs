@@ -108,7 +108,7 @@ async fn dev_command_urls_with_auth_websocket_tls_and_load() {
     assert_eq!(r.status(), 401);
     let r = c
         .get(url("/x"))
-        .header("Host", format!("dev-app-sb-0000000000.localhost"))
+        .header("Host", "dev-app-sb-0000000000.localhost")
         .send()
         .await
         .unwrap();
@@ -255,9 +255,8 @@ async fn dev_command_urls_with_auth_websocket_tls_and_load() {
     ws.send(Message::binary(big.clone())).await.unwrap();
     let mut got = Vec::new();
     while got.len() < 2 {
-        match ws.next().await.unwrap().unwrap() {
-            m @ (Message::Text(_) | Message::Binary(_)) => got.push(m),
-            _ => {}
+        if let m @ (Message::Text(_) | Message::Binary(_)) = ws.next().await.unwrap().unwrap() {
+            got.push(m);
         }
     }
     assert_eq!(got[0], Message::text("hello ws"));

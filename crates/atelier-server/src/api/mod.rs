@@ -2,10 +2,13 @@
 //! OpenAPI document generated from the handlers.
 
 mod dev;
+mod prebuilds;
 pub mod proxy;
 pub mod pty;
 mod sandboxes;
+mod secrets;
 mod system;
+mod workspaces;
 
 use std::sync::Arc;
 
@@ -24,8 +27,11 @@ use crate::auth::{constant_time_eq, hash_token};
 use crate::manager::Manager;
 
 pub use dev::{DevStartBody, DevView};
+pub use prebuilds::PrebuildView;
 pub use sandboxes::{ExecBody, ExecEventView, SandboxView};
+pub use secrets::SecretView;
 pub use system::StatusView;
+pub use workspaces::WorkspaceView;
 
 /// Shared state of every handler.
 #[derive(Clone, Debug)]
@@ -123,6 +129,9 @@ async fn require_token(
         sandboxes::start, sandboxes::stop, sandboxes::pause, sandboxes::resume, sandboxes::fork, sandboxes::exec, sandboxes::upload,
         sandboxes::download, sandboxes::logs, sandboxes::metrics,
         system::status, system::images, dev::list, dev::start, dev::stop, dev::logs, dev::ca,
+        workspaces::list, workspaces::show, workspaces::put, workspaces::delete,
+        secrets::list, secrets::put, secrets::delete,
+        prebuilds::create, prebuilds::list, prebuilds::show, prebuilds::logs,
     ),
     components(schemas(ApiErrorBody)),
     modifiers(&BearerAuth),
@@ -175,6 +184,22 @@ pub fn router(state: AppState) -> Router {
             axum::routing::delete(dev::stop),
         )
         .route("/sandboxes/{id}/dev/{name}/logs", get(dev::logs))
+        .route("/workspaces", get(workspaces::list))
+        .route(
+            "/workspaces/{name}",
+            get(workspaces::show)
+                .put(workspaces::put)
+                .delete(workspaces::delete),
+        )
+        .route("/workspaces/{name}/prebuilds", post(prebuilds::create))
+        .route("/prebuilds", get(prebuilds::list))
+        .route("/prebuilds/{id}", get(prebuilds::show))
+        .route("/prebuilds/{id}/logs", get(prebuilds::logs))
+        .route("/secrets", get(secrets::list))
+        .route(
+            "/secrets/{name}",
+            axum::routing::put(secrets::put).delete(secrets::delete),
+        )
         .route("/tls/ca", get(dev::ca))
         .route("/status", get(system::status))
         .route("/images", get(system::images))

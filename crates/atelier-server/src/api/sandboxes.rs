@@ -59,7 +59,7 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Api
     }
 }
 
-fn rfc3339(ms: i64) -> String {
+pub(super) fn rfc3339(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
         .ok()
         .and_then(|t| {
@@ -169,6 +169,10 @@ pub struct CreateBody {
     /// Egress policy: `"allow-all"` (default), `"deny-all"`, or `{"allow": ["github.com", "*.pypi.org"]}`.
     #[serde(default)]
     pub egress: atelier_core::EgressPolicy,
+    /// Spawn from this workspace's newest ready prebuild; its image, vCPUs, memory
+    /// and egress policy replace the fields above.
+    #[serde(default)]
+    pub workspace: Option<String>,
 }
 
 fn default_image() -> String {
@@ -229,6 +233,7 @@ pub async fn create(
         mount_owner: body.mount_owner,
         cold_boot: body.cold_boot,
         egress: body.egress,
+        workspace: body.workspace,
     };
     let rec = st.mgr.create(spec, q.wait).await?;
     Ok((StatusCode::CREATED, Json(SandboxView::new(&st.mgr, rec))))

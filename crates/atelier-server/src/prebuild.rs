@@ -1,0 +1,739 @@
+//! Prebuilds: a workspace booted from its image, its repos cloned over the guest's
+//! network, its init commands run, then frozen — disk (reflink copy) and memory
+//! (RAM in a file, device state saved with `x-ignore-shared`), like a template but
+//! per workspace. Sandboxes of the workspace restore it, then get their identity,
+//! network, secrets, the latest commits and their dev commands.
+//!
+//! Built in `pool/prebuilds/.build-<id>/` and renamed into place when complete;
+//! a crash leaves the `.build-` directory and perhaps its VMM, which the start-up
+//! reconcile removes, and a `building` row, which it marks failed. Builds run one
+//! at a time (the builder VM has the subnet's last address). Secrets never enter a
+//! prebuild: they are injected at spawn.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use atelier_agent_proto::{AgentClient, ExecEvent, ExecRequest};
+use atelier_core::workspace::WorkspaceSpec;
+use atelier_store::PrebuildRecord;
+use atelier_vmm::{Accel, MemoryBacking, VmProcess};
+
+use crate::Error;
+use crate::manager::Manager;
+
+/// A prebuild's build log (kept in its directory).
+pub const BUILD_LOG: &str = "build.log";
+
+fn new_id() -> String {
+    use rand::Rng;
+    const A: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    let s: String = (0..10)
+        .map(|_| A[rng.random_range(0..A.len())] as char)
+        .collect();
+    format!("pb-{s}")
+}
+
+/// Appends to a build log, flushing each write so `logs -f` sees it at once.
+struct Log(std::fs::File);
+
+impl Log {
+    fn line(&mut self, text: &str) {
+        let _ = writeln!(self.0, "{text}");
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        let _ = self.0.write_all(b);
+    }
+}
+
+/// Kills the builder VM however the build ends.
+struct VmGuard(Option<VmProcess>);
+
+impl Drop for VmGuard {
+    fn drop(&mut self) {
+        if let Some(vm) = self.0.take() {
+            tokio::spawn(async move {
+                let _ = vm.kill().await;
+            });
+        }
+    }
+}
+
+/// Runs `argv` in the guest, streaming its output into the log; fails unless it
+/// exits 0 (the message carries the output's tail).
+async fn run_logged(
+    agent: &AgentClient,
+    log: &mut Log,
+    what: &str,
+    req: ExecRequest,
+) -> Result<Vec<u8>, Error> {
+    let mut h = agent.exec(req).await.map_err(Manager::agent_error)?;
+    let mut out = Vec::new();
+    let mut tail: Vec<u8> = Vec::new();
+    let mut exit = (None, None, false);
+    while let Some(ev) = h.next_event().await {
+        match ev.map_err(Manager::agent_error)? {
+            ExecEvent::Stdout(b) => {
+                log.bytes(&b);
+                out.extend_from_slice(&b);
+                tail.extend_from_slice(&b);
+            }
+            ExecEvent::Stderr(b) => {
+                log.bytes(&b);
+                tail.extend_from_slice(&b);
+            }
+            ExecEvent::Exit {
+                code,
+                signal,
+                timed_out,
+            } => exit = (code, signal, timed_out),
+            ExecEvent::Started { .. } => {}
+        }
+        if tail.len() > 8192 {
+            tail.drain(..tail.len() - 4096);
+        }
+    }
+    if exit.0 == Some(0) {
+        return Ok(out);
+    }
+    let how = match exit {
+        (_, _, true) => "timed out".to_owned(),
+        (Some(c), _, _) => format!("exit {c}"),
+        (_, Some(s), _) => format!("signal {s}"),
+        _ => "no exit status".to_owned(),
+    };
+    let t = String::from_utf8_lossy(&tail);
+    let t: Vec<&str> = t.lines().rev().take(5).collect();
+    let t: Vec<&str> = t.into_iter().rev().collect();
+    Err(Error::invalid(format!(
+        "{what} failed ({how}): {}",
+        t.join(" | ")
+    )))
+}
+
+impl Manager {
+    /// Where prebuilds live.
+    pub(crate) fn prebuilds_dir(&self) -> PathBuf {
+        self.pool.root().join("prebuilds")
+    }
+
+    /// A workspace's record and parsed spec.
+    pub(crate) async fn load_workspace(
+        &self,
+        name: &str,
+    ) -> Result<(atelier_store::WorkspaceRecord, WorkspaceSpec), Error> {
+        let rec = self
+            .store
+            .get_workspace(name)
+            .await?
+            .ok_or_else(|| Error::not_found(format!("workspace {name} not found")))?;
+        let spec: WorkspaceSpec = serde_json::from_str(&rec.spec)
+            .map_err(|e| Error::internal(format!("stored workspace {name}: {e}")))?;
+        Ok((rec, spec))
+    }
+
+    /// Starts building a prebuild of `workspace` in the background.
+    pub async fn prebuild_create(
+        self: &Arc<Self>,
+        workspace: &str,
+    ) -> Result<PrebuildRecord, Error> {
+        let (rec, spec) = self.load_workspace(workspace).await?;
+        if let Some(b) = self
+            .store
+            .prebuilds(Some(workspace))
+            .await?
+            .into_iter()
+            .find(|p| p.status == "building")
+        {
+            return Err(Error::conflict(format!(
+                "prebuild {} of workspace {workspace} is already building; follow it with `atelier prebuild logs -f {}`",
+                b.id, b.id
+            )));
+        }
+        let id = new_id();
+        self.store
+            .insert_prebuild(&id, workspace, rec.revision)
+            .await?;
+        let row = self
+            .store
+            .prebuild(&id)
+            .await?
+            .ok_or_else(|| Error::internal("prebuild row vanished"))?;
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let _one_at_a_time = me.prebuild_lock.lock().await;
+            let build = me.prebuilds_dir().join(format!(".build-{id}"));
+            tracing::info!(prebuild = %id, workspace = %spec.name, "building prebuild");
+            let started = std::time::Instant::now();
+            match me.build_prebuild(&id, &spec, &build).await {
+                Ok((commits, size)) => {
+                    let done = me.prebuilds_dir().join(&id);
+                    let json = serde_json::to_string(&commits).unwrap_or_else(|_| "{}".into());
+                    let renamed = std::fs::rename(&build, &done);
+                    let r = match renamed {
+                        Ok(()) => me.store.prebuild_ready(&id, &json, size as i64).await,
+                        Err(e) => {
+                            me.store
+                                .prebuild_failed(&id, &format!("cannot finish: {e}"))
+                                .await
+                        }
+                    };
+                    if let Err(e) = r {
+                        tracing::error!(prebuild = %id, error = %e, "recording prebuild");
+                    }
+                    tracing::info!(prebuild = %id, ms = started.elapsed().as_millis() as u64, "prebuild ready");
+                }
+                Err(e) => {
+                    tracing::warn!(prebuild = %id, error = %e.message, "prebuild failed");
+                    // Keep the log for diagnosis; drop the rest.
+                    let failed = me.prebuilds_dir().join(&id);
+                    let _ = std::fs::create_dir_all(&failed);
+                    let _ = std::fs::rename(build.join(BUILD_LOG), failed.join(BUILD_LOG));
+                    crate::manager::kill_vmms(&build.display().to_string()).await;
+                    let _ = std::fs::remove_dir_all(&build);
+                    let _ = me.store.prebuild_failed(&id, &e.message).await;
+                }
+            }
+            if let Some(net) = &me.net {
+                let _ = net.forget(net.cfg.builder_address()).await;
+            }
+        });
+        Ok(row)
+    }
+
+    async fn build_prebuild(
+        self: &Arc<Self>,
+        id: &str,
+        spec: &WorkspaceSpec,
+        build: &Path,
+    ) -> Result<(BTreeMap<String, String>, u64), Error> {
+        std::fs::create_dir_all(build)
+            .map_err(|e| Error::internal(format!("cannot create {}: {e}", build.display())))?;
+        let mut log = Log(std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(build.join(BUILD_LOG))
+            .map_err(|e| Error::internal(format!("build log: {e}")))?);
+        let image = self.image(&spec.image)?;
+        let accel = self.accel(&image).await.accel;
+        log.line(&format!(
+            "==> prebuild {id} of workspace {} (image {} {}, {} vCPU, {} MiB, {} GiB disk, {})",
+            spec.name,
+            image.manifest.name,
+            &image.manifest.hash,
+            spec.resources.vcpus,
+            spec.resources.memory_mib,
+            spec.resources.disk_gib,
+            accel.as_str()
+        ));
+        let running = build.join("running.img");
+        let pool = self.pool.clone();
+        let (rootfs, hash, d) = (image.rootfs(), image.manifest.hash.clone(), running.clone());
+        let want = u64::from(spec.resources.disk_gib) << 30;
+        let grown = tokio::task::spawn_blocking(move || -> Result<bool, Error> {
+            let base = pool.import_base(&rootfs, &hash)?;
+            pool.clone_disk(&base, &d)?;
+            grow(&d, want)
+        })
+        .await
+        .map_err(|e| Error::internal(e.to_string()))??;
+
+        let mut cfg = self.vm_config(
+            "prebuild",
+            build,
+            &image,
+            &spec.name,
+            &running,
+            spec.resources.memory_mib,
+            spec.resources.vcpus,
+            accel,
+        );
+        cfg.memory = MemoryBacking::SharedFile(build.join("mem"));
+        let builder = self.net.as_ref().map(|n| n.cfg.builder_address());
+        let tap = format!("atlp{}", id.trim_start_matches("pb-"));
+        if let Some(ip) = builder {
+            cfg.nic = Some(atelier_vmm::Nic {
+                tap: tap.clone(),
+                mac: atelier_net::mac_for(ip),
+            });
+        }
+        log.line("==> booting");
+        let vm = VmGuard(Some(self.hv.launch(&cfg).await?));
+        crate::manager::fault_point("prebuild-after-launch").await;
+        let process = vm.0.as_ref().ok_or_else(|| Error::internal("no vm"))?;
+        let agent = AgentClient::connect_unix(&process.paths().agent)
+            .await
+            .map_err(|e| Error::unavailable(format!("prebuild agent socket: {e}")))?;
+        let timeout = match accel {
+            Accel::Kvm => Duration::from_secs(60),
+            Accel::Tcg => Duration::from_secs(240),
+        };
+        agent
+            .wait_ready(timeout)
+            .await
+            .map_err(|e| Error::unavailable(format!("prebuild agent did not answer: {e}")))?;
+        if let (Some(net), Some(ip)) = (&self.net, builder) {
+            agent
+                .net_config(net.guest_config(ip))
+                .await
+                .map_err(Manager::agent_error)?;
+            net.admit(ip, &tap, &spec.egress).await?;
+            net.links.attach(&tap).await?;
+        }
+        if grown {
+            run_logged(
+                &agent,
+                &mut log,
+                "growing the root filesystem",
+                ExecRequest::new(["resize2fs", "/dev/vda"]).timeout(Duration::from_secs(300)),
+            )
+            .await?;
+        }
+        let mut commits = BTreeMap::new();
+        for r in &spec.repos {
+            log.line(&format!(
+                "==> cloning {} ({}) into {}",
+                r.url, r.branch, r.path
+            ));
+            run_logged(
+                &agent,
+                &mut log,
+                &format!("cloning {}", r.url),
+                ExecRequest::new([
+                    "sh",
+                    "-c",
+                    "mkdir -p \"$(dirname \"$3\")\" && git clone --branch \"$2\" --single-branch \"$1\" \"$3\" 2>&1",
+                    "clone",
+                    &r.url,
+                    &r.branch,
+                    &r.path,
+                ])
+                .timeout(Duration::from_secs(1800)),
+            )
+            .await?;
+            let head = run_logged(
+                &agent,
+                &mut log,
+                "reading the cloned commit",
+                ExecRequest::new(["git", "-C", &r.path, "rev-parse", "HEAD"]),
+            )
+            .await?;
+            let head = String::from_utf8_lossy(&head).trim().to_owned();
+            log.line(&format!("    at {head}"));
+            commits.insert(r.path.clone(), head);
+        }
+        let opencode = self.opencode_config(spec);
+        if !opencode.is_empty() {
+            log.line("==> writing OpenCode configuration");
+            let text = serde_json::to_vec_pretty(&serde_json::Value::Object(opencode))
+                .map_err(|e| Error::internal(e.to_string()))?;
+            crate::templates::exec_ok(&agent, &["mkdir", "-p", "/root/.config/opencode"]).await?;
+            agent
+                .write_file("/root/.config/opencode/opencode.json", 0o644, &text[..])
+                .await
+                .map_err(Manager::agent_error)?;
+        }
+        let cwd = spec
+            .repos
+            .first()
+            .map(|r| r.path.clone())
+            .unwrap_or_else(|| "/root".into());
+        for (i, cmd) in spec.init.iter().enumerate() {
+            log.line(&format!("==> init {}/{}: {cmd}", i + 1, spec.init.len()));
+            run_logged(
+                &agent,
+                &mut log,
+                &format!("init command {} ({cmd})", i + 1),
+                ExecRequest::new(["sh", "-c", cmd.as_str()])
+                    .cwd(cwd.as_str())
+                    .timeout(Duration::from_secs(3600)),
+            )
+            .await?;
+        }
+        log.line("==> snapshotting memory and disk");
+        crate::templates::exec_ok(&agent, &["sync"]).await?;
+        drop(agent);
+        atelier_vmm::save_state(process, &build.join("state")).await?;
+        let pool = self.pool.clone();
+        let (src, dst) = (running.clone(), build.join("disk.img"));
+        tokio::task::spawn_blocking(move || pool.clone_disk(&src, &dst))
+            .await
+            .map_err(|e| Error::internal(e.to_string()))??;
+        let _ = process
+            .qmp()
+            .execute_timeout("quit", None, Duration::from_secs(5))
+            .await;
+        if !process.wait_exit(Duration::from_secs(10)).await {
+            process.kill().await?;
+        }
+        let _ = std::fs::remove_file(&running);
+        let size = [build.join("mem"), build.join("disk.img")]
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                m.blocks() * 512
+            })
+            .sum();
+        log.line(&format!("==> ready ({} MiB on disk)", size >> 20));
+        Ok((commits, size))
+    }
+
+    /// OpenCode's configuration for a workspace: `DATA/opencode.json` (global
+    /// defaults, optional) with the workspace's keys on top.
+    fn opencode_config(&self, spec: &WorkspaceSpec) -> serde_json::Map<String, serde_json::Value> {
+        let mut merged = std::fs::read(self.cfg.data_dir.join("opencode.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v.as_object().cloned())
+            .unwrap_or_default();
+        if let Some(o) = spec.opencode.as_object() {
+            for (k, v) in o {
+                merged.insert(k.clone(), v.clone());
+            }
+        }
+        merged
+    }
+
+    /// The newest ready prebuild of a workspace.
+    pub(crate) async fn newest_ready_prebuild(
+        &self,
+        workspace: &str,
+    ) -> Result<Option<PrebuildRecord>, Error> {
+        Ok(self
+            .store
+            .prebuilds(Some(workspace))
+            .await?
+            .into_iter()
+            .find(|p| p.status == "ready"))
+    }
+
+    /// Prebuilds of one workspace (or all), newest first, with `stale` computed:
+    /// built from an older workspace revision, or a repo moved on.
+    pub async fn prebuild_list(
+        &self,
+        workspace: Option<&str>,
+    ) -> Result<Vec<(PrebuildRecord, bool)>, Error> {
+        let mut revisions = BTreeMap::new();
+        for w in self.store.list_workspaces().await? {
+            revisions.insert(w.name.clone(), w.revision);
+        }
+        Ok(self
+            .store
+            .prebuilds(workspace)
+            .await?
+            .into_iter()
+            .map(|p| {
+                let stale = p.stale || revisions.get(&p.workspace).is_some_and(|r| *r > p.revision);
+                (p, stale)
+            })
+            .collect())
+    }
+
+    /// The build log of a prebuild.
+    pub fn prebuild_log_path(&self, id: &str) -> PathBuf {
+        let building = self
+            .prebuilds_dir()
+            .join(format!(".build-{id}"))
+            .join(BUILD_LOG);
+        if building.exists() {
+            building
+        } else {
+            self.prebuilds_dir().join(id).join(BUILD_LOG)
+        }
+    }
+
+    /// Start-up reconcile: builds a crash interrupted.
+    pub(crate) async fn reconcile_prebuilds(&self) -> Result<(), Error> {
+        for p in self.store.prebuilds(None).await? {
+            if p.status == "building" {
+                tracing::warn!(prebuild = %p.id, "prebuild was interrupted; marking it failed");
+                self.store
+                    .prebuild_failed(&p.id, "the manager stopped during the build")
+                    .await?;
+            }
+        }
+        for e in std::fs::read_dir(self.prebuilds_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_prefix(".build-") {
+                tracing::warn!(path = %e.path().display(), "removing interrupted prebuild");
+                crate::manager::kill_vmms(&e.path().display().to_string()).await;
+                let failed = self.prebuilds_dir().join(id);
+                let _ = std::fs::create_dir_all(&failed);
+                let _ = std::fs::rename(e.path().join(BUILD_LOG), failed.join(BUILD_LOG));
+                let _ = std::fs::remove_dir_all(e.path());
+            } else if self.store.prebuild(&name).await?.is_none() {
+                tracing::warn!(path = %e.path().display(), "removing unknown prebuild directory");
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Extends a raw disk file to `bytes` when it is smaller; true when it grew.
+fn grow(path: &Path, bytes: u64) -> Result<bool, Error> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::internal(format!("{}: {e}", path.display())))?;
+    let len = f
+        .metadata()
+        .map_err(|e| Error::internal(e.to_string()))?
+        .len();
+    if len >= bytes {
+        return Ok(false);
+    }
+    f.set_len(bytes)
+        .map_err(|e| Error::internal(format!("cannot grow {}: {e}", path.display())))?;
+    Ok(true)
+}
+
+/// Quotes a value for a POSIX shell (`'...'`).
+fn shell_quote(v: &str) -> String {
+    format!("'{}'", v.replace('\'', "'\\''"))
+}
+
+impl Manager {
+    /// The workspace's secret environment (`VAR` -> value), decrypted.
+    pub(crate) async fn secret_env(
+        &self,
+        spec: &WorkspaceSpec,
+    ) -> Result<Vec<(String, String)>, Error> {
+        let mut env = Vec::new();
+        for (var, r) in &spec.secrets.env {
+            let v = self.secret_value(&r.secret).await?;
+            let v = String::from_utf8(v.to_vec()).map_err(|_| {
+                Error::invalid(format!(
+                    "secret {} is not UTF-8 text, so it cannot be the value of {var}; use secrets.files",
+                    r.secret
+                ))
+            })?;
+            env.push((var.clone(), v));
+        }
+        Ok(env)
+    }
+
+    /// After a sandbox of a workspace is up: its secrets (never in the prebuild),
+    /// the latest commits of each repo, and its dev commands.
+    pub(crate) async fn finish_workspace_spawn(
+        &self,
+        rec: &atelier_store::SandboxRecord,
+        agent: &AgentClient,
+        spec: &WorkspaceSpec,
+    ) -> Result<(), Error> {
+        let env = self.secret_env(spec).await?;
+        if !env.is_empty() {
+            let mut text =
+                String::from("# Written by Atelier at spawn: the workspace's secrets.\n");
+            for (k, v) in &env {
+                text.push_str(&format!("export {k}={}\n", shell_quote(v)));
+            }
+            crate::templates::exec_ok(agent, &["mkdir", "-p", "/etc/atelier", "/etc/profile.d"])
+                .await?;
+            agent
+                .write_file("/etc/atelier/secrets.env", 0o600, text.as_bytes())
+                .await
+                .map_err(Manager::agent_error)?;
+            agent
+                .write_file(
+                    "/etc/profile.d/atelier-secrets.sh",
+                    0o644,
+                    &b"[ -r /etc/atelier/secrets.env ] && . /etc/atelier/secrets.env\n"[..],
+                )
+                .await
+                .map_err(Manager::agent_error)?;
+        }
+        for f in &spec.secrets.files {
+            let value = self.secret_value(&f.secret).await?;
+            let mode = u32::from_str_radix(f.mode.trim_start_matches('0'), 8).unwrap_or(0o600);
+            crate::templates::exec_ok(
+                agent,
+                &[
+                    "sh",
+                    "-c",
+                    "mkdir -p \"$(dirname \"$1\")\"",
+                    "mkdir",
+                    &f.path,
+                ],
+            )
+            .await?;
+            agent
+                .write_file(&f.path, mode, &value[..])
+                .await
+                .map_err(Manager::agent_error)?;
+        }
+        for r in &spec.repos {
+            let out = agent
+                .exec(
+                    ExecRequest::new([
+                        "git",
+                        "-C",
+                        r.path.as_str(),
+                        "pull",
+                        "--ff-only",
+                        "--quiet",
+                    ])
+                    .timeout(Duration::from_secs(300)),
+                )
+                .await
+                .map_err(Manager::agent_error)?
+                .wait()
+                .await
+                .map_err(Manager::agent_error)?;
+            if !out.success() {
+                tracing::warn!(sandbox = %rec.id, repo = %r.path, stderr = %String::from_utf8_lossy(&out.stderr).trim(), "git pull after spawn failed; the sandbox has the prebuild's commit");
+            }
+        }
+        for d in &spec.dev {
+            let stored = atelier_agent_proto::DevSpec {
+                name: d.name.clone(),
+                command: d.command.clone(),
+                cwd: d.cwd.clone(),
+                env: d.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                port: d.port,
+                restart: atelier_agent_proto::RestartPolicy::OnFailure,
+            };
+            let json =
+                serde_json::to_string(&stored).map_err(|e| Error::internal(e.to_string()))?;
+            // Stored without the secrets; they are added each time it starts.
+            self.store.put_dev_command(&rec.id, &d.name, &json).await?;
+            let mut run = stored;
+            run.env.extend(env.iter().cloned());
+            agent.dev_start(run).await.map_err(Manager::agent_error)?;
+        }
+        Ok(())
+    }
+
+    /// A stored dev spec with the secret environment of the sandbox's workspace.
+    pub(crate) async fn with_workspace_secrets(
+        &self,
+        id: &atelier_core::SandboxId,
+        mut spec: atelier_agent_proto::DevSpec,
+    ) -> atelier_agent_proto::DevSpec {
+        if let Ok(Some(w)) = self.store.sandbox_workspace(id).await
+            && let Ok((_, ws)) = self.load_workspace(&w).await
+        {
+            match self.secret_env(&ws).await {
+                Ok(env) => spec.env.extend(env),
+                Err(e) => {
+                    tracing::warn!(sandbox = %id, error = %e.message, "dev command starts without its secrets")
+                }
+            }
+        }
+        spec
+    }
+
+    /// Once per interval: a workspace whose newest ready prebuild is stale (older
+    /// revision, or a repo's branch moved on, seen with `git ls-remote` from the
+    /// host) gets a new build; superseded prebuilds no sandbox uses are removed.
+    pub(crate) fn spawn_prebuild_checker(self: &Arc<Self>) {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(me.cfg.prebuild_check_interval).await;
+                if let Err(e) = me.check_prebuilds().await {
+                    tracing::warn!(error = %e.message, "prebuild check failed");
+                }
+            }
+        });
+    }
+
+    pub(crate) async fn check_prebuilds(self: &Arc<Self>) -> Result<(), Error> {
+        for w in self.store.list_workspaces().await? {
+            let all = self.prebuild_list(Some(&w.name)).await?;
+            if all.iter().any(|(p, _)| p.status == "building") {
+                continue;
+            }
+            let Some((newest, mut stale)) = all.iter().find(|(p, _)| p.status == "ready").cloned()
+            else {
+                continue;
+            };
+            if !stale {
+                let (_, spec) = self.load_workspace(&w.name).await?;
+                let commits: BTreeMap<String, String> =
+                    serde_json::from_str(&newest.commits).unwrap_or_default();
+                for r in &spec.repos {
+                    match ls_remote(&r.url, &r.branch).await {
+                        Ok(head) if commits.get(&r.path) != Some(&head) => {
+                            tracing::info!(workspace = %w.name, repo = %r.url, "branch moved on; prebuild is stale");
+                            self.store.set_prebuild_stale(&newest.id).await?;
+                            stale = true;
+                            break;
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(workspace = %w.name, repo = %r.url, error = %e, "git ls-remote failed")
+                        }
+                    }
+                }
+            }
+            if stale {
+                tracing::info!(workspace = %w.name, "rebuilding stale prebuild");
+                self.prebuild_create(&w.name).await?;
+            }
+            self.collect_prebuilds(&w.name).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes ready prebuilds older than the newest ready one that no sandbox's
+    /// memory is mapped from, and failed ones older than the newest ready one.
+    async fn collect_prebuilds(&self, workspace: &str) -> Result<(), Error> {
+        let list = self.store.prebuilds(Some(workspace)).await?;
+        let Some(pos) = list.iter().position(|p| p.status == "ready") else {
+            return Ok(());
+        };
+        let mut in_use = std::collections::HashSet::new();
+        for e in std::fs::read_dir(self.cfg.sandboxes_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(t) = std::fs::read_to_string(e.path().join("vm-memory")) {
+                in_use.insert(t.trim().to_owned());
+            }
+        }
+        for old in &list[pos + 1..] {
+            let dir = self.prebuilds_dir().join(&old.id);
+            let mem = dir.join("mem").display().to_string();
+            if old.status == "building" || in_use.contains(&mem) {
+                continue;
+            }
+            tracing::info!(prebuild = %old.id, "removing superseded prebuild");
+            let _ = std::fs::remove_dir_all(&dir);
+            self.store.delete_prebuild(&old.id).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The commit a branch points at, asked from the host.
+async fn ls_remote(url: &str, branch: &str) -> Result<String, String> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new("git")
+            .args(["ls-remote", "--", url, &format!("refs/heads/{branch}")])
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .map_err(|_| "timed out".to_owned())?
+    .map_err(|e| format!("cannot run git: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .map(str::to_owned)
+        .ok_or_else(|| format!("no branch {branch}"))
+}

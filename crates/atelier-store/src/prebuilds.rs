@@ -1,0 +1,216 @@
+//! Prebuild rows: status, the commits they were built from, staleness.
+
+use sqlx::Row;
+
+use crate::{Store, StoreError, now_ms, q};
+
+/// One prebuild.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrebuildRecord {
+    /// `pb-` id; also its directory name.
+    pub id: String,
+    /// Workspace name.
+    pub workspace: String,
+    /// Workspace revision it was built from.
+    pub revision: i64,
+    /// `building`, `ready` or `failed`.
+    pub status: String,
+    /// JSON object: repo path -> commit.
+    pub commits: String,
+    /// A repo's branch moved on since the build.
+    pub stale: bool,
+    /// Bytes on disk (memory file + disk image), once ready.
+    pub size_bytes: Option<i64>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Start of the build, ms since epoch.
+    pub created_at: i64,
+    /// When it became ready.
+    pub ready_at: Option<i64>,
+}
+
+fn from_row(r: &sqlx::sqlite::SqliteRow) -> PrebuildRecord {
+    PrebuildRecord {
+        id: r.get("id"),
+        workspace: r.get("workspace"),
+        revision: r.get("revision"),
+        status: r.get("status"),
+        commits: r.get("commits"),
+        stale: r.get::<i64, _>("stale") != 0,
+        size_bytes: r.get("size_bytes"),
+        error: r.get("error"),
+        created_at: r.get("created_at"),
+        ready_at: r.get("ready_at"),
+    }
+}
+
+impl Store {
+    /// Records a prebuild that starts building.
+    pub async fn insert_prebuild(
+        &self,
+        id: &str,
+        workspace: &str,
+        revision: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO prebuilds (id, workspace, revision, status, created_at) VALUES (?, ?, ?, 'building', ?)",
+        )
+        .bind(id)
+        .bind(workspace)
+        .bind(revision)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(q("insert prebuild"))?;
+        Ok(())
+    }
+
+    /// Marks a prebuild ready with its commits and size.
+    pub async fn prebuild_ready(
+        &self,
+        id: &str,
+        commits_json: &str,
+        size_bytes: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE prebuilds SET status = 'ready', commits = ?, size_bytes = ?, ready_at = ? WHERE id = ?",
+        )
+        .bind(commits_json)
+        .bind(size_bytes)
+        .bind(now_ms())
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(q("prebuild ready"))?;
+        Ok(())
+    }
+
+    /// Marks a prebuild failed.
+    pub async fn prebuild_failed(&self, id: &str, error: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE prebuilds SET status = 'failed', error = ? WHERE id = ?")
+            .bind(error)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("prebuild failed"))?;
+        Ok(())
+    }
+
+    /// Flags a ready prebuild whose repos moved on.
+    pub async fn set_prebuild_stale(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE prebuilds SET stale = 1 WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("prebuild stale"))?;
+        Ok(())
+    }
+
+    /// One prebuild.
+    pub async fn prebuild(&self, id: &str) -> Result<Option<PrebuildRecord>, StoreError> {
+        let row = sqlx::query("SELECT * FROM prebuilds WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("get prebuild"))?;
+        Ok(row.as_ref().map(from_row))
+    }
+
+    /// Prebuilds, newest first; of one workspace when given.
+    pub async fn prebuilds(
+        &self,
+        workspace: Option<&str>,
+    ) -> Result<Vec<PrebuildRecord>, StoreError> {
+        let rows = match workspace {
+            Some(w) => {
+                sqlx::query(
+                    "SELECT * FROM prebuilds WHERE workspace = ? ORDER BY created_at DESC, id",
+                )
+                .bind(w)
+                .fetch_all(&self.pool)
+                .await
+            }
+            None => {
+                sqlx::query("SELECT * FROM prebuilds ORDER BY created_at DESC, id")
+                    .fetch_all(&self.pool)
+                    .await
+            }
+        }
+        .map_err(q("list prebuilds"))?;
+        Ok(rows.iter().map(from_row).collect())
+    }
+
+    /// Forgets a prebuild (its files are gone).
+    pub async fn delete_prebuild(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM prebuilds WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("delete prebuild"))?;
+        Ok(())
+    }
+
+    /// The workspace a sandbox was spawned from.
+    pub async fn set_sandbox_workspace(
+        &self,
+        id: &atelier_core::SandboxId,
+        workspace: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE sandboxes SET workspace = ? WHERE id = ?")
+            .bind(workspace)
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(q("set sandbox workspace"))?;
+        Ok(())
+    }
+
+    /// The workspace a sandbox was spawned from, if any.
+    pub async fn sandbox_workspace(
+        &self,
+        id: &atelier_core::SandboxId,
+    ) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT workspace FROM sandboxes WHERE id = ?")
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("get sandbox workspace"))?;
+        Ok(row.and_then(|r| r.get("workspace")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn prebuild_rows_move_through_their_states() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+        s.insert_prebuild("pb-a", "demo", 1).await.unwrap();
+        s.insert_prebuild("pb-b", "other", 1).await.unwrap();
+        assert_eq!(
+            s.prebuild("pb-a").await.unwrap().unwrap().status,
+            "building"
+        );
+        s.prebuild_ready("pb-a", r#"{"/w":"abc"}"#, 42)
+            .await
+            .unwrap();
+        s.set_prebuild_stale("pb-a").await.unwrap();
+        let p = s.prebuild("pb-a").await.unwrap().unwrap();
+        assert_eq!(
+            (p.status.as_str(), p.stale, p.size_bytes),
+            ("ready", true, Some(42))
+        );
+        s.prebuild_failed("pb-b", "boom").await.unwrap();
+        assert_eq!(
+            s.prebuilds(Some("other")).await.unwrap()[0]
+                .error
+                .as_deref(),
+            Some("boom")
+        );
+        assert_eq!(s.prebuilds(None).await.unwrap().len(), 2);
+        s.delete_prebuild("pb-a").await.unwrap();
+        assert!(s.prebuild("pb-a").await.unwrap().is_none());
+    }
+}

@@ -1,0 +1,402 @@
+//! Workspaces, prebuilds and spawning from them, with real VMs, a real git server
+//! (git daemon in a network namespace the test owns; guests clone over their own
+//! network) and real init commands.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{PublicNet, Server};
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not json ({e}): {s}"))
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args([
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.test",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A bare repo `demo.git` served by `git daemon` inside the public namespace, and
+/// a work tree on the host that pushes to it.
+struct GitServer {
+    _dir: tempfile::TempDir,
+    work: std::path::PathBuf,
+    daemon: Child,
+    url: String,
+}
+
+impl GitServer {
+    fn start(net: &PublicNet) -> GitServer {
+        let dir = tempfile::tempdir().unwrap();
+        let bare = dir.path().join("demo.git");
+        let work = dir.path().join("work");
+        std::fs::create_dir_all(&work).unwrap();
+        git(
+            dir.path(),
+            &["init", "-q", "--bare", bare.to_str().unwrap()],
+        );
+        git(&work, &["init", "-q"]);
+        std::fs::create_dir_all(work.join("pkg")).unwrap();
+        std::fs::write(
+            work.join("pkg/demo-tool"),
+            "#!/bin/sh\necho demo tool works\n",
+        )
+        .unwrap();
+        std::fs::write(work.join("hello.txt"), "v1\n").unwrap();
+        git(&work, &["add", "."]);
+        git(&work, &["commit", "-q", "-m", "v1"]);
+        git(
+            &work,
+            &["push", "-q", bare.to_str().unwrap(), "HEAD:refs/heads/main"],
+        );
+        let daemon = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &net.ns,
+                "git",
+                "daemon",
+                "--export-all",
+                "--reuseaddr",
+            ])
+            .arg(format!("--base-path={}", dir.path().display()))
+            .arg(format!("--listen={}", net.ip_a))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let url = format!("git://{}/demo.git", net.ip_a);
+        let start = Instant::now();
+        while Command::new("git")
+            .args(["ls-remote", &url])
+            .stderr(Stdio::null())
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "git daemon did not start"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        GitServer {
+            _dir: dir,
+            work,
+            daemon,
+            url,
+        }
+    }
+
+    fn push(&self, content: &str) -> String {
+        std::fs::write(self.work.join("hello.txt"), content).unwrap();
+        git(&self.work, &["commit", "-q", "-am", content.trim()]);
+        let bare = self.work.parent().unwrap().join("demo.git");
+        git(
+            &self.work,
+            &["push", "-q", bare.to_str().unwrap(), "HEAD:refs/heads/main"],
+        );
+        git(&self.work, &["rev-parse", "HEAD"])
+    }
+}
+
+impl Drop for GitServer {
+    fn drop(&mut self) {
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+    }
+}
+
+fn set_secret(srv: &Server, name: &str, value: &str) {
+    let mut child = srv
+        .cli()
+        .args(["secret", "set", name])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(value.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn workspace_yaml(url: &str) -> String {
+    format!(
+        r#"name: demo
+image: minimal
+resources: {{ vcpus: 1, memory_mib: 1024, disk_gib: 2 }}
+repos:
+  - url: {url}
+    branch: main
+    path: /workspace/demo
+init:
+  - echo built > .init-done
+  - install -m 0755 pkg/demo-tool /usr/local/bin/demo-tool
+  - setsid sh -c 'while :; do sleep 1; done' </dev/null >/dev/null 2>&1 & echo $! > /var/tmp/bg.pid
+dev:
+  - {{ name: web, command: "python3 -m http.server 8000", port: 8000 }}
+secrets:
+  env: {{ API_KEY: {{ secret: demo-api-key }} }}
+  files: [ {{ path: /root/.npmrc, secret: demo-npmrc, mode: "0600" }} ]
+opencode: {{ model: "local/scripted" }}
+"#
+    )
+}
+
+fn sh(srv: &Server, sb: &str, script: &str) -> String {
+    let out = srv.run(&["sandbox", "exec", sb, "--", "sh", "-c", script]);
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Whether `needle` occurs in the file (read in chunks; files can be GiB-sized).
+fn file_contains(path: &Path, needle: &[u8]) -> bool {
+    use std::io::Read;
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut buf = vec![0u8; 8 << 20];
+    let mut carry: Vec<u8> = Vec::new();
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            return false;
+        }
+        carry.extend_from_slice(&buf[..n]);
+        if carry.windows(needle.len()).any(|w| w == needle) {
+            return true;
+        }
+        let keep = carry.len().saturating_sub(needle.len());
+        carry.drain(..keep);
+    }
+}
+
+fn prebuilds(srv: &Server) -> Vec<serde_json::Value> {
+    json(&srv.ok(&["--json", "prebuild", "list", "--workspace", "demo"]))
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn prebuild_spawn_identity_secrets_and_stale_rebuild() {
+    let net = PublicNet::start();
+    let repo = GitServer::start(&net);
+    let srv = Server::start_with(&[("ATELIER_PREBUILD_CHECK_SECS", "3")]);
+    const API_KEY: &str = "sk-test-9f8e7d6c5b4a";
+    const NPMRC: &str = "//registry.example.test/:_authToken=npm-secret-1234";
+    set_secret(&srv, "demo-api-key", API_KEY);
+    set_secret(&srv, "demo-npmrc", NPMRC);
+    let ws = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(ws.path(), workspace_yaml(&repo.url)).unwrap();
+    srv.ok(&["workspace", "apply", "-f", ws.path().to_str().unwrap()]);
+
+    // No prebuild yet: a clear conflict.
+    let out = srv.run(&[
+        "sandbox",
+        "create",
+        "--name",
+        "early",
+        "--workspace",
+        "demo",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("prebuild create demo"));
+
+    // Build: streamed log, then ready with the repo's commit.
+    let v1 = git(&repo.work, &["rev-parse", "HEAD"]);
+    let out = srv.run(&["prebuild", "create", "demo"]);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("==> cloning") && log.contains("==> init 3/3"),
+        "{log}"
+    );
+    let list = prebuilds(&srv);
+    assert_eq!(list[0]["status"], "ready", "{list:?}");
+    assert_eq!(list[0]["commits"]["/workspace/demo"], v1);
+    let pb = list[0]["id"].as_str().unwrap().to_owned();
+    // Secrets never enter a prebuild (memory, disk or device state).
+    let dir = srv.data_dir.path().join("pool/prebuilds").join(&pb);
+    for f in ["mem", "disk.img", "state", "build.log"] {
+        assert!(dir.join(f).exists(), "{f}");
+        for s in [API_KEY, NPMRC] {
+            assert!(!file_contains(&dir.join(f), s.as_bytes()), "secret in {f}");
+        }
+    }
+
+    // Spawn two sandboxes from it.
+    let s1 = json(&srv.ok(&[
+        "--json",
+        "sandbox",
+        "create",
+        "--name",
+        "s1",
+        "--workspace",
+        "demo",
+    ]));
+    assert_eq!(s1["booted_from"], "snapshot");
+    let s2 = json(&srv.ok(&[
+        "--json",
+        "sandbox",
+        "create",
+        "--name",
+        "s2",
+        "--workspace",
+        "demo",
+    ]));
+    assert_eq!(s2["booted_from"], "snapshot");
+    for sb in ["s1", "s2"] {
+        // The repo, init results and the process started before the snapshot.
+        assert_eq!(sh(&srv, sb, "cat /workspace/demo/hello.txt"), "v1");
+        assert_eq!(sh(&srv, sb, "cat /workspace/demo/.init-done"), "built");
+        assert_eq!(sh(&srv, sb, "demo-tool"), "demo tool works");
+        sh(&srv, sb, "kill -0 $(cat /var/tmp/bg.pid)");
+        // Secrets injected at spawn.
+        assert_eq!(
+            sh(&srv, sb, ". /etc/atelier/secrets.env && echo $API_KEY"),
+            API_KEY
+        );
+        assert_eq!(sh(&srv, sb, "cat /root/.npmrc"), NPMRC);
+        assert_eq!(sh(&srv, sb, "stat -c %a /root/.npmrc"), "600");
+        assert!(
+            sh(&srv, sb, "cat /root/.config/opencode/opencode.json").contains("local/scripted")
+        );
+    }
+    // Own identities: hostname, machine-id, RNG output, clock.
+    assert_eq!(sh(&srv, "s1", "hostname"), "s1");
+    assert_eq!(sh(&srv, "s2", "hostname"), "s2");
+    assert_ne!(
+        sh(&srv, "s1", "cat /etc/machine-id"),
+        sh(&srv, "s2", "cat /etc/machine-id")
+    );
+    let rnd = "head -c 16 /dev/urandom | od -An -tx1";
+    assert_ne!(sh(&srv, "s1", rnd), sh(&srv, "s2", rnd));
+    let guest_now: i64 = sh(&srv, "s1", "date +%s").parse().unwrap();
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (guest_now - host_now).abs() < 10,
+        "guest clock {guest_now} vs {host_now}"
+    );
+    assert_ne!(s1["ip"], s2["ip"]);
+    // The workspace's dev command runs (and gets the secret env).
+    let start = Instant::now();
+    loop {
+        let d = json(&srv.ok(&["--json", "dev", "list", "s1"]));
+        if d[0]["name"] == "web" && d[0]["listening"] == true {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "{d}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Secret values are not in the manager's log or the API.
+    assert!(!srv.log().contains(API_KEY) && !srv.log().contains(NPMRC));
+    assert!(
+        !srv.ok(&["--json", "workspace", "show", "demo"])
+            .contains(API_KEY)
+    );
+
+    // A new commit: the checker marks the prebuild stale and rebuilds it; a new
+    // sandbox has the commit.
+    let v2 = repo.push("v2\n");
+    let start = Instant::now();
+    loop {
+        let list = prebuilds(&srv);
+        if list
+            .iter()
+            .any(|p| p["status"] == "ready" && p["commits"]["/workspace/demo"] == v2)
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "no rebuild: {list:?}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    // A commit newer than the prebuild is pulled at spawn.
+    repo.push("v3\n");
+    srv.ok(&["sandbox", "create", "--name", "s3", "--workspace", "demo"]);
+    assert_eq!(sh(&srv, "s3", "cat /workspace/demo/hello.txt"), "v3");
+
+    for sb in ["s1", "s2", "s3"] {
+        srv.ok(&["sandbox", "rm", sb]);
+    }
+    srv.assert_clean();
+}
+
+#[test]
+fn kill9_during_prebuild_leaves_nothing() {
+    let net = PublicNet::start();
+    let repo = GitServer::start(&net);
+    let mut srv = Server::start_with(&[("ATELIER_FAULT_PAUSE", "prebuild-after-launch")]);
+    set_secret(&srv, "demo-api-key", "x");
+    set_secret(&srv, "demo-npmrc", "y");
+    let ws = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(ws.path(), workspace_yaml(&repo.url)).unwrap();
+    srv.ok(&["workspace", "apply", "-f", ws.path().to_str().unwrap()]);
+    srv.ok(&["prebuild", "create", "demo", "--no-follow"]);
+    srv.wait_log("prebuild-after-launch", Duration::from_secs(120));
+    let marker = format!("{}/pool/prebuilds/.build-", srv.data_dir.path().display());
+    assert!(!common::pids_matching(&marker).is_empty(), "no builder VM");
+    srv.kill9();
+    srv.restart(&[]);
+    assert!(
+        common::pids_matching(&marker).is_empty(),
+        "builder VM survived"
+    );
+    let list = prebuilds(&srv);
+    assert_eq!(list[0]["status"], "failed", "{list:?}");
+    let leftovers: Vec<_> = std::fs::read_dir(srv.data_dir.path().join("pool/prebuilds"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".build-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert!(srv.net.ports().is_empty(), "{:?}", srv.net.ports());
+    srv.assert_clean();
+}
