@@ -6,6 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ATELIER_NEED_NEXTEST=1 bash scripts/deps.sh
+# A clean checkout gains nothing from incremental artifacts; they double the disk use.
+[ "${CI:-}" = true ] && export CARGO_INCREMENTAL=0
 export ATELIER_TEST_CACHE=${ATELIER_TEST_CACHE:-/var/cache/atelier-test}
 export ATELIER_TEST_IMAGES_DIR=$ATELIER_TEST_CACHE/images
 echo "==> lint"

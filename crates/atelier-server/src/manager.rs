@@ -802,6 +802,7 @@ impl Manager {
             .record_resource(id, RES_PROCESS, &cfg.run_dir.display().to_string())
             .await?;
         let process = self.hv.launch(cfg).await?;
+        fault_point("restore-after-launch").await;
         let agent = match AgentClient::connect_unix(&process.paths().agent).await {
             Ok(a) => a,
             Err(e) => {

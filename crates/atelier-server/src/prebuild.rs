@@ -141,6 +141,19 @@ impl Manager {
         workspace: &str,
     ) -> Result<PrebuildRecord, Error> {
         let (rec, spec) = self.load_workspace(workspace).await?;
+        if let Some((i, _)) = spec
+            .repos
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.credentials.is_some())
+        {
+            // A token used during the build would stay in the guest's memory, and
+            // the memory is the snapshot; until clones can be credentialed from
+            // outside the VM, refuse rather than leak.
+            return Err(Error::invalid(format!(
+                "repos[{i}].credentials: cloning with credentials is not supported yet (the token would end up in the memory snapshot); use a repository the guest can clone without them"
+            )));
+        }
         if let Some(b) = self
             .store
             .prebuilds(Some(workspace))
@@ -170,6 +183,10 @@ impl Manager {
             let started = std::time::Instant::now();
             match me.build_prebuild(&id, &spec, &build).await {
                 Ok((commits, size)) => {
+                    // The builder's firewall state goes before anyone hears it is ready.
+                    if let Some(net) = &me.net {
+                        let _ = net.forget(net.cfg.builder_address()).await;
+                    }
                     let done = me.prebuilds_dir().join(&id);
                     let json = serde_json::to_string(&commits).unwrap_or_else(|_| "{}".into());
                     let renamed = std::fs::rename(&build, &done);
@@ -188,6 +205,9 @@ impl Manager {
                 }
                 Err(e) => {
                     tracing::warn!(prebuild = %id, error = %e.message, "prebuild failed");
+                    if let Some(net) = &me.net {
+                        let _ = net.forget(net.cfg.builder_address()).await;
+                    }
                     // Keep the log for diagnosis; drop the rest.
                     let failed = me.prebuilds_dir().join(&id);
                     let _ = std::fs::create_dir_all(&failed);
@@ -196,9 +216,6 @@ impl Manager {
                     let _ = std::fs::remove_dir_all(&build);
                     let _ = me.store.prebuild_failed(&id, &e.message).await;
                 }
-            }
-            if let Some(net) = &me.net {
-                let _ = net.forget(net.cfg.builder_address()).await;
             }
         });
         Ok(row)

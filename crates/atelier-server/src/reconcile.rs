@@ -244,7 +244,13 @@ impl Manager {
         let Some(net) = &self.net else {
             return Ok(());
         };
+        // The prebuild builder (TAP `atlp…`, the subnet's last address) belongs to
+        // a build in flight, if one holds the build lock.
+        let building = self.prebuild_lock.try_lock().is_err();
         for port in net.links.ports().await? {
+            if port.starts_with("atlp") && building {
+                continue;
+            }
             // TAP `atl<10 chars>` belongs to sandbox `sb-<10 chars>`.
             let id = format!("sb-{}", port.get(3..).unwrap_or(""));
             if with_vm.contains(&id) {
@@ -266,7 +272,7 @@ impl Manager {
             .map(|(ip, _)| ip)
             .collect();
         for ip in net.fw.known_addresses().await? {
-            if !leased.contains(&ip) {
+            if !leased.contains(&ip) && !(building && ip == net.cfg.builder_address()) {
                 tracing::warn!(%ip, "forgetting firewall state of an unleased address");
                 net.forget(ip).await?;
             }

@@ -178,7 +178,6 @@ impl Manager {
 
     /// A secret's value, decrypted (wiped from memory when dropped). For injection
     /// into guests only: never log it or send it to an API client.
-    #[allow(dead_code)] // called by the spawn path that injects workspace secrets
     pub(crate) async fn secret_value(&self, name: &str) -> Result<Zeroizing<Vec<u8>>, Error> {
         let sealed = self
             .store

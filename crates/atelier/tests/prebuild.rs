@@ -370,7 +370,7 @@ fn prebuild_spawn_identity_secrets_and_stale_rebuild() {
 }
 
 #[test]
-fn kill9_during_prebuild_leaves_nothing() {
+fn kill9_during_prebuild_and_during_spawn_leaves_nothing() {
     let net = PublicNet::start();
     let repo = GitServer::start(&net);
     let mut srv = Server::start_with(&[("ATELIER_FAULT_PAUSE", "prebuild-after-launch")]);
@@ -398,5 +398,31 @@ fn kill9_during_prebuild_leaves_nothing() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
     assert!(srv.net.ports().is_empty(), "{:?}", srv.net.ports());
+    srv.assert_clean();
+
+    // Now a good prebuild, and a spawn from it killed while its VM restores.
+    srv.ok(&["prebuild", "create", "demo"]);
+    srv.restart(&[("ATELIER_FAULT_PAUSE", "restore-after-launch")]);
+    srv.ok(&[
+        "sandbox",
+        "create",
+        "--name",
+        "s1",
+        "--workspace",
+        "demo",
+        "--no-wait",
+    ]);
+    srv.wait_log("restore-after-launch", Duration::from_secs(120));
+    assert_eq!(srv.vmm_pids().len(), 1);
+    srv.kill9();
+    srv.restart(&[]);
+    let s1 = json(&srv.ok(&["--json", "sandbox", "show", "s1"]));
+    assert_eq!(s1["state"], "failed");
+    assert!(srv.vmm_pids().is_empty());
+    srv.ok(&["sandbox", "rm", "s1"]);
+    srv.assert_clean();
+    // The prebuild is intact and spawns.
+    srv.ok(&["sandbox", "create", "--name", "s2", "--workspace", "demo"]);
+    srv.ok(&["sandbox", "rm", "s2"]);
     srv.assert_clean();
 }
