@@ -272,7 +272,8 @@ impl Manager {
             .map(|(ip, _)| ip)
             .collect();
         for ip in net.fw.known_addresses().await? {
-            if !leased.contains(&ip) && !(building && ip == net.cfg.builder_address()) {
+            let builder_busy = building && ip == net.cfg.builder_address();
+            if !leased.contains(&ip) && !builder_busy {
                 tracing::warn!(%ip, "forgetting firewall state of an unleased address");
                 net.forget(ip).await?;
             }
