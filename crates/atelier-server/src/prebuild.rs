@@ -708,6 +708,16 @@ impl Manager {
         let Some(pos) = list.iter().position(|p| p.status == "ready") else {
             return Ok(());
         };
+        self.remove_prebuilds(&list[pos + 1..]).await
+    }
+
+    /// After a workspace is deleted: its prebuilds that no sandbox maps.
+    pub(crate) async fn remove_unused_prebuilds(&self, workspace: &str) -> Result<(), Error> {
+        let list = self.store.prebuilds(Some(workspace)).await?;
+        self.remove_prebuilds(&list).await
+    }
+
+    async fn remove_prebuilds(&self, list: &[PrebuildRecord]) -> Result<(), Error> {
         let mut in_use = std::collections::HashSet::new();
         for e in std::fs::read_dir(self.cfg.sandboxes_dir())
             .into_iter()
@@ -718,7 +728,7 @@ impl Manager {
                 in_use.insert(t.trim().to_owned());
             }
         }
-        for old in &list[pos + 1..] {
+        for old in list {
             let dir = self.prebuilds_dir().join(&old.id);
             let mem = dir.join("mem").display().to_string();
             if old.status == "building" || in_use.contains(&mem) {

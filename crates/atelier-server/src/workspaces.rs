@@ -118,9 +118,21 @@ impl Manager {
     /// Removes a workspace definition.
     pub async fn delete_workspace(&self, name: &str) -> Result<(), Error> {
         let _refs = REFS.lock().await;
+        if self
+            .store
+            .prebuilds(Some(name))
+            .await?
+            .iter()
+            .any(|p| p.status == "building")
+        {
+            return Err(Error::conflict(format!(
+                "workspace {name:?} has a prebuild building; wait for it to finish"
+            )));
+        }
         if !self.store.delete_workspace(name).await? {
             return Err(Error::not_found(format!("workspace {name:?} not found")));
         }
+        self.remove_unused_prebuilds(name).await?;
         tracing::info!(workspace = %name, "workspace deleted");
         Ok(())
     }

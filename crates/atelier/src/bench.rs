@@ -993,9 +993,14 @@ async fn proxy_step(cx: &mut Ctx<'_>, sandbox: &str) -> anyhow::Result<Option<Pr
     let (code, _) = exec(&cx.c, &s.id, &["sh", "-c", &setup]).await?;
     anyhow::ensure!(code == 0, "writing the files to serve exited with {code}");
     let dev_path = format!("/api/v1/sandboxes/{}/dev", enc(&s.id));
+    // `python3 -m http.server`, with a listen backlog of 1024 instead of 5: with 5,
+    // a burst of connections is dropped at SYN time and the figures measure TCP
+    // retransmission back-off instead of the proxy.
     let rb = cx.c.request(Method::POST, &dev_path).json(&json!({
         "name": PROXY_DEV,
-        "command": format!("exec python3 -m http.server {PROXY_PORT} --directory {PROXY_DIR}"),
+        "command": format!(
+            r#"exec python3 -c 'import functools, http.server as s; s.ThreadingHTTPServer.request_queue_size = 1024; s.test(HandlerClass=functools.partial(s.SimpleHTTPRequestHandler, directory="{PROXY_DIR}"), ServerClass=s.ThreadingHTTPServer, port={PROXY_PORT}, bind="0.0.0.0")'"#
+        ),
         "port": PROXY_PORT,
         "restart": "never",
     }));

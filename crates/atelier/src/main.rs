@@ -3,6 +3,7 @@
 //! builds, `doctor`, `bench`). The logic lives in the library crates.
 
 mod bench;
+mod bench_prebuild;
 mod client;
 mod commands;
 mod dev;
@@ -90,6 +91,8 @@ enum Command {
     Doctor,
     /// Measure boot, clone, exec and transfer speed against a running manager; prints ratios.
     Bench(commands::BenchArgs),
+    /// Measure spawning from a prebuild against bare QEMU and a cold boot; prints ratios.
+    BenchPrebuild(bench_prebuild::Args),
 }
 
 impl Global {
@@ -140,6 +143,7 @@ fn main() -> ExitCode {
             Command::Status => commands::status(&cli.global).await,
             Command::Doctor => doctor::run(&cli.global).await,
             Command::Bench(args) => commands::bench(&cli.global, args).await,
+            Command::BenchPrebuild(args) => bench_prebuild::run(&cli.global, args).await,
         }
     });
     // A terminal session may leave a blocking stdin read behind; do not wait for it.

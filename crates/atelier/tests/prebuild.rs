@@ -367,6 +367,33 @@ fn prebuild_spawn_identity_secrets_and_stale_rebuild() {
         srv.ok(&["sandbox", "rm", sb]);
     }
     srv.assert_clean();
+    // Superseded prebuilds were collected; removing the workspace removes the
+    // rest (a build the v3 push started may have to finish first).
+    let start = Instant::now();
+    loop {
+        let out = srv.run(&["workspace", "rm", "demo"]);
+        if out.status.success() {
+            break;
+        }
+        assert_eq!(
+            out.status.code(),
+            Some(5),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "build never finished"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let left: Vec<_> = std::fs::read_dir(srv.data_dir.path().join("pool/prebuilds"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(prebuilds(&srv).is_empty());
 }
 
 #[test]
