@@ -19,7 +19,7 @@ use std::time::Duration;
 use atelier_agent_proto::{AgentClient, ExecEvent, ExecRequest};
 use atelier_core::workspace::WorkspaceSpec;
 use atelier_store::PrebuildRecord;
-use atelier_vmm::{Accel, MemoryBacking, VmProcess};
+use atelier_vmm::{MemoryBacking, VmProcess};
 
 use crate::Error;
 use crate::manager::Manager;
@@ -281,17 +281,7 @@ impl Manager {
         let vm = VmGuard(Some(self.hv.launch(&cfg).await?));
         crate::manager::fault_point("prebuild-after-launch").await;
         let process = vm.0.as_ref().ok_or_else(|| Error::internal("no vm"))?;
-        let agent = AgentClient::connect_unix(&process.paths().agent)
-            .await
-            .map_err(|e| Error::unavailable(format!("prebuild agent socket: {e}")))?;
-        let timeout = match accel {
-            Accel::Kvm => Duration::from_secs(60),
-            Accel::Tcg => Duration::from_secs(240),
-        };
-        agent
-            .wait_ready(timeout)
-            .await
-            .map_err(|e| Error::unavailable(format!("prebuild agent did not answer: {e}")))?;
+        let agent = crate::templates::boot_agent(process, accel, "prebuild").await?;
         if let (Some(net), Some(ip)) = (&self.net, builder) {
             agent
                 .net_config(net.guest_config(ip))
@@ -371,22 +361,14 @@ impl Manager {
             .await?;
         }
         log.line("==> snapshotting memory and disk");
-        crate::templates::exec_ok(&agent, &["sync"]).await?;
-        drop(agent);
-        atelier_vmm::save_state(process, &build.join("state")).await?;
-        let pool = self.pool.clone();
-        let (src, dst) = (running.clone(), build.join("disk.img"));
-        tokio::task::spawn_blocking(move || pool.clone_disk(&src, &dst))
-            .await
-            .map_err(|e| Error::internal(e.to_string()))??;
-        let _ = process
-            .qmp()
-            .execute_timeout("quit", None, Duration::from_secs(5))
-            .await;
-        if !process.wait_exit(Duration::from_secs(10)).await {
-            process.kill().await?;
-        }
-        let _ = std::fs::remove_file(&running);
+        self.freeze(
+            process,
+            agent,
+            &build.join("state"),
+            &running,
+            &build.join("disk.img"),
+        )
+        .await?;
         let size = [build.join("mem"), build.join("disk.img")]
             .iter()
             .filter_map(|p| std::fs::metadata(p).ok())

@@ -195,34 +195,9 @@ impl Manager {
         }
         let vm = self.hv.launch(&cfg).await?;
         crate::manager::fault_point("template-after-launch").await;
-        let agent = AgentClient::connect_unix(&vm.paths().agent)
-            .await
-            .map_err(|e| Error::unavailable(format!("template agent socket: {e}")))?;
-        let timeout = match accel {
-            Accel::Kvm => Duration::from_secs(60),
-            Accel::Tcg => Duration::from_secs(240),
-        };
-        agent
-            .wait_ready(timeout)
-            .await
-            .map_err(|e| Error::unavailable(format!("template agent did not answer: {e}")))?;
-        // Settle, flush the guest's dirty pages, then freeze memory + disk together.
-        exec_ok(&agent, &["sh", "-c", "sync"]).await?;
-        drop(agent);
-        atelier_vmm::save_state(&vm, &t.state).await?;
-        let pool = self.pool.clone();
-        let (src, dst) = (running_disk.clone(), t.disk.clone());
-        tokio::task::spawn_blocking(move || pool.clone_disk(&src, &dst))
-            .await
-            .map_err(|e| Error::internal(e.to_string()))??;
-        let _ = vm
-            .qmp()
-            .execute_timeout("quit", None, Duration::from_secs(5))
-            .await;
-        if !vm.wait_exit(Duration::from_secs(10)).await {
-            vm.kill().await?;
-        }
-        let _ = std::fs::remove_file(&running_disk);
+        let agent = boot_agent(&vm, accel, "template").await?;
+        self.freeze(&vm, agent, &t.state, &running_disk, &t.disk)
+            .await?;
         std::fs::write(build.join("ready"), b"")
             .map_err(|e| Error::internal(format!("cannot mark template ready: {e}")))?;
         Ok(())
@@ -248,6 +223,61 @@ impl Manager {
         fix_identity(&agent, &rec.name).await?;
         tracing::debug!(sandbox = %id, "restored from memory snapshot");
         Ok((vm, agent))
+    }
+}
+
+/// Connects to the agent of a VM that is booting and waits until it answers
+/// (booting takes longer under TCG).
+pub(crate) async fn boot_agent(
+    vm: &VmProcess,
+    accel: Accel,
+    what: &str,
+) -> Result<AgentClient, Error> {
+    let agent = AgentClient::connect_unix(&vm.paths().agent)
+        .await
+        .map_err(|e| Error::unavailable(format!("{what} agent socket: {e}")))?;
+    let timeout = match accel {
+        Accel::Kvm => Duration::from_secs(60),
+        Accel::Tcg => Duration::from_secs(240),
+    };
+    agent
+        .wait_ready(timeout)
+        .await
+        .map_err(|e| Error::unavailable(format!("{what} agent did not answer: {e}")))?;
+    Ok(agent)
+}
+
+impl Manager {
+    /// Freezes a booted VM whose RAM is a shared file (templates, prebuilds): the
+    /// guest flushes its dirty pages, the device state goes to `state`
+    /// (`x-ignore-shared`: the RAM file is the memory image), `running` is
+    /// reflinked to `disk` at the same instant, then the VM stops and `running`
+    /// is removed.
+    pub(crate) async fn freeze(
+        &self,
+        vm: &VmProcess,
+        agent: AgentClient,
+        state: &Path,
+        running: &Path,
+        disk: &Path,
+    ) -> Result<(), Error> {
+        exec_ok(&agent, &["sh", "-c", "sync"]).await?;
+        drop(agent);
+        atelier_vmm::save_state(vm, state).await?;
+        let pool = self.pool.clone();
+        let (src, dst) = (running.to_owned(), disk.to_owned());
+        tokio::task::spawn_blocking(move || pool.clone_disk(&src, &dst))
+            .await
+            .map_err(|e| Error::internal(e.to_string()))??;
+        let _ = vm
+            .qmp()
+            .execute_timeout("quit", None, Duration::from_secs(5))
+            .await;
+        if !vm.wait_exit(Duration::from_secs(10)).await {
+            vm.kill().await?;
+        }
+        let _ = std::fs::remove_file(running);
+        Ok(())
     }
 }
 

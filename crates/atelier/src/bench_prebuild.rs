@@ -297,7 +297,10 @@ async fn steps(cx: &mut Ctx) -> anyhow::Result<()> {
     }
 
     // 3. Bare QEMU (local).
-    match (cx.data_dir.clone(), cx.spawned.first().cloned()) {
+    match (
+        cx.data_dir.clone(),
+        cx.spawned.first().map(|s| s.id.clone()),
+    ) {
         (None, _) => skip(cx, "bare"),
         (Some(_), None) => problem(cx, "bare", anyhow::anyhow!("no spawned sandbox to copy")),
         (Some(dir), Some(sb)) => match bare_step(cx, &dir, &sb).await {
@@ -522,15 +525,11 @@ fn scratch_dir(data_dir: &Path, prefix: &str, k: usize) -> PathBuf {
     data_dir.join("pool").join(format!("{prefix}bare{k}"))
 }
 
-async fn bare_step(cx: &mut Ctx, data_dir: &Path, sb: &SandboxView) -> anyhow::Result<Bare> {
-    let (pid, args) = vmm_pid(data_dir, &sb.id)
-        .with_context(|| format!("no QEMU process found for sandbox {}", sb.id))?;
-    let mem = mem_path(&args).with_context(|| {
-        format!(
-            "the VMM of {} (pid {pid}) has no memory-backend-file",
-            sb.id
-        )
-    })?;
+async fn bare_step(cx: &mut Ctx, data_dir: &Path, sb: &str) -> anyhow::Result<Bare> {
+    let (pid, args) =
+        vmm_pid(data_dir, sb).with_context(|| format!("no QEMU process found for sandbox {sb}"))?;
+    let mem = mem_path(&args)
+        .with_context(|| format!("the VMM of {} (pid {pid}) has no memory-backend-file", sb))?;
     let pb_dir = mem
         .parent()
         .context("the memory file has no parent dir")?
@@ -540,7 +539,7 @@ async fn bare_step(cx: &mut Ctx, data_dir: &Path, sb: &SandboxView) -> anyhow::R
     {
         progress(format!(
             "      note: {} restored {}, not {}",
-            sb.id,
+            sb,
             pb_dir.display(),
             pb.id
         ));
@@ -552,11 +551,11 @@ async fn bare_step(cx: &mut Ctx, data_dir: &Path, sb: &SandboxView) -> anyhow::R
         "{} lacks state or disk.img",
         pb_dir.display()
     );
-    let run_dir = data_dir.join("sandboxes").join(&sb.id);
+    let run_dir = data_dir.join("sandboxes").join(sb);
     progress(format!(
         "[3/5] bare QEMU: {BARE_RUNS} restores of {} with {}'s command line (pid {pid})",
         pb_dir.display(),
-        sb.id
+        sb
     ));
     let mut runs = Vec::new();
     let mut command = Vec::new();
@@ -583,7 +582,7 @@ async fn bare_step(cx: &mut Ctx, data_dir: &Path, sb: &SandboxView) -> anyhow::R
         .map(|s| s.client_ms_median)
         .unwrap_or(f64::NAN);
     Ok(Bare {
-        from_sandbox: sb.id.clone(),
+        from_sandbox: sb.to_owned(),
         runs,
         ready_ms_median: ready,
         disk_copy_ms_median: copy,
@@ -886,9 +885,9 @@ fn print_table(r: &Report) {
         e.workspace, e.prebuild, e.accel, e.qemu_version, e.storage_backend, e.host_cpus
     );
     println!();
-    println!("{:<44} {:>12} {:>12} {:>9}", "", "value", "vs", "ratio");
+    println!("{:<50} {:>12} {:>12} {:>9}", "", "value", "vs", "ratio");
     let row = |what: &str, v: String, vs: String, ratio: String| {
-        println!("{what:<44} {v:>12} {vs:>12} {ratio:>9}");
+        println!("{what:<50} {v:>12} {vs:>12} {ratio:>9}");
     };
     if let Some(s) = &r.spawn {
         row(
