@@ -141,17 +141,12 @@ impl Manager {
         workspace: &str,
     ) -> Result<PrebuildRecord, Error> {
         let (rec, spec) = self.load_workspace(workspace).await?;
-        if let Some((i, _)) = spec
-            .repos
-            .iter()
-            .enumerate()
-            .find(|(_, r)| r.credentials.is_some())
-        {
-            // A token used during the build would stay in the guest's memory, and
-            // the memory is the snapshot; until clones can be credentialed from
-            // outside the VM, refuse rather than leak.
+        if let Some((i, _)) = spec.repos.iter().enumerate().find(|(_, r)| {
+            r.credentials.is_some()
+                && !(r.url.starts_with("https://") || r.url.starts_with("http://"))
+        }) {
             return Err(Error::invalid(format!(
-                "repos[{i}].credentials: cloning with credentials is not supported yet (the token would end up in the memory snapshot); use a repository the guest can clone without them"
+                "repos[{i}].credentials: credentials work with http(s) URLs (an ssh key would have to live in the guest)"
             )));
         }
         if let Some(b) = self
@@ -305,22 +300,59 @@ impl Manager {
                 "==> cloning {} ({}) into {}",
                 r.url, r.branch, r.path
             ));
-            run_logged(
-                &agent,
-                &mut log,
-                &format!("cloning {}", r.url),
-                ExecRequest::new([
-                    "sh",
-                    "-c",
-                    "mkdir -p \"$(dirname \"$3\")\" && git clone --branch \"$2\" --single-branch \"$1\" \"$3\" 2>&1",
-                    "clone",
-                    &r.url,
-                    &r.branch,
-                    &r.path,
-                ])
-                .timeout(Duration::from_secs(1800)),
-            )
-            .await?;
+            match &r.credentials {
+                None => {
+                    run_logged(
+                        &agent,
+                        &mut log,
+                        &format!("cloning {}", r.url),
+                        ExecRequest::new([
+                            "sh",
+                            "-c",
+                            "mkdir -p \"$(dirname \"$3\")\" && git clone --branch \"$2\" --single-branch \"$1\" \"$3\" 2>&1",
+                            "clone",
+                            &r.url,
+                            &r.branch,
+                            &r.path,
+                        ])
+                        .timeout(Duration::from_secs(1800)),
+                    )
+                    .await?;
+                }
+                Some(secret) => {
+                    // The token never enters the build VM (its memory is the
+                    // snapshot): the host fetches, the guest clones a bundle.
+                    log.line(
+                        "    (with credentials: fetched by the host, handed over as a bundle)",
+                    );
+                    let token = self.secret_value(secret).await?;
+                    let bundle = fetch_bundle(&r.url, &r.branch, &token, build).await?;
+                    let file = tokio::fs::File::open(&bundle)
+                        .await
+                        .map_err(|e| Error::internal(format!("bundle: {e}")))?;
+                    agent
+                        .write_file("/var/tmp/atelier-repo.bundle", 0o600, file)
+                        .await
+                        .map_err(Manager::agent_error)?;
+                    let _ = std::fs::remove_file(&bundle);
+                    run_logged(
+                        &agent,
+                        &mut log,
+                        &format!("cloning {}", r.url),
+                        ExecRequest::new([
+                            "sh",
+                            "-c",
+                            "mkdir -p \"$(dirname \"$3\")\" && git clone --branch \"$2\" /var/tmp/atelier-repo.bundle \"$3\" 2>&1 && git -C \"$3\" remote set-url origin \"$1\"; rc=$?; rm -f /var/tmp/atelier-repo.bundle; exit $rc",
+                            "clone",
+                            &r.url,
+                            &r.branch,
+                            &r.path,
+                        ])
+                        .timeout(Duration::from_secs(1800)),
+                    )
+                    .await?;
+                }
+            }
             let head = run_logged(
                 &agent,
                 &mut log,
@@ -569,6 +601,52 @@ impl Manager {
                 .await
                 .map_err(Manager::agent_error)?;
         }
+        let mut store_lines = String::new();
+        for r in spec.repos.iter().filter(|r| r.credentials.is_some()) {
+            if let (Some(secret), Some(rest)) = (
+                &r.credentials,
+                r.url
+                    .strip_prefix("https://")
+                    .map(|x| ("https", x))
+                    .or_else(|| r.url.strip_prefix("http://").map(|x| ("http", x))),
+            ) {
+                let token = self.secret_value(secret).await?;
+                let (user, pass) = basic_parts(&token);
+                let authority = rest.1.split('/').next().unwrap_or("");
+                store_lines.push_str(&format!(
+                    "{}://{}:{}@{}\n",
+                    rest.0,
+                    pct(&user),
+                    pct(&pass),
+                    authority
+                ));
+            }
+        }
+        if !store_lines.is_empty() {
+            crate::templates::exec_ok(agent, &["mkdir", "-p", "/etc/atelier"]).await?;
+            agent
+                .write_file(
+                    "/etc/atelier/git-credentials",
+                    0o600,
+                    store_lines.as_bytes(),
+                )
+                .await
+                .map_err(Manager::agent_error)?;
+            for r in spec.repos.iter().filter(|r| r.credentials.is_some()) {
+                crate::templates::exec_ok(
+                    agent,
+                    &[
+                        "git",
+                        "-C",
+                        &r.path,
+                        "config",
+                        "credential.helper",
+                        "store --file /etc/atelier/git-credentials",
+                    ],
+                )
+                .await?;
+            }
+        }
         for r in &spec.repos {
             let out = agent
                 .exec(
@@ -745,4 +823,110 @@ async fn ls_remote(url: &str, branch: &str) -> Result<String, String> {
         .next()
         .map(str::to_owned)
         .ok_or_else(|| format!("no branch {branch}"))
+}
+
+/// `user:password` from a credential secret; a bare token becomes the password of
+/// user `x-access-token` (what GitHub and most forges accept).
+fn basic_parts(secret: &[u8]) -> (String, String) {
+    let text = String::from_utf8_lossy(secret).trim().to_owned();
+    match text.split_once(':') {
+        Some((u, p)) => (u.to_owned(), p.to_owned()),
+        None => ("x-access-token".to_owned(), text),
+    }
+}
+
+/// Percent-encodes a URL userinfo part.
+fn pct(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Fetches `branch` of `url` on the host with the credential (sent as an HTTP
+/// header through git's environment, never on a command line or in a file) and
+/// returns a bundle of it in `dir`.
+async fn fetch_bundle(
+    url: &str,
+    branch: &str,
+    secret: &[u8],
+    dir: &Path,
+) -> Result<PathBuf, Error> {
+    use base64::Engine;
+    let (user, pass) = basic_parts(secret);
+    let header = format!(
+        "Authorization: Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+    );
+    let mirror = dir.join("fetch.git");
+    let _ = std::fs::remove_dir_all(&mirror);
+    let git = |args: Vec<String>, with_auth: bool| {
+        let mut c = tokio::process::Command::new("git");
+        c.args(&args)
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .kill_on_drop(true)
+            .stdin(std::process::Stdio::null());
+        if with_auth {
+            c.env("GIT_CONFIG_COUNT", "1")
+                .env("GIT_CONFIG_KEY_0", "http.extraHeader")
+                .env("GIT_CONFIG_VALUE_0", &header);
+        }
+        c
+    };
+    let out = tokio::time::timeout(
+        Duration::from_secs(1800),
+        git(
+            vec![
+                "clone".into(),
+                "--quiet".into(),
+                "--bare".into(),
+                "--single-branch".into(),
+                "--branch".into(),
+                branch.into(),
+                "--".into(),
+                url.into(),
+                mirror.display().to_string(),
+            ],
+            true,
+        )
+        .output(),
+    )
+    .await
+    .map_err(|_| Error::unavailable(format!("fetching {url} timed out")))?
+    .map_err(|e| Error::internal(format!("cannot run git: {e}")))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_dir_all(&mirror);
+        return Err(Error::invalid(format!(
+            "fetching {url} ({branch}) with its credentials failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let bundle = dir.join("repo.bundle");
+    let out = git(
+        vec![
+            "-C".into(),
+            mirror.display().to_string(),
+            "bundle".into(),
+            "create".into(),
+            "--quiet".into(),
+            bundle.display().to_string(),
+            "--all".into(),
+        ],
+        false,
+    )
+    .output()
+    .await
+    .map_err(|e| Error::internal(format!("cannot run git: {e}")))?;
+    let _ = std::fs::remove_dir_all(&mirror);
+    if !out.status.success() {
+        return Err(Error::internal(format!(
+            "bundling {url}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(bundle)
 }

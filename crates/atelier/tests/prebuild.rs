@@ -453,3 +453,77 @@ fn kill9_during_prebuild_and_during_spawn_leaves_nothing() {
     srv.ok(&["sandbox", "rm", "s2"]);
     srv.assert_clean();
 }
+
+#[test]
+fn credentialed_repo_is_cloned_without_the_token_entering_the_snapshot() {
+    let net = PublicNet::start();
+    let repo = GitServer::start(&net);
+    const TOKEN: &str = "ghp-test-token-5a4b3c2d1e";
+    let root = repo.work.parent().unwrap().to_owned();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/assets/githttp.py");
+    let mut http = Command::new("ip")
+        .args(["netns", "exec", &net.ns, "python3", script])
+        .arg(&root)
+        .args(["8081", "bot", TOKEN])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://{}:8081/demo.git", net.ip_a);
+    let start = Instant::now();
+    while common::http_ok(&format!("http://{}:8081/", net.ip_a)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "git http server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Without the token the repo is closed.
+    let anon = Command::new("git")
+        .args(["ls-remote", &url])
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .output()
+        .unwrap();
+    assert!(!anon.status.success());
+
+    let srv = Server::start();
+    set_secret(&srv, "repo-token", &format!("bot:{TOKEN}"));
+    let yaml = format!(
+        "name: priv\nimage: minimal\nresources: {{ vcpus: 1, memory_mib: 1024, disk_gib: 2 }}\nrepos:\n  - {{ url: \"{url}\", branch: main, path: /workspace/priv, credentials: repo-token }}\n"
+    );
+    let ws = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(ws.path(), yaml).unwrap();
+    srv.ok(&["workspace", "apply", "-f", ws.path().to_str().unwrap()]);
+    let out = srv.run(&["prebuild", "create", "priv"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pb = json(&srv.ok(&["--json", "prebuild", "list", "--workspace", "priv"]))[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let dir = srv.data_dir.path().join("pool/prebuilds").join(&pb);
+    for f in ["mem", "disk.img", "state", "build.log"] {
+        assert!(
+            !file_contains(&dir.join(f), TOKEN.as_bytes()),
+            "token in {f}"
+        );
+    }
+    srv.ok(&["sandbox", "create", "--name", "p1", "--workspace", "priv"]);
+    assert_eq!(sh(&srv, "p1", "cat /workspace/priv/hello.txt"), "v1");
+    assert_eq!(
+        sh(&srv, "p1", "git -C /workspace/priv remote get-url origin"),
+        url
+    );
+    // The sandbox can pull with the credentials it was given at spawn.
+    repo.push("v2\n");
+    sh(&srv, "p1", "git -C /workspace/priv pull --ff-only --quiet");
+    assert_eq!(sh(&srv, "p1", "cat /workspace/priv/hello.txt"), "v2");
+    assert!(!srv.log().contains(TOKEN));
+    srv.ok(&["sandbox", "rm", "p1"]);
+    srv.assert_clean();
+    let _ = http.kill();
+    let _ = http.wait();
+}
