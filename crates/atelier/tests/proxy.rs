@@ -195,6 +195,25 @@ async fn dev_command_urls_with_auth_websocket_tls_and_load() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "hello from the dev server\n");
 
+    // The manager's own host has the same login; its cookie opens sandbox hosts.
+    let r = c
+        .post(url("/login"))
+        .form(&[("token", srv.token.as_str()), ("next", "/")])
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_redirection(), "{}", r.status());
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(cookie.contains("Domain=localhost"), "{cookie}");
+    let r = c
+        .get(url("/"))
+        .header("Host", &host)
+        .header("Cookie", cookie.split(';').next().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
     // Large bodies stream through intact, both ways.
     let n = 32 << 20;
     let r = c

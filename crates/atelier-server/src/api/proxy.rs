@@ -64,17 +64,21 @@ pub(crate) async fn dispatch(State(st): State<AppState>, req: Request, next: Nex
     let Some(proxy) = st.proxy.clone() else {
         return next.run(req).await;
     };
-    let Some(route) = host_of(&req).and_then(|h| parse_host(&h, &proxy.domain)) else {
-        return next.run(req).await;
-    };
     let scheme = if req.extensions().get::<Tls>().is_some() {
         Scheme::Https
     } else {
         Scheme::Http
     };
-    if req.uri().path() == LOGIN_PATH {
+    // The login form answers on every host: the manager's own (`/login` too)
+    // and every proxied one; the cookie's Domain covers all sandboxes.
+    let route = host_of(&req).and_then(|h| parse_host(&h, &proxy.domain));
+    let path = req.uri().path();
+    if path == LOGIN_PATH || (route.is_none() && path == "/login") {
         return login(&st, &proxy, req, scheme).await;
     }
+    let Some(route) = route else {
+        return next.run(req).await;
+    };
     if !authorized(&st, req.headers(), req.uri().query()).await {
         return unauthorized(&req);
     }
