@@ -747,15 +747,18 @@ impl Manager {
         let Some(ip) = self.store.lease_of(&rec.id).await? else {
             return Ok(());
         };
-        if configure_guest {
-            agent
-                .net_config(net.guest_config(ip))
-                .await
-                .map_err(Manager::agent_error)?;
-        }
         let policy: atelier_core::EgressPolicy = rec.egress.parse()?;
         let tap = atelier_net::tap_name(rec.id.as_str());
-        net.admit(ip, &tap, &policy).await?;
+        // The guest configures itself while the host updates the firewall.
+        let guest = async {
+            if configure_guest {
+                let mut cfg = net.guest_config(ip);
+                cfg.hostname = Some(rec.name.clone());
+                agent.net_config(cfg).await.map_err(Manager::agent_error)?;
+            }
+            Ok::<(), Error>(())
+        };
+        tokio::try_join!(guest, net.admit(ip, &tap, &policy))?;
         net.links.attach(&tap).await?;
         lock_map(&self.online).insert(rec.id.clone(), ip);
         Ok(())
@@ -1328,7 +1331,7 @@ impl Manager {
         let (process, agent) = self
             .launch_restored(id, &cfg, Duration::from_secs(30), "forked")
             .await?;
-        crate::templates::fix_identity(&agent, &rec.name).await?;
+        crate::templates::fix_identity(&agent, &rec.name, self.net.is_some()).await?;
         self.go_online(rec, &agent, true).await?;
         let _ = std::fs::remove_file(&state);
         write_memory_backing(&dir, &memory)?;

@@ -220,7 +220,7 @@ impl Manager {
         let (vm, agent) = self
             .launch_restored(id, &cfg, Duration::from_secs(15), "restored")
             .await?;
-        fix_identity(&agent, &rec.name).await?;
+        fix_identity(&agent, &rec.name, self.net.is_some()).await?;
         tracing::debug!(sandbox = %id, "restored from memory snapshot");
         Ok((vm, agent))
     }
@@ -282,27 +282,45 @@ impl Manager {
 }
 
 /// Gives a guest restored from someone else's memory its own identity: the clock
-/// (SetTime, which also reseeds the guest CRNG), hostname and a fresh machine-id.
-pub(crate) async fn fix_identity(agent: &AgentClient, hostname: &str) -> Result<(), Error> {
-    agent
-        .set_time(SystemTime::now())
-        .await
-        .map_err(Manager::agent_error)?;
+/// (SetTime, which also reseeds the guest CRNG), a fresh machine-id, and the
+/// hostname — unless `hostname_via_net`, when the network configuration that
+/// follows sets it (saving a process spawn in the guest on every restore).
+pub(crate) async fn fix_identity(
+    agent: &AgentClient,
+    hostname: &str,
+    hostname_via_net: bool,
+) -> Result<(), Error> {
     let machine_id = {
         use rand::RngCore;
         let mut b = [0u8; 16];
         rand::rng().fill_bytes(&mut b);
-        hex::encode(b)
+        format!("{}\n", hex::encode(b))
     };
+    let clock = async {
+        agent
+            .set_time(SystemTime::now())
+            .await
+            .map_err(Manager::agent_error)
+    };
+    let id = async {
+        agent
+            .write_file("/etc/machine-id", 0o444, machine_id.as_bytes())
+            .await
+            .map(|_| ())
+            .map_err(Manager::agent_error)
+    };
+    tokio::try_join!(clock, id)?;
+    if hostname_via_net {
+        return Ok(());
+    }
     exec_ok(
         agent,
         &[
             "sh",
             "-c",
-            "hostname \"$1\" && echo \"$1\" > /etc/hostname && echo \"$2\" > /etc/machine-id",
+            "hostname \"$1\" && echo \"$1\" > /etc/hostname",
             "identity",
             hostname,
-            &machine_id,
         ],
     )
     .await
