@@ -307,8 +307,9 @@ fn ignore_shared(on: bool) -> serde_json::Value {
 }
 
 /// Loads device state saved by [`save_state`] into a VMM started with `-incoming
-/// defer`, then runs the guest.
-async fn restore_incoming(qmp: &Qmp, inc: &crate::Incoming) -> Result<(), VmmError> {
+/// defer`, then runs the guest. Public so benchmarks can time exactly this step
+/// against the manager's whole spawn.
+pub async fn restore_incoming(qmp: &Qmp, inc: &crate::Incoming) -> Result<(), VmmError> {
     let state = inc.path.as_path();
     qmp.execute(
         "migrate-set-capabilities",

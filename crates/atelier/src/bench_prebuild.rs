@@ -37,7 +37,6 @@ const BARE_RUNS: usize = 3;
 const IDLE_SETTLE: Duration = Duration::from_secs(5);
 /// How long a bare QEMU may take to open its QMP socket, restore, and answer.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
-const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 const AGENT_TIMEOUT: Duration = Duration::from_secs(240);
 /// How long a cold prebuild may take.
 const PREBUILD_TIMEOUT: Duration = Duration::from_secs(1800);
@@ -675,41 +674,16 @@ async fn bare_run(
     Ok((r?, cmd))
 }
 
-/// The manager's restore (`atelier_vmm::qemu::restore_incoming` with `x-ignore-shared`
-/// on, as for templates and prebuilds), step for step.
+/// The manager's own restore step (`x-ignore-shared` on, as for templates and
+/// prebuilds).
 async fn restore_incoming(qmp: &Qmp, state: &Path) -> anyhow::Result<()> {
-    qmp.execute(
-        "migrate-set-capabilities",
-        Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})),
-    )
-    .await?;
-    let uri = format!("file:{}", state.display());
-    qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))
-        .await?;
-    let start = Instant::now();
-    loop {
-        let st = qmp.execute("query-status", None).await?;
-        match st.get("status").and_then(|s| s.as_str()).unwrap_or("") {
-            "running" => return Ok(()),
-            "paused" | "postmigrate" | "prelaunch" => {
-                let mig = qmp.execute("query-migrate", None).await.unwrap_or_default();
-                let done = mig
-                    .get("status")
-                    .and_then(|s| s.as_str())
-                    .is_none_or(|s| s == "completed");
-                if done {
-                    qmp.execute("cont", None).await?;
-                }
-            }
-            "inmigrate" => {}
-            other => anyhow::bail!("guest is {other} after restore"),
-        }
-        anyhow::ensure!(
-            start.elapsed() < MIGRATION_TIMEOUT,
-            "restore not done after {MIGRATION_TIMEOUT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let inc = atelier_vmm::Incoming {
+        path: state.to_owned(),
+        ignore_shared: true,
+    };
+    atelier_vmm::qemu::restore_incoming(qmp, &inc)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 async fn cold_step(cx: &mut Ctx) -> anyhow::Result<Cold> {
