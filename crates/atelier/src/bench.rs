@@ -349,7 +349,7 @@ pub async fn run(g: &Global, args: BenchArgs) -> anyhow::Result<u8> {
             .problems
             .insert("run".into(), "interrupted (Ctrl-C)".into());
     }
-    cleanup(&cx).await;
+    delete_run_sandboxes(&cx.c, &cx.prefix, progress).await;
     if let Some(dir) = &cx.data_dir {
         // The clone step removes its scratch files itself; this only catches an interrupt.
         let _ = fs::remove_dir_all(scratch_dir(dir));
@@ -494,39 +494,39 @@ async fn delete(c: &Client, name: &str) -> anyhow::Result<()> {
 }
 
 /// Deletes every sandbox whose name has this run's prefix (a create cut short may
-/// have left one behind under a name the run never saw confirmed).
-async fn cleanup(cx: &Ctx<'_>) {
-    let list: Vec<SandboxView> = match cx.c.get_json("/api/v1/sandboxes").await {
+/// have left one behind under a name the run never saw confirmed). `say` prints a
+/// progress line under the calling benchmark's name.
+pub(crate) async fn delete_run_sandboxes(c: &Client, prefix: &str, say: fn(String)) {
+    let list: Vec<SandboxView> = match c.get_json("/api/v1/sandboxes").await {
         Ok(l) => l,
         Err(e) => {
-            progress(format!(
-                "cleanup: cannot list sandboxes ({e:#}); delete {}* by hand",
-                cx.prefix
+            say(format!(
+                "cleanup: cannot list sandboxes ({e:#}); delete {prefix}* by hand"
             ));
             return;
         }
     };
     let ours: Vec<_> = list
         .into_iter()
-        .filter(|s| s.name.starts_with(&cx.prefix))
+        .filter(|s| s.name.starts_with(prefix))
         .collect();
     if ours.is_empty() {
         return;
     }
-    progress(format!("cleanup: deleting {} sandbox(es)", ours.len()));
+    say(format!("cleanup: deleting {} sandbox(es)", ours.len()));
     // One at a time, with retries: concurrent deletes can meet a busy database.
     for s in &ours {
         for attempt in 1..=3 {
-            match delete(&cx.c, &s.id).await {
+            match delete(c, &s.id).await {
                 Ok(()) => break,
                 Err(e) if attempt == 3 => {
-                    progress(format!(
+                    say(format!(
                         "cleanup: {} ({}): {e:#}; delete it by hand",
                         s.name, s.id
                     ));
                 }
                 Err(e) => {
-                    progress(format!("cleanup: {} ({}): {e:#}; retrying", s.name, s.id));
+                    say(format!("cleanup: {} ({}): {e:#}; retrying", s.name, s.id));
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }

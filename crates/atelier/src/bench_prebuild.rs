@@ -261,7 +261,7 @@ pub async fn run(g: &Global, args: Args) -> anyhow::Result<u8> {
             .problems
             .insert("run".into(), "interrupted (Ctrl-C)".into());
     }
-    cleanup(&cx).await;
+    crate::bench::delete_run_sandboxes(&cx.c, &cx.prefix, progress).await;
     if let Some(dir) = &cx.data_dir {
         // Each bare run removes its scratch dir; this only catches an interrupt.
         for k in 1..=BARE_RUNS {
@@ -810,46 +810,6 @@ async fn memory_step(cx: &mut Ctx, data_dir: &Path) -> anyhow::Result<Memory> {
         m.rss_mib_median
     ));
     Ok(m)
-}
-
-/// Deletes every sandbox whose name has this run's prefix.
-async fn cleanup(cx: &Ctx) {
-    let list: Vec<SandboxView> = match cx.c.get_json("/api/v1/sandboxes").await {
-        Ok(l) => l,
-        Err(e) => {
-            progress(format!(
-                "cleanup: cannot list sandboxes ({e:#}); delete {}* by hand",
-                cx.prefix
-            ));
-            return;
-        }
-    };
-    let ours: Vec<_> = list
-        .into_iter()
-        .filter(|s| s.name.starts_with(&cx.prefix))
-        .collect();
-    if ours.is_empty() {
-        return;
-    }
-    progress(format!("cleanup: deleting {} sandbox(es)", ours.len()));
-    for s in &ours {
-        for attempt in 1..=3 {
-            let r = cx
-                .c
-                .send(cx.c.request(Method::DELETE, &format!("/api/v1/sandboxes/{}", enc(&s.id))))
-                .await;
-            match r {
-                Ok(_) => break,
-                Err(e) if attempt == 3 => {
-                    progress(format!(
-                        "cleanup: {} ({}): {e:#}; delete it by hand",
-                        s.name, s.id
-                    ));
-                }
-                Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
-            }
-        }
-    }
 }
 
 fn print_table(r: &Report) {
