@@ -7,7 +7,7 @@
 //! (readable in `nft list ruleset`, every value typed and formatted here); the
 //! elements go through `nft -j` (JSON), whose structure leaves nothing to quote.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -167,7 +167,7 @@ impl Firewall {
             json!({"add": self.element("bridge", "ports", json!(tap))}),
             json!({"add": self.element("bridge", "bound", json!({"concat": [tap, ip_s]}))}),
         ];
-        let present = self.addr_sets_holding(ip).await?;
+        let present = addr_sets_holding(&self.sets("inet").await?, &ip_s);
         let want = match policy {
             EgressPolicy::AllowAll => None,
             EgressPolicy::DenyAll => Some("deny"),
@@ -208,50 +208,50 @@ impl Firewall {
     /// policy, its learned destinations. The next holder of the address starts clean.
     pub async fn forget(&self, ip: Ipv4Addr) -> Result<(), NetError> {
         let ip_s = ip.to_string();
+        let inet = self.sets("inet").await?;
+        let bridge = self.sets("bridge").await?;
         let mut cmds = Vec::new();
-        for set in self.addr_sets_holding(ip).await? {
+        for set in addr_sets_holding(&inet, &ip_s) {
             cmds.push(json!({"delete": self.element("inet", set, json!(ip_s))}));
         }
-        for (family, set) in [("inet", "allowed"), ("bridge", "bound")] {
-            for e in self.elements(family, set).await? {
-                let parts = concat_parts(&e);
-                let hit = match set {
-                    "allowed" => parts.first() == Some(&ip_s),
-                    _ => parts.get(1) == Some(&ip_s),
-                };
-                if hit {
-                    if set == "bound"
-                        && let Some(tap) = parts.first()
-                        && self
-                            .elements("bridge", "ports")
-                            .await?
-                            .iter()
-                            .any(|p| p.as_str() == Some(tap))
-                    {
-                        cmds.push(json!({"delete": self.element("bridge", "ports", json!(tap))}));
-                    }
-                    cmds.push(
-                        json!({"delete": self.element(family, set, json!({"concat": parts}))}),
-                    );
-                }
+        for e in members(&inet, "allowed") {
+            let parts = concat_parts(e);
+            if parts.first() == Some(&ip_s) {
+                cmds.push(
+                    json!({"delete": self.element("inet", "allowed", json!({"concat": parts}))}),
+                );
             }
+        }
+        for e in members(&bridge, "bound") {
+            let parts = concat_parts(e);
+            if parts.get(1) != Some(&ip_s) {
+                continue;
+            }
+            if let Some(tap) = parts.first()
+                && members(&bridge, "ports").any(|p| p.as_str() == Some(tap))
+            {
+                cmds.push(json!({"delete": self.element("bridge", "ports", json!(tap))}));
+            }
+            cmds.push(json!({"delete": self.element("bridge", "bound", json!({"concat": parts}))}));
         }
         self.batch(cmds).await
     }
 
     /// Guest addresses present in any per-sandbox set (for reconcile).
     pub async fn known_addresses(&self) -> Result<HashSet<Ipv4Addr>, NetError> {
+        let inet = self.sets("inet").await?;
+        let bridge = self.sets("bridge").await?;
         let mut out = HashSet::new();
         for set in ADDR_SETS {
-            for e in self.elements("inet", set).await? {
+            for e in members(&inet, set) {
                 if let Some(a) = e.as_str().and_then(|s| s.parse().ok()) {
                     out.insert(a);
                 }
             }
         }
-        for (family, set, idx) in [("inet", "allowed", 0), ("bridge", "bound", 1)] {
-            for e in self.elements(family, set).await? {
-                if let Some(a) = concat_parts(&e).get(idx).and_then(|s| s.parse().ok()) {
+        for (sets, set, idx) in [(&inet, "allowed", 0), (&bridge, "bound", 1)] {
+            for e in members(sets, set) {
+                if let Some(a) = concat_parts(e).get(idx).and_then(|s| s.parse().ok()) {
                     out.insert(a);
                 }
             }
@@ -259,38 +259,32 @@ impl Firewall {
         Ok(out)
     }
 
-    async fn addr_sets_holding(&self, ip: Ipv4Addr) -> Result<Vec<&'static str>, NetError> {
-        let mut out = Vec::new();
-        for set in ADDR_SETS {
-            let els = self.elements("inet", set).await?;
-            if els
-                .iter()
-                .any(|e| e.as_str() == Some(ip.to_string().as_str()))
-            {
-                out.push(set);
-            }
-        }
-        Ok(out)
-    }
-
-    /// The elements of a set as nft's JSON shows them (strings, or `{"concat": [...]}`,
-    /// or `{"elem": {"val": ..., "timeout": ...}}`).
-    async fn elements(&self, family: &str, set: &str) -> Result<Vec<Value>, NetError> {
-        let out = nft(&["-j", "list", "set", family, &self.table, set], None).await?;
+    /// Every set of this manager's table in `family`, with its elements as nft's
+    /// JSON shows them (strings, or `{"concat": [...]}`; timeouts unwrapped), read
+    /// with one `nft` run.
+    async fn sets(&self, family: &str) -> Result<HashMap<String, Vec<Value>>, NetError> {
+        let out = nft(&["-j", "list", "table", family, &self.table], None).await?;
         let v: Value = serde_json::from_slice(&out).map_err(|e| NetError::Nft {
-            op: "list set",
+            op: "list table",
             detail: format!("unreadable JSON from nft: {e}"),
         })?;
-        let mut els = Vec::new();
+        let mut sets = HashMap::new();
         for item in v["nftables"].as_array().into_iter().flatten() {
-            if let Some(list) = item["set"]["elem"].as_array() {
-                els.extend(list.iter().map(|e| match e.get("elem") {
+            let Some(name) = item["set"]["name"].as_str() else {
+                continue;
+            };
+            let els = item["set"]["elem"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| match e.get("elem") {
                     Some(inner) => inner["val"].clone(),
                     None => e.clone(),
-                }));
-            }
+                })
+                .collect();
+            sets.insert(name.to_owned(), els);
         }
-        Ok(els)
+        Ok(sets)
     }
 
     async fn batch(&self, cmds: Vec<Value>) -> Result<(), NetError> {
@@ -301,6 +295,22 @@ impl Firewall {
         nft(&["-j", "-f", "-"], Some(doc.as_bytes())).await?;
         Ok(())
     }
+}
+
+/// The elements of one set (none when it is absent).
+fn members<'a>(
+    sets: &'a HashMap<String, Vec<Value>>,
+    set: &str,
+) -> impl Iterator<Item = &'a Value> + use<'a> {
+    sets.get(set).into_iter().flatten()
+}
+
+/// The per-address sets (deny, listed) that hold `ip`.
+fn addr_sets_holding(sets: &HashMap<String, Vec<Value>>, ip: &str) -> Vec<&'static str> {
+    ADDR_SETS
+        .into_iter()
+        .filter(|set| members(sets, set).any(|e| e.as_str() == Some(ip)))
+        .collect()
 }
 
 fn concat_parts(v: &Value) -> Vec<String> {
