@@ -835,16 +835,14 @@ fn basic_parts(secret: &[u8]) -> (String, String) {
     }
 }
 
-/// Percent-encodes a URL userinfo part.
+/// Percent-encodes a URL userinfo part (everything but RFC 3986 unreserved).
 fn pct(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    const USERINFO_KEEP: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(s, USERINFO_KEEP).to_string()
 }
 
 /// Fetches `branch` of `url` on the host with the credential (sent as an HTTP
