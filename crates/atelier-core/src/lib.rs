@@ -6,6 +6,7 @@
 
 pub mod egress;
 mod error;
+pub mod event;
 mod sandbox;
 pub mod workspace;
 

@@ -82,7 +82,14 @@ impl Manager {
             Err(e) => tracing::warn!(sandbox = %rec.id, dev = name, error = %e, "dev stop"),
             Ok(()) => {}
         }
-        self.dev_routes().remove(&(rec.id.clone(), name.to_owned()));
+        let mut rest: HashMap<String, u16> = self
+            .dev_routes()
+            .iter()
+            .filter(|((s, _), _)| *s == rec.id)
+            .map(|((_, n), p)| (n.clone(), *p))
+            .collect();
+        rest.remove(name);
+        self.set_dev_routes(&rec.id, rest);
         self.dev_status(&rec.id, name).await
     }
 
@@ -121,7 +128,7 @@ impl Manager {
     /// started again.
     pub(crate) async fn refresh_dev_routes(&self, id: &SandboxId) {
         let Some(vm) = self.vm(id) else {
-            self.dev_routes().retain(|(s, _), _| s != id);
+            self.set_dev_routes(id, HashMap::new());
             return;
         };
         let Ok(mut statuses) = vm.agent.dev_list().await else {
@@ -154,12 +161,43 @@ impl Manager {
         if restarted && let Ok(s) = vm.agent.dev_list().await {
             statuses = s;
         }
-        let mut routes = self.dev_routes();
-        routes.retain(|(s, _), _| s != id);
+        let mut routes = HashMap::new();
         for s in statuses {
             if let (true, Some(port)) = (s.listening && s.state != DevState::Stopped, s.port) {
-                routes.insert((id.clone(), s.name), port);
+                routes.insert(s.name, port);
             }
+        }
+        self.set_dev_routes(id, routes);
+    }
+
+    /// Replaces a sandbox's dev routes, publishing `dev.state` for each command
+    /// whose URL starts or stops answering.
+    pub(crate) fn set_dev_routes(&self, id: &SandboxId, new: HashMap<String, u16>) {
+        let mut changes = Vec::new();
+        {
+            let mut routes = self.dev_routes();
+            routes.retain(|(s, name), _| {
+                let keep = s != id || new.contains_key(name);
+                if !keep {
+                    changes.push((name.clone(), false));
+                }
+                keep
+            });
+            for (name, port) in new {
+                if routes.insert((id.clone(), name.clone()), port).is_none() {
+                    changes.push((name, true));
+                }
+            }
+        }
+        for (name, up) in changes {
+            let url = self.dev_url(id, &name).unwrap_or_default();
+            self.events()
+                .publish(atelier_core::event::EventKind::DevState {
+                    sandbox: id.to_string(),
+                    name,
+                    up,
+                    url,
+                });
         }
     }
 
@@ -173,7 +211,15 @@ impl Manager {
                 for id in &ids {
                     me.refresh_dev_routes(id).await;
                 }
-                me.dev_routes().retain(|(s, _), _| ids.contains(s));
+                let gone: Vec<SandboxId> = me
+                    .dev_routes()
+                    .keys()
+                    .filter(|(s, _)| !ids.contains(s))
+                    .map(|(s, _)| s.clone())
+                    .collect();
+                for id in gone {
+                    me.set_dev_routes(&id, HashMap::new());
+                }
             }
         });
     }

@@ -157,6 +157,8 @@ pub struct Manager {
     dev_routes: StdMutex<crate::dev::DevRoutes>,
     /// Prebuilds build one at a time.
     pub(crate) prebuild_lock: Mutex<()>,
+    /// Every state change, for `/api/v1/events` and whoever else listens.
+    events: Arc<crate::events::EventBus>,
 }
 
 /// What a sandbox spawned from a workspace starts from.
@@ -179,6 +181,10 @@ impl Manager {
                 .map_err(|e| Error::internal(format!("cannot create {}: {e}", d.display())))?;
         }
         let store = Store::open(&cfg.data_dir.join("atelier.db")).await?;
+        // Observed from the start, so reconcile's transitions are events too.
+        let events =
+            crate::events::EventBus::new(crate::events::REPLAY_EVENTS, crate::events::LIVE_EVENTS);
+        store.observe(events.store_observer());
         let storage = cfg.storage;
         let dd = cfg.data_dir.clone();
         let pool = tokio::task::spawn_blocking(move || Pool::open(&dd, storage))
@@ -198,6 +204,7 @@ impl Manager {
             online: StdMutex::new(HashMap::new()),
             dev_routes: StdMutex::new(HashMap::new()),
             prebuild_lock: Mutex::new(()),
+            events,
             cfg,
             store,
             pool,
@@ -247,6 +254,11 @@ impl Manager {
             self.spawn_dev_watcher();
         }
         self.spawn_prebuild_checker();
+    }
+
+    /// The event bus.
+    pub fn events(&self) -> &Arc<crate::events::EventBus> {
+        &self.events
     }
 
     /// The store.

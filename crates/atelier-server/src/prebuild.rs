@@ -37,15 +37,59 @@ fn new_id() -> String {
     format!("pb-{s}")
 }
 
-/// Appends to a build log, flushing each write so `logs -f` sees it at once.
-struct Log(std::fs::File);
+/// Longest build-log line published as one event; longer lines are cut.
+const MAX_EVENT_LINE: usize = 4096;
+
+/// Appends to a build log, flushing each write so `logs -f` sees it at once, and
+/// publishes every complete line as a `prebuild.log` event.
+struct Log {
+    file: std::fs::File,
+    bus: Arc<crate::events::EventBus>,
+    prebuild: String,
+    /// The unfinished last line (at most MAX_EVENT_LINE bytes kept).
+    partial: Vec<u8>,
+}
 
 impl Log {
     fn line(&mut self, text: &str) {
-        let _ = writeln!(self.0, "{text}");
+        let _ = writeln!(self.file, "{text}");
+        self.bytes_to_events(text.as_bytes());
+        self.bytes_to_events(b"\n");
     }
     fn bytes(&mut self, b: &[u8]) {
-        let _ = self.0.write_all(b);
+        let _ = self.file.write_all(b);
+        self.bytes_to_events(b);
+    }
+    fn bytes_to_events(&mut self, mut b: &[u8]) {
+        while let Some(nl) = b.iter().position(|&c| c == b'\n') {
+            self.take_partial(&b[..nl]);
+            self.publish_partial();
+            b = &b[nl + 1..];
+        }
+        self.take_partial(b);
+    }
+    fn take_partial(&mut self, b: &[u8]) {
+        let room = MAX_EVENT_LINE.saturating_sub(self.partial.len());
+        self.partial.extend_from_slice(&b[..b.len().min(room)]);
+    }
+    fn publish_partial(&mut self) {
+        let line = String::from_utf8_lossy(&self.partial)
+            .trim_end_matches('\r')
+            .to_owned();
+        self.partial.clear();
+        self.bus
+            .publish(atelier_core::event::EventKind::PrebuildLog {
+                prebuild: self.prebuild.clone(),
+                line,
+            });
+    }
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        if !self.partial.is_empty() {
+            self.publish_partial();
+        }
     }
 }
 
@@ -224,11 +268,16 @@ impl Manager {
     ) -> Result<(BTreeMap<String, String>, u64), Error> {
         std::fs::create_dir_all(build)
             .map_err(|e| Error::internal(format!("cannot create {}: {e}", build.display())))?;
-        let mut log = Log(std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(build.join(BUILD_LOG))
-            .map_err(|e| Error::internal(format!("build log: {e}")))?);
+        let mut log = Log {
+            file: std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(build.join(BUILD_LOG))
+                .map_err(|e| Error::internal(format!("build log: {e}")))?,
+            bus: Arc::clone(self.events()),
+            prebuild: id.to_owned(),
+            partial: Vec::new(),
+        };
         let image = self.image(&spec.image)?;
         let accel = self.accel(&image).await.accel;
         log.line(&format!(

@@ -17,6 +17,42 @@ pub use prebuilds::PrebuildRecord;
 mod workspaces;
 pub use workspaces::{SecretRecord, WorkspaceRecord};
 
+/// A change the store committed, reported to its observer (the manager's event
+/// bus) right after the commit, in commit order for each sandbox.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// A sandbox row was inserted.
+    SandboxCreated(SandboxRecord),
+    /// A sandbox changed state.
+    SandboxState {
+        /// The row after the change.
+        record: SandboxRecord,
+        /// The state it left.
+        from: SandboxState,
+        /// Why.
+        reason: String,
+    },
+    /// A prebuild row was inserted or changed.
+    Prebuild(PrebuildRecord),
+    /// A prebuild row was removed.
+    PrebuildRemoved {
+        /// Prebuild id.
+        id: String,
+        /// Its workspace.
+        workspace: String,
+    },
+    /// A workspace definition was stored (changed) or removed.
+    Workspace {
+        /// Workspace name.
+        name: String,
+        /// Whether it was removed.
+        deleted: bool,
+    },
+}
+
+/// Receives every [`Change`]; must not block (it runs inside store calls).
+pub type Observer = std::sync::Arc<dyn Fn(Change) + Send + Sync>;
+
 /// Errors from the store; each names the operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -147,6 +183,16 @@ pub struct Store {
     /// IMMEDIATE; a deferred one fails with SQLITE_BUSY_SNAPSHOT when another writer
     /// commits between its read and its write, which no busy timeout waits out).
     rmw: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Told of every committed change, once set.
+    observer: std::sync::Arc<std::sync::OnceLock<ObserverSlot>>,
+}
+
+struct ObserverSlot(Observer);
+
+impl std::fmt::Debug for ObserverSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observer")
+    }
 }
 
 fn parse_state(s: &str) -> Result<SandboxState, StoreError> {
@@ -212,7 +258,20 @@ impl Store {
         Ok(Store {
             pool,
             rmw: Default::default(),
+            observer: Default::default(),
         })
+    }
+
+    /// Sets the observer told of every committed change (once; later calls are
+    /// ignored and return false).
+    pub fn observe(&self, observer: Observer) -> bool {
+        self.observer.set(ObserverSlot(observer)).is_ok()
+    }
+
+    pub(crate) fn notify(&self, change: Change) {
+        if let Some(o) = self.observer.get() {
+            (o.0)(change);
+        }
     }
 
     /// Inserts a new sandbox in state `creating`, recording the first transition.
@@ -251,6 +310,7 @@ impl Store {
             .await
             .map_err(q("insert transition"))?;
         tx.commit().await.map_err(q("commit"))?;
+        self.notify(Change::SandboxCreated(rec.clone()));
         Ok(())
     }
 
@@ -346,7 +406,14 @@ impl Store {
             .await
             .map_err(q("insert transition"))?;
         tx.commit().await.map_err(q("commit"))?;
-        self.get_sandbox(id).await
+        let record = self.get_sandbox(id).await?;
+        // Still under `rmw`: observers see transitions in commit order.
+        self.notify(Change::SandboxState {
+            record: record.clone(),
+            from,
+            reason: reason.to_owned(),
+        });
+        Ok(record)
     }
 
     /// Records how long the last boot took.

@@ -2,7 +2,7 @@
 
 use sqlx::Row;
 
-use crate::{Store, StoreError, now_ms, q};
+use crate::{Change, Store, StoreError, now_ms, q};
 
 /// One prebuild.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +62,7 @@ impl Store {
         .execute(&self.pool)
         .await
         .map_err(q("insert prebuild"))?;
+        self.notify_prebuild(id).await;
         Ok(())
     }
 
@@ -82,6 +83,7 @@ impl Store {
         .execute(&self.pool)
         .await
         .map_err(q("prebuild ready"))?;
+        self.notify_prebuild(id).await;
         Ok(())
     }
 
@@ -93,6 +95,7 @@ impl Store {
             .execute(&self.pool)
             .await
             .map_err(q("prebuild failed"))?;
+        self.notify_prebuild(id).await;
         Ok(())
     }
 
@@ -103,6 +106,7 @@ impl Store {
             .execute(&self.pool)
             .await
             .map_err(q("prebuild stale"))?;
+        self.notify_prebuild(id).await;
         Ok(())
     }
 
@@ -142,12 +146,25 @@ impl Store {
 
     /// Forgets a prebuild (its files are gone).
     pub async fn delete_prebuild(&self, id: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM prebuilds WHERE id = ?")
+        let row = sqlx::query("DELETE FROM prebuilds WHERE id = ? RETURNING workspace")
             .bind(id)
-            .execute(&self.pool)
+            .fetch_optional(&self.pool)
             .await
             .map_err(q("delete prebuild"))?;
+        if let Some(row) = row {
+            self.notify(Change::PrebuildRemoved {
+                id: id.to_owned(),
+                workspace: row.get("workspace"),
+            });
+        }
         Ok(())
+    }
+
+    /// Tells the observer a prebuild row changed (re-read after the write).
+    async fn notify_prebuild(&self, id: &str) {
+        if let Ok(Some(rec)) = self.prebuild(id).await {
+            self.notify(Change::Prebuild(rec));
+        }
     }
 
     /// The workspace a sandbox was spawned from.

@@ -113,6 +113,10 @@ impl Store {
             }
         };
         tx.commit().await.map_err(q("commit"))?;
+        self.notify(crate::Change::Workspace {
+            name: name.to_owned(),
+            deleted: false,
+        });
         Ok((revision, true))
     }
 
@@ -142,7 +146,14 @@ impl Store {
             .execute(&self.pool)
             .await
             .map_err(q("delete workspace"))?;
-        Ok(r.rows_affected() > 0)
+        let deleted = r.rows_affected() > 0;
+        if deleted {
+            self.notify(crate::Change::Workspace {
+                name: name.to_owned(),
+                deleted: true,
+            });
+        }
+        Ok(deleted)
     }
 
     /// Creates or replaces a sealed secret; returns its metadata.

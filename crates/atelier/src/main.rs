@@ -8,6 +8,7 @@ mod client;
 mod commands;
 mod dev;
 mod doctor;
+mod events;
 mod prebuild;
 mod serve;
 mod shell;
@@ -85,6 +86,8 @@ enum Command {
     /// Build and list guest images (runs locally, as root).
     #[command(subcommand)]
     Image(commands::ImageCmd),
+    /// Follow live events (sandbox, prebuild, dev command, workspace changes); --json for NDJSON.
+    Events(events::EventsArgs),
     /// Manager health, accelerator in use, sandbox counts.
     Status,
     /// Check this host: KVM, QEMU, storage pool, tools, free space; says how to fix what is missing.
@@ -140,6 +143,7 @@ fn main() -> ExitCode {
             Command::Secret(cmd) => workspace::secret(&cli.global, cmd).await,
             Command::Tls(cmd) => commands::tls(&cli.global, cmd).await,
             Command::Image(cmd) => commands::image(&cli.global, cmd).await,
+            Command::Events(args) => events::run(&cli.global, args).await,
             Command::Status => commands::status(&cli.global).await,
             Command::Doctor => doctor::run(&cli.global).await,
             Command::Bench(args) => commands::bench(&cli.global, args).await,

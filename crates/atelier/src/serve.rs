@@ -249,6 +249,8 @@ pub async fn run(g: &Global, args: ServeArgs) -> anyhow::Result<u8> {
         }
     });
     shutdown_signal().await;
+    // Event streams never end on their own; end them so shutdown does not wait.
+    mgr.events().close();
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(10), async {
         while servers.join_next().await.is_some() {}

@@ -2,6 +2,7 @@
 //! OpenAPI document generated from the handlers.
 
 mod dev;
+mod events;
 mod prebuilds;
 pub mod proxy;
 pub mod pty;
@@ -132,8 +133,9 @@ async fn require_token(
         workspaces::list, workspaces::show, workspaces::put, workspaces::delete,
         secrets::list, secrets::put, secrets::delete,
         prebuilds::create, prebuilds::list, prebuilds::show, prebuilds::logs,
+        events::events,
     ),
-    components(schemas(ApiErrorBody)),
+    components(schemas(ApiErrorBody, atelier_core::event::Event, atelier_core::event::EventKind)),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
 )]
@@ -201,6 +203,7 @@ pub fn router(state: AppState) -> Router {
             axum::routing::put(secrets::put).delete(secrets::delete),
         )
         .route("/tls/ca", get(dev::ca))
+        .route("/events", get(events::events))
         .route("/status", get(system::status))
         .route("/images", get(system::images))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));

@@ -143,36 +143,64 @@ pub async fn logs(
         .into_response())
 }
 
-/// Reads the log from the start; when following, polls for more until the build
-/// is no longer `building` (then sends what is left).
+/// Reads the log from the start; when following, waits for the build's
+/// `prebuild.log`/`prebuild.status` events and reads on, until the build is no
+/// longer `building` (then sends what is left).
 fn async_stream(
     mgr: std::sync::Arc<crate::Manager>,
     id: String,
     follow: bool,
 ) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> {
-    futures::stream::unfold((0u64, false), move |(offset, finished)| {
-        let (mgr, id) = (mgr.clone(), id.clone());
-        async move {
-            if finished {
-                return None;
-            }
-            loop {
-                let building = matches!(
-                    mgr.store().prebuild(&id).await,
-                    Ok(Some(p)) if p.status == "building"
-                );
-                let data = read_from(&mgr.prebuild_log_path(&id), offset);
-                if !data.is_empty() {
-                    let next = offset + data.len() as u64;
-                    return Some((Ok(bytes::Bytes::from(data)), (next, false)));
-                }
-                if !follow || !building {
+    use futures::StreamExt;
+    // Subscribed before the first read, so no line written after it is missed.
+    let events = Box::pin(mgr.events().subscribe(None));
+    futures::stream::unfold(
+        (0u64, false, events),
+        move |(offset, finished, mut events)| {
+            let (mgr, id) = (mgr.clone(), id.clone());
+            async move {
+                if finished {
                     return None;
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                loop {
+                    let building = matches!(
+                        mgr.store().prebuild(&id).await,
+                        Ok(Some(p)) if p.status == "building"
+                    );
+                    let data = read_from(&mgr.prebuild_log_path(&id), offset);
+                    if !data.is_empty() {
+                        let next = offset + data.len() as u64;
+                        return Some((Ok(bytes::Bytes::from(data)), (next, false, events)));
+                    }
+                    if !follow || !building {
+                        return None;
+                    }
+                    // Wake on this build's next line or status change. A lagged or
+                    // resync delivery also wakes us (we just read the file again); the
+                    // timeout only guards against a missed wake-up.
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                        while let Some(d) = events.next().await {
+                            match d {
+                                crate::events::Delivery::Event(e) => match &e.kind {
+                                    atelier_core::event::EventKind::PrebuildLog {
+                                        prebuild,
+                                        ..
+                                    }
+                                    | atelier_core::event::EventKind::PrebuildStatus {
+                                        prebuild,
+                                        ..
+                                    } if *prebuild == id => return,
+                                    _ => {}
+                                },
+                                _ => return,
+                            }
+                        }
+                    })
+                    .await;
+                }
             }
-        }
-    })
+        },
+    )
 }
 
 fn read_from(path: &std::path::Path, offset: u64) -> Vec<u8> {
