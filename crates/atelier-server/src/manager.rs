@@ -388,6 +388,7 @@ impl Manager {
     /// Creates a sandbox: records it, clones its disk, boots it. With `wait` the call
     /// returns when the agent answers (or the create failed and was cleaned up);
     /// without, it returns the `creating` record at once.
+    #[tracing::instrument(level = "info", name = "create", skip_all, fields(sandbox = %spec.name))]
     pub async fn create(
         self: &Arc<Self>,
         mut spec: SandboxSpec,
@@ -462,10 +463,10 @@ impl Manager {
         // The work runs in its own task so a client that goes away mid-create does
         // not leave it half done.
         let use_snapshot = !spec.cold_boot;
-        let task = tokio::spawn(async move {
+        let task = tokio::spawn(tracing::Instrument::in_current_span(async move {
             let _guard = guard;
             me.provision(&id, &image, true, use_snapshot, spawn).await
-        });
+        }));
         if !wait {
             return Ok(rec);
         }
@@ -475,6 +476,7 @@ impl Manager {
 
     /// Boots a stopped or failed sandbox again (from its kept disk, or a fresh clone
     /// when the disk was reclaimed).
+    #[tracing::instrument(level = "info", name = "start", skip_all, fields(sandbox = %id_or_name))]
     pub async fn start(
         self: &Arc<Self>,
         id_or_name: &str,
@@ -494,10 +496,10 @@ impl Manager {
             .await?;
         let me = Arc::clone(self);
         let id = rec.id.clone();
-        let task = tokio::spawn(async move {
+        let task = tokio::spawn(tracing::Instrument::in_current_span(async move {
             let _guard = guard;
             me.provision(&id, &image, false, false, None).await
-        });
+        }));
         if !wait {
             return Ok(rec);
         }
@@ -621,9 +623,11 @@ impl Manager {
         fault_point("create-after-launch").await;
         let agent = AgentClient::connect_unix(&paths.agent).await.map_err(|e| {
             Error::unavailable(format!(
-                "cannot connect to the agent socket {}: {e}",
-                paths.agent.display()
+                "cannot connect to the agent of sandbox {}",
+                rec.name
             ))
+            .with_detail(format!("socket {}", paths.agent.display()))
+            .with_source(e)
         })?;
         let timeout = match accel {
             Accel::Kvm => Duration::from_secs(60),
@@ -650,11 +654,12 @@ impl Manager {
                     )));
                 }
                 return Err(Error::unavailable(format!(
-                    "the agent in sandbox {} did not answer within {} s ({why}); see `atelier sandbox logs {}`",
+                    "the agent in sandbox {} did not answer within {} s; see `atelier sandbox logs {}`",
                     rec.name,
                     timeout.as_secs(),
                     rec.name
-                )));
+                ))
+                .with_detail(why));
             }
         };
         tracing::debug!(sandbox = %id, agent = ?hello, "agent ready");
@@ -823,15 +828,16 @@ impl Manager {
             Err(e) => {
                 let _ = process.kill().await;
                 return Err(Error::unavailable(format!(
-                    "agent socket of the {what} VM: {e}"
-                )));
+                    "cannot connect to the agent of the {what} VM"
+                ))
+                .with_source(e));
             }
         };
         if let Err(e) = agent.wait_ready(timeout).await {
             let _ = process.kill().await;
-            return Err(Error::unavailable(format!(
-                "the {what} agent did not answer: {e}"
-            )));
+            return Err(
+                Error::unavailable(format!("the {what} agent did not answer")).with_source(e),
+            );
         }
         Ok((process, agent))
     }
@@ -936,6 +942,7 @@ impl Manager {
 
     /// Stops a running sandbox: asks the agent to power off, then QEMU to quit, then
     /// kills it. The disk is kept.
+    #[tracing::instrument(level = "info", name = "stop", skip_all, fields(sandbox = %id_or_name))]
     pub async fn stop(self: &Arc<Self>, id_or_name: &str) -> Result<SandboxRecord, Error> {
         let (_guard, rec) = self.locked(id_or_name).await?;
         if rec.state == SandboxState::Stopped {
@@ -970,6 +977,7 @@ impl Manager {
     }
 
     /// Deletes a sandbox in any state, reclaiming everything it holds on the host.
+    #[tracing::instrument(level = "info", name = "delete", skip_all, fields(sandbox = %id_or_name))]
     pub async fn delete(self: &Arc<Self>, id_or_name: &str) -> Result<SandboxRecord, Error> {
         let (_guard, rec) = self.locked(id_or_name).await?;
         if rec.state == SandboxState::Deleted {
@@ -1172,6 +1180,7 @@ impl Manager {
 
     /// Pauses a running sandbox: saves its memory and device state to its directory
     /// and stops the VMM, freeing the host memory. The disk is kept.
+    #[tracing::instrument(level = "info", name = "pause", skip_all, fields(sandbox = %id_or_name))]
     pub async fn pause(self: &Arc<Self>, id_or_name: &str) -> Result<SandboxRecord, Error> {
         let (_guard, rec) = self.locked(id_or_name).await?;
         if rec.state == SandboxState::Paused {
@@ -1203,6 +1212,7 @@ impl Manager {
 
     /// Resumes a paused sandbox exactly where it was (processes, memory, clock set
     /// to now).
+    #[tracing::instrument(level = "info", name = "resume", skip_all, fields(sandbox = %id_or_name))]
     pub async fn resume(self: &Arc<Self>, id_or_name: &str) -> Result<SandboxRecord, Error> {
         let (_guard, rec) = self.locked(id_or_name).await?;
         if rec.state != SandboxState::Paused {
@@ -1247,6 +1257,7 @@ impl Manager {
     /// Forks a running sandbox: its memory, device state and disk are copied at one
     /// instant (the source pauses for the copy, then runs on) into a new sandbox
     /// `name` that continues from there with its own identity.
+    #[tracing::instrument(level = "info", name = "fork", skip_all, fields(sandbox = %id_or_name))]
     pub async fn fork(
         self: &Arc<Self>,
         id_or_name: &str,

@@ -235,15 +235,17 @@ pub(crate) async fn boot_agent(
 ) -> Result<AgentClient, Error> {
     let agent = AgentClient::connect_unix(&vm.paths().agent)
         .await
-        .map_err(|e| Error::unavailable(format!("{what} agent socket: {e}")))?;
+        .map_err(|e| {
+            Error::unavailable(format!("cannot connect to the agent of the {what} VM"))
+                .with_source(e)
+        })?;
     let timeout = match accel {
         Accel::Kvm => Duration::from_secs(60),
         Accel::Tcg => Duration::from_secs(240),
     };
-    agent
-        .wait_ready(timeout)
-        .await
-        .map_err(|e| Error::unavailable(format!("{what} agent did not answer: {e}")))?;
+    agent.wait_ready(timeout).await.map_err(|e| {
+        Error::unavailable(format!("the {what} agent did not answer")).with_source(e)
+    })?;
     Ok(agent)
 }
 

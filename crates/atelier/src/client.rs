@@ -36,6 +36,8 @@ impl CliError {
 #[derive(Deserialize)]
 struct ErrorBody {
     message: String,
+    #[serde(default)]
+    request_id: String,
 }
 
 /// Client for one manager.
@@ -104,7 +106,14 @@ impl Client {
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
         let message = serde_json::from_str::<ErrorBody>(&text)
-            .map(|b| b.message)
+            .map(|b| {
+                // The manager log's lines about a failed request carry its id.
+                if status >= 500 && !b.request_id.is_empty() && !b.message.contains(&b.request_id) {
+                    format!("{} (request id {})", b.message, b.request_id)
+                } else {
+                    b.message
+                }
+            })
             .unwrap_or(text);
         let mut kind = ErrorKind::from_http_status(status);
         let message = if kind == ErrorKind::Unauthorized && self.token.is_none() {

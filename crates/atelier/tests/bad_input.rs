@@ -229,3 +229,48 @@ W=; for p in /proc/[0-9]*; do n=${p#/proc/}; [ "$n" != 1 ] && case "$(readlink $
     srv.ok(&["sandbox", "rm", "victim"]);
     srv.assert_clean();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_errors_carry_a_request_id_and_no_host_detail() {
+    // A QEMU that is not there: every create fails with 503 (unavailable), and the
+    // real cause names a host path that must reach the log, not the client.
+    let missing = "/var/tmp/atelier-test-no-such-dir/qemu-system-x86_64";
+    let srv = Server::start_with(&[("ATELIER_QEMU", missing), ("ATELIER_ACCEL", "tcg")]);
+    let resp = srv
+        .api(Method::POST, "/api/v1/sandboxes")
+        .header("x-request-id", "test-req-42")
+        .json(&json!({"name": "noqemu"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["x-request-id"], "test-req-42");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], "unavailable", "{body}");
+    assert_eq!(body["request_id"], "test-req-42", "{body}");
+    let text = body.to_string();
+    for leak in [missing, "/var/tmp", srv.data_dir.path().to_str().unwrap()] {
+        assert!(!text.contains(leak), "body leaks {leak}: {text}");
+    }
+    // The log line about it carries the request id and the real cause.
+    srv.wait_log("test-req-42", Duration::from_secs(10));
+    let log = srv.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("test-req-42") && l.contains(missing)),
+        "no log line with the request id and the cause:\n{log}"
+    );
+
+    // Every answer carries an id, fresh when the client sent none (or a bad one).
+    let resp = srv
+        .api(Method::GET, "/api/v1/sandboxes/nope")
+        .header("x-request-id", "bad id with spaces")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert!(id.len() >= 8 && !id.contains(' '), "{id}");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["request_id"], id.as_str());
+}

@@ -56,6 +56,85 @@ pub struct ApiErrorBody {
     pub code: ErrorKind,
     /// What went wrong and what to do.
     pub message: String,
+    /// The request's id (also the `x-request-id` header): the manager log's lines
+    /// about this request carry it.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub request_id: String,
+}
+
+tokio::task_local! {
+    /// The id of the request being served (set by [`request_id`]).
+    static REQUEST_ID: String;
+}
+
+/// The id of the request this task serves, if any.
+pub fn current_request_id() -> Option<String> {
+    REQUEST_ID.try_with(Clone::clone).ok()
+}
+
+/// Header carrying the request id both ways.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Gives every request an id (the client's `x-request-id` when it is a short
+/// token, else a new one), a tracing span carrying it, and the header on the
+/// response.
+async fn request_id(req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(new_request_id);
+    let span =
+        tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path());
+    let mut resp = REQUEST_ID
+        .scope(
+            id.clone(),
+            tracing::Instrument::instrument(next.run(req), span),
+        )
+        .await;
+    if let Ok(v) = header::HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    resp
+}
+
+fn new_request_id() -> String {
+    use rand::Rng;
+    format!("{:016x}", rand::rng().random::<u64>())
+}
+
+/// Replaces every absolute host path in `text` with `<path>`: a last guard on
+/// what 5xx bodies may carry (the detail goes to the log instead).
+fn scrub_paths(text: &str) -> String {
+    text.split(' ')
+        .map(|word| {
+            let core = word.trim_start_matches(['(', '"', '\'', '`', '[']);
+            if core.starts_with('/') && core.len() > 1 && !core.starts_with("//") {
+                let lead = &word[..word.len() - core.len()];
+                let tail: String = core
+                    .chars()
+                    .rev()
+                    .take_while(|c| {
+                        matches!(c, ')' | '"' | '\'' | '`' | ']' | ',' | ';' | ':' | '.')
+                    })
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                format!("{lead}<path>{tail}")
+            } else {
+                word.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// An error as the API sends it.
@@ -73,10 +152,16 @@ impl IntoResponse for ApiError {
         let kind = self.0.kind;
         let status =
             StatusCode::from_u16(kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let message = if kind == ErrorKind::Internal {
-            // The detail goes to the log, never to the client.
-            tracing::error!(error = %self.0.message, "internal error");
-            "internal error; see the manager log".to_owned()
+        let request_id = current_request_id().unwrap_or_default();
+        let message = if status.is_server_error() {
+            // The whole chain goes to the log (inside the request's span, so the
+            // line carries the request id); the client gets no host detail.
+            tracing::error!(request_id = %request_id, kind = ?kind, error = %self.0, "request failed");
+            if kind == ErrorKind::Internal {
+                format!("internal error; the manager log has the cause (request id {request_id})")
+            } else {
+                scrub_paths(&self.0.message)
+            }
         } else {
             self.0.message
         };
@@ -85,6 +170,7 @@ impl IntoResponse for ApiError {
             Json(ApiErrorBody {
                 code: kind,
                 message,
+                request_id,
             }),
         )
             .into_response()
@@ -120,6 +206,21 @@ async fn require_token(
         return ApiError(Error::new(ErrorKind::Unauthorized, message)).into_response();
     }
     next.run(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn scrub_removes_host_paths_only() {
+        assert_eq!(
+            super::scrub_paths("cannot open /var/lib/atelier/x.sock: refused (see `/tmp/a`)"),
+            "cannot open <path>: refused (see `<path>`)"
+        );
+        assert_eq!(
+            super::scrub_paths("retry with `atelier sandbox start x` at http://h/p"),
+            "retry with `atelier sandbox start x` at http://h/p"
+        );
+    }
 }
 
 #[derive(OpenApi)]
@@ -222,5 +323,6 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             proxy::dispatch,
         ))
+        .layer(middleware::from_fn(request_id))
         .with_state(state)
 }
