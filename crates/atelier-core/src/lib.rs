@@ -14,7 +14,7 @@ pub use egress::{DomainPattern, EgressPolicy, MAX_EGRESS_DOMAINS};
 pub use error::{ErrorKind, ValidationError};
 pub use sandbox::{
     MAX_MEMORY_MIB, MAX_MOUNTS, MAX_VCPUS, MIN_MEMORY_MIB, MIN_VCPUS, MountSpec, Owner, SandboxId,
-    SandboxSpec, SandboxState, validate_name,
+    SandboxOp, SandboxSpec, SandboxState, validate_name,
 };
 pub use workspace::{
     RepoSpec, Resources, SecretFile, SecretRef, WorkspaceDev, WorkspaceSecrets, WorkspaceSpec,

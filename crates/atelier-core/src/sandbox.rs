@@ -147,6 +147,105 @@ impl FromStr for SandboxState {
     }
 }
 
+/// The operation in flight on a sandbox, recorded with the state it runs in so that
+/// after a crash reconcile knows what was interrupted (and so what it may reclaim)
+/// without reading any free text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxOp {
+    /// A first boot (or the new sandbox of a fork): it owns its fresh disk.
+    Create,
+    /// A boot from the sandbox's kept disk: the disk is the user's.
+    Start,
+    /// A restore from its saved memory: disk and saved state are the user's.
+    Resume,
+    /// Its memory and disk are being copied into a new sandbox; the VM may be
+    /// stopped (not running guest code) until the copy ends.
+    Fork,
+    /// Its memory is being saved to disk; the VM may be stopped until then.
+    Pause,
+    /// It is shutting down.
+    Stop,
+    /// Its resources are being removed.
+    Delete,
+}
+
+impl SandboxOp {
+    /// Every operation.
+    pub const ALL: [SandboxOp; 7] = [
+        SandboxOp::Create,
+        SandboxOp::Start,
+        SandboxOp::Resume,
+        SandboxOp::Fork,
+        SandboxOp::Pause,
+        SandboxOp::Stop,
+        SandboxOp::Delete,
+    ];
+
+    /// Text form, as stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxOp::Create => "create",
+            SandboxOp::Start => "start",
+            SandboxOp::Resume => "resume",
+            SandboxOp::Fork => "fork",
+            SandboxOp::Pause => "pause",
+            SandboxOp::Stop => "stop",
+            SandboxOp::Delete => "delete",
+        }
+    }
+
+    /// The state a sandbox is in while this operation runs on it.
+    pub fn runs_in(self) -> SandboxState {
+        match self {
+            SandboxOp::Create | SandboxOp::Start | SandboxOp::Resume => SandboxState::Creating,
+            SandboxOp::Fork | SandboxOp::Pause => SandboxState::Running,
+            SandboxOp::Stop => SandboxState::Stopping,
+            SandboxOp::Delete => SandboxState::Deleting,
+        }
+    }
+
+    /// Whether a sandbox in state `from` may begin this operation.
+    pub fn may_begin_from(self, from: SandboxState) -> bool {
+        use SandboxState::*;
+        match self {
+            SandboxOp::Create => false, // only a new row begins with create
+            SandboxOp::Start => matches!(from, Stopped | Failed),
+            SandboxOp::Resume => from == Paused,
+            SandboxOp::Fork | SandboxOp::Pause | SandboxOp::Stop => from == Running,
+            SandboxOp::Delete => !matches!(from, Deleted),
+        }
+    }
+}
+
+impl fmt::Display for SandboxOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SandboxOp {
+    type Err = ValidationError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        SandboxOp::ALL
+            .into_iter()
+            .find(|op| op.as_str() == s)
+            .ok_or_else(|| ValidationError::new("operation", format!("unknown operation {s:?}")))
+    }
+}
+
+impl SandboxState {
+    /// Whether this state exists only while an operation runs (a sandbox found in
+    /// it after a crash was interrupted).
+    pub fn in_flight(self) -> bool {
+        use SandboxState::*;
+        match self {
+            Creating | Stopping | Deleting => true,
+            Running | Stopped | Failed | Paused | Deleted => false,
+        }
+    }
+}
+
 /// What the user asks for when creating a sandbox, validated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxSpec {
@@ -322,6 +421,28 @@ pub fn validate_name(name: &str) -> Result<(), ValidationError> {
 
 #[cfg(test)]
 mod tests {
+    use super::{SandboxOp, SandboxState};
+
+    #[test]
+    fn every_operation_runs_in_a_state_it_can_reach() {
+        for op in SandboxOp::ALL {
+            assert_eq!(op.as_str().parse::<SandboxOp>().ok(), Some(op));
+            for from in SandboxState::ALL {
+                if op.may_begin_from(from) && from != op.runs_in() {
+                    assert!(
+                        from.can_transition_to(op.runs_in()),
+                        "{op} may begin from {from} but {from} cannot become {}",
+                        op.runs_in()
+                    );
+                }
+            }
+        }
+        // Every in-flight state has an operation that runs in it.
+        for st in SandboxState::ALL.into_iter().filter(|s| s.in_flight()) {
+            assert!(SandboxOp::ALL.iter().any(|op| op.runs_in() == st), "{st}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -440,6 +440,7 @@ impl Manager {
                 spec.mount_owner
             },
             egress: spec.egress.to_string(),
+            operation: Some(atelier_core::SandboxOp::Create),
         };
         for m in &rec.mounts {
             let meta = std::fs::metadata(&m.source).map_err(|e| {
@@ -492,7 +493,7 @@ impl Manager {
         let image = self.image(&rec.image)?;
         let rec = self
             .store
-            .transition(&rec.id, SandboxState::Creating, "start", None)
+            .begin(&rec.id, atelier_core::SandboxOp::Start, "start")
             .await?;
         let me = Arc::clone(self);
         let id = rec.id.clone();
@@ -955,7 +956,7 @@ impl Manager {
             )));
         }
         self.store
-            .transition(&rec.id, SandboxState::Stopping, "stop", None)
+            .begin(&rec.id, atelier_core::SandboxOp::Stop, "stop")
             .await?;
         if let Some(vm) = self.vm(&rec.id) {
             let _ = tokio::time::timeout(Duration::from_secs(5), vm.agent.shutdown(false)).await;
@@ -985,7 +986,7 @@ impl Manager {
         }
         if rec.state != SandboxState::Deleting {
             self.store
-                .transition(&rec.id, SandboxState::Deleting, "delete", None)
+                .begin(&rec.id, atelier_core::SandboxOp::Delete, "delete")
                 .await?;
         }
         self.drop_vm(&rec.id).await;
@@ -1187,12 +1188,16 @@ impl Manager {
             return Ok(rec);
         }
         let vm = self.running_vm(&rec, "paused")?;
+        self.store
+            .begin(&rec.id, atelier_core::SandboxOp::Pause, "pause")
+            .await?;
         let dir = self.sandbox_dir(&rec.id);
         let state = dir.join("paused.state");
         let saved = atelier_vmm::save_full_state(&vm.process, &state).await;
         if let Err(e) = saved {
             let _ = std::fs::remove_file(&state);
             let _ = vm.process.qmp().execute("cont", None).await;
+            let _ = self.store.end_operation(&rec.id).await;
             return Err(e.into());
         }
         let _ = vm
@@ -1223,7 +1228,7 @@ impl Manager {
         }
         let image = self.image(&rec.image)?;
         self.store
-            .transition(&rec.id, SandboxState::Creating, "resume", None)
+            .begin(&rec.id, atelier_core::SandboxOp::Resume, "resume")
             .await?;
         let started = Instant::now();
         match self.resume_inner(&rec, &image).await {
@@ -1276,12 +1281,19 @@ impl Manager {
             boot_ms: None,
             created_at: now,
             updated_at: now,
+            // The new sandbox owns the disk it gets, as a first create does.
+            operation: Some(atelier_core::SandboxOp::Create),
             ..src.clone()
         };
         let _guard = self.lock(&rec.id).await;
         self.store.insert_sandbox(&rec).await?;
+        self.store
+            .begin(&src.id, atelier_core::SandboxOp::Fork, "fork")
+            .await?;
         let started = Instant::now();
-        match self.fork_inner(&src, &vm, &rec, &image).await {
+        let forked = self.fork_inner(&src, &vm, &rec, &image).await;
+        self.store.end_operation(&src.id).await?;
+        match forked {
             Ok(()) => {
                 self.store
                     .set_boot_ms(&rec.id, started.elapsed().as_millis() as i64)
@@ -1340,6 +1352,7 @@ impl Manager {
             Ok::<(), Error>(())
         }
         .await;
+        fault_point("fork-after-copy").await;
         let resumed = src_vm.process.qmp().execute("cont", None).await;
         copied?;
         resumed?;
@@ -1386,6 +1399,7 @@ impl Manager {
         let (process, agent) = self
             .launch_restored(id, &cfg, Duration::from_secs(30), "resumed")
             .await?;
+        fault_point("resume-after-launch").await;
         agent
             .set_time(std::time::SystemTime::now())
             .await

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use atelier_agent_proto::AgentClient;
-use atelier_core::SandboxState;
+use atelier_core::{SandboxOp, SandboxState};
 
 use crate::Error;
 use crate::manager::{Manager, RES_DIR, RES_DISK, RES_PROCESS, kill_vmms};
@@ -37,52 +37,41 @@ impl Manager {
             let _guard = self.lock(&id).await;
             match rec.state {
                 SandboxState::Creating => {
-                    // What was interrupted decides what may be reclaimed: a first
-                    // create owns its disk; a start or resume must keep the user's
-                    // disk (and a resume its saved memory).
-                    let reason = self
-                        .store
-                        .transitions(&id)
-                        .await?
-                        .last()
-                        .and_then(|t| t.reason.clone())
-                        .unwrap_or_default();
-                    tracing::warn!(sandbox = %id, %reason, "operation was interrupted; reclaiming its VMM");
-                    match reason.as_str() {
-                        "resume" => {
-                            self.reclaim(&id, &[RES_PROCESS]).await?;
-                            self.store
-                                .transition(
-                                    &id,
-                                    SandboxState::Paused,
-                                    "reconcile",
-                                    Some("the manager stopped during resume"),
-                                )
-                                .await?;
+                    // The recorded operation decides what may be reclaimed: a first
+                    // create (or a fork's new sandbox) owns its disk; a start or a
+                    // resume must keep the user's disk (and a resume its saved
+                    // memory). An unknown operation keeps the disk: the user's data
+                    // is never reclaimed on a guess.
+                    tracing::warn!(sandbox = %id, operation = ?rec.operation, "operation was interrupted; reclaiming its VMM");
+                    let (reclaim, to, why): (&[&str], _, _) = match rec.operation {
+                        Some(SandboxOp::Create) => (
+                            &[RES_PROCESS, RES_DISK],
+                            SandboxState::Failed,
+                            "the manager stopped during create",
+                        ),
+                        Some(SandboxOp::Resume) => (
+                            &[RES_PROCESS],
+                            SandboxState::Paused,
+                            "the manager stopped during resume",
+                        ),
+                        Some(SandboxOp::Start) => (
+                            &[RES_PROCESS],
+                            SandboxState::Failed,
+                            "the manager stopped during start",
+                        ),
+                        other => {
+                            tracing::error!(sandbox = %id, operation = ?other, "creating without a known operation; keeping its disk");
+                            (
+                                &[RES_PROCESS],
+                                SandboxState::Failed,
+                                "the manager stopped during an operation; the disk was kept",
+                            )
                         }
-                        "start" => {
-                            self.reclaim(&id, &[RES_PROCESS]).await?;
-                            self.store
-                                .transition(
-                                    &id,
-                                    SandboxState::Failed,
-                                    "reconcile",
-                                    Some("the manager stopped during start"),
-                                )
-                                .await?;
-                        }
-                        _ => {
-                            self.reclaim(&id, &[RES_PROCESS, RES_DISK]).await?;
-                            self.store
-                                .transition(
-                                    &id,
-                                    SandboxState::Failed,
-                                    "reconcile",
-                                    Some("the manager stopped during create"),
-                                )
-                                .await?;
-                        }
-                    }
+                    };
+                    self.reclaim(&id, reclaim).await?;
+                    self.store
+                        .transition(&id, to, "reconcile", Some(why))
+                        .await?;
                 }
                 SandboxState::Deleting => {
                     tracing::warn!(sandbox = %id, "delete was interrupted; finishing it");
@@ -99,7 +88,7 @@ impl Manager {
                         .await?;
                 }
                 SandboxState::Running => {
-                    if !self.adopt(&id).await {
+                    if !self.adopt(&id, rec.operation).await {
                         tracing::warn!(sandbox = %id, "running sandbox has no live VM; marking failed");
                         // E.g. after a host reboot: the disk is kept for `start`.
                         self.reclaim(&id, &[RES_PROCESS]).await?;
@@ -123,7 +112,11 @@ impl Manager {
     }
 
     /// Reconnects to the VM of a sandbox that was running before a restart.
-    async fn adopt(self: &Arc<Self>, id: &atelier_core::SandboxId) -> bool {
+    async fn adopt(
+        self: &Arc<Self>,
+        id: &atelier_core::SandboxId,
+        operation: Option<SandboxOp>,
+    ) -> bool {
         let dir = self.sandbox_dir(id);
         let process = match self.hv.adopt(&dir).await {
             Ok(Some(p)) => p,
@@ -133,6 +126,22 @@ impl Manager {
                 return false;
             }
         };
+        if let Some(op @ (SandboxOp::Fork | SandboxOp::Pause)) = operation {
+            // A fork's copy or a pause's save stops the VM until it ends; the crash
+            // left it stopped. Let it run on and drop the half-written state.
+            tracing::warn!(sandbox = %id, operation = %op, "a state save was interrupted; resuming the vm");
+            if let Err(e) = process
+                .qmp()
+                .execute_timeout("cont", None, Duration::from_secs(10))
+                .await
+            {
+                tracing::warn!(sandbox = %id, error = %e, "cannot resume the vm after an interrupted save");
+            }
+            let _ = std::fs::remove_file(dir.join("paused.state"));
+            if let Err(e) = self.store.end_operation(id).await {
+                tracing::warn!(sandbox = %id, error = %e, "cannot clear the interrupted operation");
+            }
+        }
         let agent = match AgentClient::connect_unix(&process.paths().agent).await {
             Ok(a) => a,
             Err(e) => {

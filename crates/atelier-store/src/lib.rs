@@ -8,7 +8,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use atelier_core::{MountSpec, Owner, SandboxId, SandboxState};
+use atelier_core::{MountSpec, Owner, SandboxId, SandboxOp, SandboxState};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
@@ -87,6 +87,14 @@ pub enum StoreError {
         /// Requested state.
         to: SandboxState,
     },
+    /// A state that exists only during an operation was entered without one.
+    #[error("sandbox {id} cannot become {to} without an operation (a bug: use Store::begin)")]
+    NoOperation {
+        /// Sandbox id.
+        id: SandboxId,
+        /// Requested state.
+        to: SandboxState,
+    },
     /// A query failed.
     #[error("database query {op} failed: {source}")]
     Query {
@@ -147,6 +155,9 @@ pub struct SandboxRecord {
     pub mount_owner: Option<Owner>,
     /// Egress policy in its text form (`allow-all`, `deny-all`, `a.com,*.b.org`).
     pub egress: String,
+    /// The operation in flight, if any (set by [`Store::begin`], cleared when the
+    /// sandbox comes to rest).
+    pub operation: Option<SandboxOp>,
 }
 
 /// A recorded state transition.
@@ -233,6 +244,15 @@ fn sandbox_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<SandboxRecord, Stor
             })
         }),
         egress: row.get("egress"),
+        operation: row
+            .get::<Option<&str>, _>("operation")
+            .map(|o| {
+                SandboxOp::from_str(o).map_err(|e| StoreError::Corrupt {
+                    table: "sandboxes",
+                    detail: e.to_string(),
+                })
+            })
+            .transpose()?,
     })
 }
 
@@ -278,8 +298,8 @@ impl Store {
     pub async fn insert_sandbox(&self, rec: &SandboxRecord) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await.map_err(q("begin"))?;
         let res = sqlx::query(
-            "INSERT INTO sandboxes (id, name, image, vcpus, memory_mib, state, error, boot_ms, created_at, updated_at, mounts, mount_owner, egress)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO sandboxes (id, name, image, vcpus, memory_mib, state, error, boot_ms, created_at, updated_at, mounts, mount_owner, egress, operation)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(rec.id.as_str())
         .bind(&rec.name)
@@ -294,6 +314,7 @@ impl Store {
         .bind(serde_json::to_string(&rec.mounts).unwrap_or_else(|_| "[]".into()))
         .bind(rec.mount_owner.map(|o| format!("{}:{}", o.uid, o.gid)))
         .bind(&rec.egress)
+        .bind(rec.operation.map(SandboxOp::as_str))
         .execute(&mut *tx)
         .await;
         match res {
@@ -356,8 +377,10 @@ impl Store {
         rows.iter().map(sandbox_from_row).collect()
     }
 
-    /// Moves a sandbox to `to` if the state machine allows it from its current state,
-    /// recording the transition; `error` replaces the stored error (None clears it).
+    /// Moves a sandbox to the resting state `to` if the state machine allows it from
+    /// its current state, recording the transition and clearing the operation in
+    /// flight; `error` replaces the stored error (None clears it). States that exist
+    /// only during an operation are entered with [`Store::begin`] instead.
     pub async fn transition(
         &self,
         id: &SandboxId,
@@ -365,6 +388,9 @@ impl Store {
         reason: &str,
         error: Option<&str>,
     ) -> Result<SandboxRecord, StoreError> {
+        if to.in_flight() {
+            return Err(StoreError::NoOperation { id: id.clone(), to });
+        }
         let _rmw = self.rmw.lock().await;
         // IMMEDIATE takes the write lock up front, so no other writer can commit
         // between our read and our write (which would fail with BUSY_SNAPSHOT).
@@ -388,14 +414,16 @@ impl Store {
             });
         }
         let now = now_ms();
-        sqlx::query("UPDATE sandboxes SET state = ?, error = ?, updated_at = ? WHERE id = ?")
-            .bind(to.as_str())
-            .bind(error)
-            .bind(now)
-            .bind(id.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(q("update state"))?;
+        sqlx::query(
+            "UPDATE sandboxes SET state = ?, error = ?, updated_at = ?, operation = NULL WHERE id = ?",
+        )
+        .bind(to.as_str())
+        .bind(error)
+        .bind(now)
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(q("update state"))?;
         sqlx::query("INSERT INTO sandbox_transitions (sandbox_id, from_state, to_state, reason, at) VALUES (?, ?, ?, ?, ?)")
             .bind(id.as_str())
             .bind(from.as_str())
@@ -414,6 +442,80 @@ impl Store {
             reason: reason.to_owned(),
         });
         Ok(record)
+    }
+
+    /// Begins `op` on a sandbox: records the operation and moves the sandbox to the
+    /// state the operation runs in, in one transaction, if `op` may begin from its
+    /// current state. Ends with [`Store::transition`] to a resting state (or
+    /// [`Store::end_operation`] when the state does not change).
+    pub async fn begin(
+        &self,
+        id: &SandboxId,
+        op: SandboxOp,
+        reason: &str,
+    ) -> Result<SandboxRecord, StoreError> {
+        let _rmw = self.rmw.lock().await;
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(q("begin"))?;
+        let row = sqlx::query("SELECT state FROM sandboxes WHERE id = ?")
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(q("read state"))?
+            .ok_or_else(|| StoreError::SandboxNotFound(id.to_string()))?;
+        let from = parse_state(row.get::<&str, _>("state"))?;
+        let to = op.runs_in();
+        if !op.may_begin_from(from) || (from != to && !from.can_transition_to(to)) {
+            return Err(StoreError::BadTransition {
+                id: id.clone(),
+                from,
+                to,
+            });
+        }
+        let now = now_ms();
+        sqlx::query("UPDATE sandboxes SET state = ?, operation = ?, updated_at = ? WHERE id = ?")
+            .bind(to.as_str())
+            .bind(op.as_str())
+            .bind(now)
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(q("begin operation"))?;
+        if from != to {
+            sqlx::query("INSERT INTO sandbox_transitions (sandbox_id, from_state, to_state, reason, at) VALUES (?, ?, ?, ?, ?)")
+                .bind(id.as_str())
+                .bind(from.as_str())
+                .bind(to.as_str())
+                .bind(reason)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(q("insert transition"))?;
+        }
+        tx.commit().await.map_err(q("commit"))?;
+        let record = self.get_sandbox(id).await?;
+        if from != to {
+            self.notify(Change::SandboxState {
+                record: record.clone(),
+                from,
+                reason: reason.to_owned(),
+            });
+        }
+        Ok(record)
+    }
+
+    /// Clears the operation of a sandbox that ends it in the state it began in (a
+    /// fork's source, a failed pause).
+    pub async fn end_operation(&self, id: &SandboxId) -> Result<(), StoreError> {
+        sqlx::query("UPDATE sandboxes SET operation = NULL WHERE id = ?")
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(q("end operation"))?;
+        Ok(())
     }
 
     /// Records how long the last boot took.
@@ -847,6 +949,7 @@ mod tests {
                 gid: 100,
             }),
             egress: "allow-all".into(),
+            operation: Some(SandboxOp::Create),
         }
     }
 
@@ -904,19 +1007,29 @@ mod tests {
             "demo"
         );
 
-        store
+        let running = store
             .transition(&a.id, SandboxState::Running, "ready", None)
             .await
             .unwrap();
+        assert_eq!(running.operation, None, "coming to rest ends the operation");
+        // In-flight states are entered only with an operation.
         let err = store
-            .transition(&a.id, SandboxState::Creating, "x", None)
+            .transition(&a.id, SandboxState::Deleting, "x", None)
             .await
             .unwrap_err();
+        assert!(matches!(err, StoreError::NoOperation { .. }));
+        let err = store.begin(&a.id, SandboxOp::Start, "x").await.unwrap_err();
         assert!(matches!(err, StoreError::BadTransition { .. }));
-        store
-            .transition(&a.id, SandboxState::Deleting, "rm", None)
-            .await
-            .unwrap();
+        // An operation that keeps the state is recorded, then ended.
+        let forking = store.begin(&a.id, SandboxOp::Fork, "fork").await.unwrap();
+        assert_eq!(
+            (forking.state, forking.operation),
+            (SandboxState::Running, Some(SandboxOp::Fork))
+        );
+        store.end_operation(&a.id).await.unwrap();
+        assert_eq!(store.get_sandbox(&a.id).await.unwrap().operation, None);
+        let deleting = store.begin(&a.id, SandboxOp::Delete, "rm").await.unwrap();
+        assert_eq!(deleting.operation, Some(SandboxOp::Delete));
         store
             .transition(&a.id, SandboxState::Deleted, "rm", None)
             .await

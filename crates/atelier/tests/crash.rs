@@ -165,3 +165,84 @@ fn killed_vmm_fails_the_sandbox_and_killed_agent_comes_back() {
     srv.ok(&["sandbox", "rm", "a", "b"]);
     srv.assert_clean();
 }
+
+#[test]
+fn manager_killed_mid_resume_and_mid_fork_keeps_the_users_disk() {
+    let mut srv = Server::start();
+    srv.ok(&["sandbox", "create", "--name", "keep", "--memory", "512"]);
+    let marker = format!("work-{}", std::process::id());
+    srv.ok(&[
+        "sandbox",
+        "exec",
+        "keep",
+        "--",
+        "sh",
+        "-c",
+        &format!("echo {marker} > /root/marker && sync"),
+    ]);
+    let cat = |srv: &Server| {
+        srv.ok(&["sandbox", "exec", "keep", "--", "cat", "/root/marker"])
+            .trim()
+            .to_owned()
+    };
+
+    // Resume interrupted after its VMM is up: back to paused with disk and saved
+    // memory kept, and a later resume carries on.
+    srv.ok(&["sandbox", "pause", "keep"]);
+    srv.restart(&[("ATELIER_FAULT_PAUSE", "resume-after-launch")]);
+    let mut resume = srv
+        .cli()
+        .args(["sandbox", "resume", "keep"])
+        .spawn()
+        .unwrap();
+    srv.wait_log("fault point reached", Duration::from_secs(120));
+    assert_eq!(state(&srv, "keep")["operation"], "resume");
+    srv.kill9();
+    let _ = resume.wait();
+    srv.restart(&[]);
+    let s = state(&srv, "keep");
+    assert_eq!(s["state"], "paused", "{s}");
+    assert!(s["operation"].is_null(), "{s}");
+    assert!(
+        s["error"].as_str().unwrap_or("").contains("during resume"),
+        "{s}"
+    );
+    assert!(
+        srv.vmm_pids().is_empty(),
+        "the interrupted VMM is reclaimed"
+    );
+    assert_eq!(srv.disks().len(), 1, "the user's disk is kept");
+    srv.ok(&["sandbox", "resume", "keep"]);
+    assert_eq!(cat(&srv), marker);
+
+    // Fork interrupted while the source is stopped for the copy: the source runs on
+    // with its disk, the half-made fork is failed and its disk reclaimed.
+    srv.restart(&[("ATELIER_FAULT_PAUSE", "fork-after-copy")]);
+    let mut fork = srv
+        .cli()
+        .args(["sandbox", "fork", "keep", "--name", "kid"])
+        .spawn()
+        .unwrap();
+    srv.wait_log("fault point reached", Duration::from_secs(120));
+    assert_eq!(state(&srv, "keep")["operation"], "fork");
+    srv.kill9();
+    let _ = fork.wait();
+    srv.restart(&[]);
+    let s = state(&srv, "keep");
+    assert_eq!(s["state"], "running", "{s}");
+    assert!(s["operation"].is_null(), "{s}");
+    assert_eq!(cat(&srv), marker, "the source runs on with its data");
+    let kid = state(&srv, "kid");
+    assert_eq!(kid["state"], "failed", "{kid}");
+    assert_eq!(srv.disks().len(), 1, "only the source's disk is left");
+    assert_eq!(srv.vmm_pids().len(), 1, "only the source's VMM runs");
+
+    // And it stops and starts from its disk as usual.
+    srv.ok(&["sandbox", "stop", "keep"]);
+    srv.ok(&["sandbox", "start", "keep"]);
+    assert_eq!(cat(&srv), marker);
+    srv.ok(&["sandbox", "rm", "keep", "kid"]);
+    wait_for("nothing left", Duration::from_secs(30), || {
+        srv.vmm_pids().is_empty() && srv.disks().is_empty()
+    });
+}

@@ -80,6 +80,10 @@ pub struct SandboxView {
     pub image: String,
     /// Current state.
     pub state: SandboxState,
+    /// The operation in flight (`create`, `start`, `resume`, `fork`, `pause`,
+    /// `stop`, `delete`), if any.
+    #[serde(default)]
+    pub operation: Option<atelier_core::SandboxOp>,
     /// vCPUs.
     pub vcpus: u32,
     /// Memory in MiB.
@@ -128,6 +132,7 @@ impl SandboxView {
             name: r.name,
             image: r.image,
             state: r.state,
+            operation: r.operation,
             vcpus: r.vcpus,
             memory_mib: r.memory_mib,
             boot_ms: r.boot_ms,
