@@ -45,7 +45,8 @@ async fn agent_announces_stream_capability() {
 #[tokio::test]
 async fn stream_carries_64_mib_both_ways_without_a_network() {
     let h = isolated_agent().await;
-    let r = streams::echo_roundtrip(&h.client, 64 << 20, DEADLINE).await;
+    let open = streams::opener(&h.client, DEADLINE);
+    let r = streams::echo_roundtrip(&h.client, 64 << 20, DEADLINE, open).await;
     eprintln!(
         "64 MiB echoed in {:?} ({:.1} MiB/s each way), peak buffered {} bytes",
         r.elapsed,
@@ -57,7 +58,8 @@ async fn stream_carries_64_mib_both_ways_without_a_network() {
 #[tokio::test]
 async fn flooding_service_is_held_to_the_credit_window() {
     let h = isolated_agent().await;
-    let peak = streams::flood_stays_within_window(&h.client, 16 << 20, DEADLINE).await;
+    let open = streams::opener(&h.client, DEADLINE);
+    let peak = streams::flood_stays_within_window(&h.client, 16 << 20, DEADLINE, open).await;
     eprintln!("peak buffered while flooded: {peak} bytes");
 }
 
@@ -94,7 +96,8 @@ async fn many_streams_at_once_and_drop_closes_the_guest_socket() {
     for _ in 0..4 {
         let client = h.client.clone();
         tasks.push(tokio::spawn(async move {
-            streams::echo_roundtrip(&client, 4 << 20, DEADLINE).await
+            let open = streams::opener(&client, DEADLINE);
+            streams::echo_roundtrip(&client, 4 << 20, DEADLINE, open).await
         }));
     }
     for t in tasks {

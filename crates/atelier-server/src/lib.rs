@@ -9,6 +9,7 @@ pub mod api;
 pub mod auth;
 pub mod dev;
 mod error;
+pub mod guest_stream;
 pub mod manager;
 mod network;
 pub mod prebuild;

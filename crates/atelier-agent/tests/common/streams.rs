@@ -5,10 +5,11 @@
 
 #![allow(dead_code)]
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use atelier_agent_proto::{
-    AgentClient, ExecEvent, ExecHandle, ExecRequest, STREAM_CHUNK_LEN, STREAM_WINDOW,
+    AgentClient, ExecEvent, ExecHandle, ExecRequest, GuestStream, STREAM_CHUNK_LEN, STREAM_WINDOW,
 };
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -143,14 +144,37 @@ pub struct Roundtrip {
     pub peak_buffered: u64,
 }
 
-/// Sends `total` bytes through an [`ECHO`] service and reads them back at the same
-/// time; checks the sha256 of what went in, what the service saw and what came out.
-pub async fn echo_roundtrip(client: &AgentClient, total: usize, deadline: Duration) -> Roundtrip {
+/// Opens streams with [`AgentClient::open_stream`].
+pub fn opener(
+    client: &AgentClient,
+    deadline: Duration,
+) -> impl FnOnce(u16) -> std::pin::Pin<Box<dyn Future<Output = GuestStream> + Send>> {
+    let client = client.clone();
+    move |port| {
+        Box::pin(async move {
+            client
+                .open_stream(port, deadline)
+                .await
+                .expect("open stream to the service")
+        })
+    }
+}
+
+/// Sends `total` bytes through an [`ECHO`] service (started with `client`, the stream
+/// opened with `open`) and reads them back at the same time; checks the sha256 of
+/// what went in, what the service saw and what came out.
+pub async fn echo_roundtrip<F, Fut>(
+    client: &AgentClient,
+    total: usize,
+    deadline: Duration,
+    open: F,
+) -> Roundtrip
+where
+    F: FnOnce(u16) -> Fut,
+    Fut: Future<Output = GuestStream>,
+{
     let mut svc = Service::start(client, ECHO, deadline).await;
-    let stream = client
-        .open_stream(svc.port, deadline)
-        .await
-        .expect("open stream to the echo service");
+    let stream = open(svc.port).await;
     let (mut rd, mut wr) = tokio::io::split(stream);
     let start = Instant::now();
     let writer = tokio::spawn(async move {
@@ -211,16 +235,18 @@ pub async fn echo_roundtrip(client: &AgentClient, total: usize, deadline: Durati
 /// window: the host then buffers at most [`STREAM_WINDOW`] bytes while the service
 /// keeps trying to write. Then reads `drain` bytes, drops the stream and checks the
 /// service saw the connection close. Returns the peak buffered bytes.
-pub async fn flood_stays_within_window(
+pub async fn flood_stays_within_window<F, Fut>(
     client: &AgentClient,
     drain: usize,
     deadline: Duration,
-) -> u64 {
+    open: F,
+) -> u64
+where
+    F: FnOnce(u16) -> Fut,
+    Fut: Future<Output = GuestStream>,
+{
     let svc = Service::start(client, FLOOD, deadline).await;
-    let mut stream = client
-        .open_stream(svc.port, deadline)
-        .await
-        .expect("open stream to the flood service");
+    let mut stream = open(svc.port).await;
     let full = u64::from(STREAM_WINDOW) - STREAM_CHUNK_LEN as u64;
     wait_until(deadline, "the agent to fill the window", || {
         stream.buffered() >= full
