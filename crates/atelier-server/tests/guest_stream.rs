@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use atelier_core::{ErrorKind, SandboxSpec};
+use atelier_core::{EgressPolicy, ErrorKind, SandboxSpec};
 use atelier_server::{Manager, ManagerConfig};
 
 #[path = "../../atelier-agent/tests/common/streams.rs"]
@@ -35,12 +35,111 @@ fn images_dir() -> PathBuf {
     dir
 }
 
-async fn manager(data: &tempfile::TempDir) -> Arc<Manager> {
-    let mut cfg = ManagerConfig::new(data.path());
-    cfg.images_dir = images_dir();
-    // No network: the guest gets no network card.
-    cfg.network = None;
-    Manager::open(cfg).await.expect("open manager")
+/// A manager on its own data dir (and, with a network, its own bridge and subnet);
+/// on drop kills its VMMs, unmounts its pool and removes its bridge and tables.
+struct Env {
+    mgr: Arc<Manager>,
+    data: tempfile::TempDir,
+    net: Option<NetSlot>,
+}
+
+/// A bridge and /24 no other test holds (the lock files the CLI tests use too).
+struct NetSlot {
+    slot: u32,
+    _lock: std::fs::File,
+}
+
+impl NetSlot {
+    fn claim() -> NetSlot {
+        let dir = std::path::Path::new("/var/tmp/atl-net-slots");
+        std::fs::create_dir_all(dir).unwrap();
+        let start = std::process::id() % 200;
+        for i in 0..200 {
+            let slot = (start + i) % 200 + 20;
+            let f = std::fs::File::create(dir.join(format!("{slot}.lock"))).unwrap();
+            if f.try_lock().is_ok() {
+                return NetSlot { slot, _lock: f };
+            }
+        }
+        panic!("no free network slot in /var/tmp/atl-net-slots");
+    }
+
+    fn bridge(&self) -> String {
+        format!("atlt{}", self.slot)
+    }
+}
+
+impl Env {
+    async fn start(network: bool) -> Env {
+        let data = tempfile::Builder::new()
+            .prefix("atl-stream-")
+            .tempdir_in("/var/tmp")
+            .expect("data dir");
+        let mut cfg = ManagerConfig::new(data.path());
+        cfg.images_dir = images_dir();
+        let net = network.then(NetSlot::claim);
+        cfg.network = net.as_ref().map(|slot| {
+            let mut n = atelier_net::NetConfig::new();
+            n.bridge = slot.bridge();
+            n.subnet = format!("10.201.{}.0/24", slot.slot)
+                .parse()
+                .expect("subnet");
+            // Nothing answers there: no traffic leaves this machine.
+            n.dns_upstreams = vec!["127.0.0.1:9".parse().expect("addr")];
+            n
+        });
+        let mgr = Manager::open(cfg).await.expect("open manager");
+        Env { mgr, data, net }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let marker = format!("{}/", self.data.path().display());
+        let vmms = || -> Vec<i32> {
+            std::fs::read_dir("/proc")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| {
+                    let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+                    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                    let cmd = String::from_utf8_lossy(&cmd);
+                    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                    let zombie = stat
+                        .rsplit_once(')')
+                        .is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
+                    (cmd.contains("qemu") && cmd.contains(&marker) && !zombie).then_some(pid)
+                })
+                .collect()
+        };
+        for pid in vmms() {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+        }
+        let end = Instant::now() + Duration::from_secs(10);
+        while !vmms().is_empty() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Lazy: background tasks of the manager may still hold files in the pool.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.data.path().join("pool"))
+            .status();
+        if let Some(slot) = &self.net {
+            let table = format!("atelier_{}", slot.bridge());
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", &slot.bridge()])
+                .status();
+            for fam in ["inet", "bridge"] {
+                let _ = std::process::Command::new("nft")
+                    .args(["delete", "table", fam, &table])
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
+        }
+    }
 }
 
 fn spec(name: &str) -> SandboxSpec {
@@ -57,61 +156,66 @@ fn spec(name: &str) -> SandboxSpec {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streams_to_guest_ports_without_a_network_card() {
-    let data = tempfile::Builder::new()
-        .prefix("atl-stream-")
-        .tempdir_in("/var/tmp")
-        .expect("data dir");
-    let mgr = manager(&data).await;
+/// Boots sandbox `name` in `env`, checks its network interfaces are `nics`, then
+/// runs the stream checks through `Manager::guest_stream`.
+async fn check_streams(env: &Env, name: &str, spec: SandboxSpec, nics: &str) {
+    let mgr = &env.mgr;
     let started = Instant::now();
-    mgr.create(spec("streamy"), true).await.expect("create");
-    eprintln!("sandbox running after {:?}", started.elapsed());
-    let (_rec, agent) = mgr.agent("streamy").await.expect("agent");
-
-    // The guest has loopback only.
+    mgr.create(spec, true).await.expect("create");
+    eprintln!("{name}: running after {:?}", started.elapsed());
+    let (_rec, agent) = mgr.agent(name).await.expect("agent");
     let out = agent
         .exec(atelier_agent_proto::ExecRequest::new([
             "sh",
             "-c",
-            "ls /sys/class/net",
+            "ls /sys/class/net | tr '\\n' ' '",
         ]))
         .await
         .expect("exec")
         .wait()
         .await
         .expect("ls");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "lo");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), nics);
 
     // Refused port: a typed error naming the port and the sandbox.
-    let err = mgr.guest_stream("streamy", 9).await.expect_err("refused");
+    let err = mgr.guest_stream(name, 9).await.expect_err("refused");
     assert_eq!(err.kind, ErrorKind::Unavailable);
-    assert!(
-        err.message
-            .contains("nothing listens on port 9 in sandbox streamy"),
-        "{}",
-        err.message
-    );
+    let expected = format!("nothing listens on port 9 in sandbox {name}");
+    assert!(err.message.contains(&expected), "{}", err.message);
     let err = mgr.guest_stream("nosuch", 9).await.expect_err("no sandbox");
     assert_eq!(err.kind, ErrorKind::NotFound, "{}", err.message);
 
-    // 64 MiB both ways through Manager::guest_stream, checksummed.
-    let m = mgr.clone();
-    let open = move |port: u16| async move { m.guest_stream("streamy", port).await.expect("open") };
+    // 64 MiB both ways through Manager::guest_stream, checksummed on both ends.
+    let (m, n) = (mgr.clone(), name.to_owned());
+    let open = move |port: u16| async move { m.guest_stream(&n, port).await.expect("open") };
     let r = streams::echo_roundtrip(&agent, 64 << 20, DEADLINE, open).await;
     eprintln!(
-        "VM: 64 MiB echoed in {:?} ({:.1} MiB/s each way), peak buffered {} bytes",
+        "{name}: 64 MiB echoed in {:?} ({:.1} MiB/s each way), peak buffered {} bytes",
         r.elapsed,
         64.0 / r.elapsed.as_secs_f64(),
         r.peak_buffered
     );
 
     // A flooding service: the manager buffers at most the window.
-    let m = mgr.clone();
-    let open = move |port: u16| async move { m.guest_stream("streamy", port).await.expect("open") };
+    let (m, n) = (mgr.clone(), name.to_owned());
+    let open = move |port: u16| async move { m.guest_stream(&n, port).await.expect("open") };
     let peak = streams::flood_stays_within_window(&agent, 8 << 20, DEADLINE, open).await;
-    eprintln!("VM: peak buffered while flooded: {peak} bytes");
+    eprintln!("{name}: peak buffered while flooded: {peak} bytes");
 
     agent.ping(DEADLINE).await.expect("agent still answers");
-    mgr.delete("streamy").await.expect("delete");
+    mgr.delete(name).await.expect("delete");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_to_guest_ports_without_a_network_card() {
+    let env = Env::start(false).await;
+    check_streams(&env, "streamy", spec("streamy"), "lo").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_to_guest_ports_with_egress_deny_all() {
+    let env = Env::start(true).await;
+    let mut s = spec("closed");
+    s.egress = EgressPolicy::DenyAll;
+    check_streams(&env, "closed", s, "eth0 lo").await;
 }
