@@ -71,12 +71,16 @@ impl NetSlot {
 
 impl Env {
     async fn start(network: bool) -> Env {
+        Self::start_with(network, images_dir()).await
+    }
+
+    async fn start_with(network: bool, images: PathBuf) -> Env {
         let data = tempfile::Builder::new()
             .prefix("atl-stream-")
             .tempdir_in("/var/tmp")
             .expect("data dir");
         let mut cfg = ManagerConfig::new(data.path());
-        cfg.images_dir = images_dir();
+        cfg.images_dir = images;
         let net = network.then(NetSlot::claim);
         cfg.network = net.as_ref().map(|slot| {
             let mut n = atelier_net::NetConfig::new();
@@ -218,4 +222,40 @@ async fn streams_to_guest_ports_with_egress_deny_all() {
     let mut s = spec("closed");
     s.egress = EgressPolicy::DenyAll;
     check_streams(&env, "closed", s, "eth0 lo").await;
+}
+
+/// A sandbox whose image carries a protocol-1 agent (built before streams existed,
+/// as in an old prebuild): the manager serves it, and a stream fails with a clear
+/// conflict naming what to rebuild instead of hanging on a request the agent cannot
+/// decode. Needs such an image: `ATELIER_TEST_V1_IMAGES_DIR` (e.g. one built from
+/// the agent of an earlier commit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs ATELIER_TEST_V1_IMAGES_DIR, an image with a protocol-1 agent"]
+async fn protocol_1_agent_is_served_without_streams() {
+    let images = PathBuf::from(
+        std::env::var_os("ATELIER_TEST_V1_IMAGES_DIR").expect("ATELIER_TEST_V1_IMAGES_DIR"),
+    );
+    let env = Env::start_with(false, images).await;
+    env.mgr.create(spec("oldie"), true).await.expect("create");
+    let (_rec, agent) = env.mgr.agent("oldie").await.expect("agent");
+    assert_eq!(agent.hello().expect("hello").version, 1);
+    assert_eq!(agent.capabilities(), Some(Vec::new()));
+    let err = env
+        .mgr
+        .guest_stream("oldie", 22)
+        .await
+        .expect_err("unsupported");
+    assert_eq!(err.kind, ErrorKind::Conflict, "{}", err.message);
+    assert!(err.message.contains("rebuild"), "{}", err.message);
+    eprintln!("protocol-1 agent: {}", err.message);
+    // Everything of the version-1 message set still works.
+    let out = agent
+        .exec(atelier_agent_proto::ExecRequest::new(["true"]))
+        .await
+        .expect("exec")
+        .wait()
+        .await
+        .expect("wait");
+    assert!(out.success());
+    env.mgr.delete("oldie").await.expect("delete");
 }
