@@ -1,7 +1,11 @@
 //! The message schema. Variant order is part of the wire format (postcard encodes
 //! enum variants by index): append new variants at the end and bump
-//! [`crate::PROTOCOL_VERSION`] for incompatible changes. The snapshot test at the
-//! bottom freezes the encoding of every message.
+//! [`crate::PROTOCOL_VERSION`] for incompatible changes. A new feature is announced
+//! as a capability in [`GuestMessage::Capabilities`] (see [`crate::CAPABILITIES`]) and
+//! the client checks it before sending the new messages, so agents frozen in older
+//! snapshots never receive a variant they cannot decode. [`Hello`] must never change:
+//! every agent ever built sends it. The snapshot test at the bottom freezes the
+//! encoding of every message.
 
 use std::net::IpAddr;
 
