@@ -113,3 +113,117 @@ async fn many_streams_at_once_and_drop_closes_the_guest_socket() {
     drop(stream);
     assert_eq!(svc.exit(DEADLINE).await, Some(0));
 }
+
+/// The real agent driven with raw frames, as a broken or hostile host would: stream
+/// frames for unknown ids are ignored, and data beyond the credit window closes the
+/// stream with an error (the agent's queue never grows past the window).
+#[tokio::test]
+async fn agent_survives_unknown_ids_and_closes_a_stream_the_host_overruns() {
+    use atelier_agent_proto::frame::FrameReader;
+    use atelier_agent_proto::{
+        ErrorKind, GuestMessage, HostMessage, STREAM_CHUNK_LEN, STREAM_WINDOW, encode_frame,
+    };
+    use tokio::io::AsyncWriteExt;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listener =
+        tokio::net::UnixListener::bind(common::agent_socket(dir.path())).expect("bind agent");
+    let _agent = common::spawn_agent(dir.path());
+    let (conn, _) = tokio::time::timeout(DEADLINE, listener.accept())
+        .await
+        .expect("agent connects")
+        .expect("accept");
+    let (r, mut w) = conn.into_split();
+    let mut frames = FrameReader::new(r);
+    let mut next = async || -> GuestMessage {
+        tokio::time::timeout(DEADLINE, frames.next::<GuestMessage>())
+            .await
+            .expect("agent answers in time")
+            .expect("read")
+            .expect("not eof")
+            .expect("valid frame")
+    };
+    assert!(matches!(next().await, GuestMessage::Hello(_)));
+    assert!(matches!(next().await, GuestMessage::Capabilities { .. }));
+
+    let mut send = Vec::new();
+    for id in [0, 1, u64::MAX] {
+        for msg in [
+            HostMessage::StreamData {
+                id,
+                data: vec![1; 100],
+            },
+            HostMessage::StreamEof { id },
+            HostMessage::Credit {
+                id,
+                bytes: u32::MAX,
+            },
+            HostMessage::Cancel { id },
+        ] {
+            send.extend(encode_frame(&msg).expect("encode"));
+        }
+    }
+    send.extend(encode_frame(&HostMessage::Ping { id: 7 }).expect("encode"));
+    w.write_all(&send).await.expect("write");
+    assert_eq!(next().await, GuestMessage::Pong { id: 7 });
+
+    // A service that accepts and never reads, with a tiny receive buffer: the agent
+    // can write only a little, so host data beyond the window piles up in its queue.
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.set_recv_buffer_size(4096).expect("rcvbuf");
+    sock.bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let port = sock.local_addr().expect("addr").port();
+    let service = sock.listen(1).expect("listen");
+    let open = HostMessage::StreamOpen {
+        id: 42,
+        ip: "127.0.0.1".parse().expect("ip"),
+        port,
+        connect_timeout_ms: 10_000,
+    };
+    w.write_all(&encode_frame(&open).expect("encode"))
+        .await
+        .expect("write");
+    assert_eq!(next().await, GuestMessage::StreamOpened { id: 42 });
+    let (_held, _) = service.accept().await.expect("accept");
+    // Eight windows without waiting for a single credit.
+    let chunk = HostMessage::StreamData {
+        id: 42,
+        data: vec![0xAB; STREAM_CHUNK_LEN],
+    };
+    let frame = encode_frame(&chunk).expect("encode");
+    let total = 8 * STREAM_WINDOW as usize;
+    let writer = tokio::spawn(async move {
+        for _ in 0..total / STREAM_CHUNK_LEN {
+            if w.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+        w
+    });
+    let err = loop {
+        match next().await {
+            GuestMessage::Credit { id: 42, .. } => {}
+            GuestMessage::Error {
+                id: 42,
+                kind,
+                message,
+            } => break (kind, message),
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(err.0, ErrorKind::Invalid, "{}", err.1);
+    assert!(err.1.contains("flow-control window"), "{}", err.1);
+    // The agent goes on serving.
+    let mut w = writer.await.expect("join");
+    w.write_all(&encode_frame(&HostMessage::Ping { id: 8 }).expect("encode"))
+        .await
+        .expect("write");
+    loop {
+        match next().await {
+            GuestMessage::Pong { id: 8 } => break,
+            GuestMessage::Credit { id: 42, .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
