@@ -227,3 +227,73 @@ async fn agent_survives_unknown_ids_and_closes_a_stream_the_host_overruns() {
         }
     }
 }
+
+/// A guest HTTP server reached through a host TCP port: the host side proxies with
+/// `tokio::io::copy_bidirectional`, the `GuestStream` used as any other socket.
+#[tokio::test]
+async fn copy_bidirectional_proxies_a_guest_http_server() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let h = isolated_agent().await;
+    std::fs::write(h.dir.path().join("hello.txt"), "hello from the guest\n").expect("write");
+    let server = h
+        .client
+        .exec(
+            ExecRequest::new([
+                "python3",
+                "-m",
+                "http.server",
+                "--bind",
+                "127.0.0.1",
+                "8000",
+            ])
+            .cwd(h.path("")),
+        )
+        .await
+        .expect("start http.server");
+    // Ready when it accepts (poll with a deadline).
+    let end = std::time::Instant::now() + DEADLINE;
+    loop {
+        match h.client.open_stream(8000, DEADLINE).await {
+            Ok(_) => break,
+            Err(ProtoError::ConnectionRefused { .. }) => {
+                assert!(
+                    std::time::Instant::now() < end,
+                    "http.server never listened"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("open: {e}"),
+        }
+    }
+    let front = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = front.local_addr().expect("addr");
+    let client = h.client.clone();
+    let proxy = tokio::spawn(async move {
+        let (mut tcp, _) = front.accept().await.expect("accept");
+        let mut guest = client.open_stream(8000, DEADLINE).await.expect("open");
+        tokio::io::copy_bidirectional(&mut tcp, &mut guest).await
+    });
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    conn.write_all(b"GET /hello.txt HTTP/1.0\r\nHost: sandbox\r\n\r\n")
+        .await
+        .expect("request");
+    let mut response = String::new();
+    tokio::time::timeout(DEADLINE, conn.read_to_string(&mut response))
+        .await
+        .expect("response in time")
+        .expect("read");
+    assert!(response.starts_with("HTTP/1.0 200"), "{response}");
+    assert!(response.ends_with("hello from the guest\n"), "{response}");
+    // The client closes its side; the proxy half-closes the guest stream and ends.
+    drop(conn);
+    let (up, down) = tokio::time::timeout(DEADLINE, proxy)
+        .await
+        .expect("proxy done")
+        .expect("join")
+        .expect("copy");
+    assert!(up > 0 && down as usize == response.len(), "{up} {down}");
+    drop(server);
+}
