@@ -6,6 +6,7 @@
 //! ([`crate::STREAM_WINDOW`]) and a guest that overruns it has that stream failed.
 
 use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,19 +16,24 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::Stream;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::UnixStream;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio_util::sync::{PollSemaphore, PollSender};
 
 use crate::dev::{DevSpec, DevStatus};
 use crate::error::ProtoError;
 use crate::frame::{FrameReader, SYNC_PREAMBLE_LEN, encode_frame};
 use crate::message::{
-    ExecEvent, ExecRequest, GuestMessage, Hello, HostMessage, Metrics, PtyEvent, PtyRequest,
+    ErrorKind, ExecEvent, ExecRequest, GuestMessage, Hello, HostMessage, Metrics, PtyEvent,
+    PtyRequest,
 };
 use crate::net::NetConfig;
-use crate::{EXEC_CHUNK_LEN, FILE_CHUNK_LEN, NO_REQUEST, PROTOCOL_VERSION, STREAM_WINDOW};
+use crate::{
+    CAP_TCP_STREAM, EXEC_CHUNK_LEN, FILE_CHUNK_LEN, MIN_AGENT_PROTOCOL_VERSION, NO_REQUEST,
+    PROTOCOL_VERSION, STREAM_CHUNK_LEN, STREAM_WINDOW,
+};
 
 type Reply = Result<GuestMessage, ProtoError>;
 
@@ -55,14 +61,25 @@ impl Drop for TaskGuard {
 #[derive(Clone, Default)]
 struct Status {
     hello: Option<Hello>,
+    /// Capabilities of the agent that sent `hello`; `None` while a version-2+ agent's
+    /// `Capabilities` message has not arrived yet.
+    caps: Option<Vec<String>>,
     closed: Option<String>,
 }
+
+/// `Pending::seen` bits: stream events allowed once per stream.
+const SEEN_OPENED: u8 = 1;
+const SEEN_EOF: u8 = 2;
 
 struct Pending {
     op: &'static str,
     tx: mpsc::UnboundedSender<Reply>,
     /// Stream bytes received and not yet consumed (guest->host flow control).
     inbound: Option<Arc<AtomicU64>>,
+    /// Highest value `inbound` reached.
+    peak: Arc<AtomicU64>,
+    /// Once-only stream events seen (`SEEN_*`).
+    seen: u8,
     /// Credits for host->guest stream data (stdin, upload chunks).
     credit: Option<Arc<Semaphore>>,
 }
@@ -87,6 +104,7 @@ struct Registration {
     id: u64,
     rx: mpsc::UnboundedReceiver<Reply>,
     inbound: Arc<AtomicU64>,
+    peak: Arc<AtomicU64>,
     credit: Arc<Semaphore>,
     guard: PendingGuard,
 }
@@ -146,6 +164,7 @@ impl Inner {
     ) -> Result<Registration, ProtoError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let inbound_ctr = Arc::new(AtomicU64::new(0));
+        let peak = Arc::new(AtomicU64::new(0));
         let sem = Arc::new(Semaphore::new(STREAM_WINDOW as usize));
         let mut state = self.lock();
         if let Some(reason) = &state.closed {
@@ -163,6 +182,8 @@ impl Inner {
                 op,
                 tx,
                 inbound: inbound.then(|| inbound_ctr.clone()),
+                peak: peak.clone(),
+                seen: 0,
                 credit: credit.then(|| sem.clone()),
             },
         );
@@ -171,6 +192,7 @@ impl Inner {
             id,
             rx,
             inbound: inbound_ctr,
+            peak,
             credit: sem,
             guard: PendingGuard {
                 inner: self.clone(),
@@ -209,8 +231,17 @@ impl Inner {
     fn on_hello(&self, hello: Hello) {
         let mut restarted = false;
         self.status.send_modify(|s| {
-            if let Some(prev) = &s.hello {
-                restarted = prev.pid != hello.pid || prev.boot_id != hello.boot_id;
+            let first = match &s.hello {
+                Some(prev) => {
+                    restarted = prev.pid != hello.pid || prev.boot_id != hello.boot_id;
+                    restarted || prev.version != hello.version
+                }
+                None => true,
+            };
+            if first {
+                // A version-1 agent serves no capabilities and announces none; a newer
+                // one sends `Capabilities` right after this Hello.
+                s.caps = (hello.version < 2).then(Vec::new);
             }
             s.hello = Some(hello.clone());
         });
@@ -251,7 +282,9 @@ impl Inner {
         };
         let within = match &entry.inbound {
             Some(ctr) => {
-                ctr.fetch_add(len as u64, Ordering::AcqRel) + len as u64 <= u64::from(STREAM_WINDOW)
+                let now = ctr.fetch_add(len as u64, Ordering::AcqRel) + len as u64;
+                entry.peak.fetch_max(now, Ordering::AcqRel);
+                now <= u64::from(STREAM_WINDOW)
             }
             None => false,
         };
@@ -266,6 +299,38 @@ impl Inner {
                 .send(Err(ProtoError::FlowControl { op: entry.op, id }));
             let _ = self.send_ctl(&HostMessage::Cancel { id });
         }
+    }
+
+    /// Delivers a stream event that may come once per stream (`bit`); a repeat is a
+    /// protocol violation that fails the stream (so a guest cannot fill its queue).
+    fn deliver_once(&self, id: u64, bit: u8, msg: GuestMessage) {
+        let mut state = self.lock();
+        let Some(entry) = state.pending.get_mut(&id) else {
+            tracing::debug!(id, "stream event for unknown request dropped");
+            return;
+        };
+        if entry.inbound.is_some() && entry.seen & bit == 0 {
+            entry.seen |= bit;
+            let _ = entry.tx.send(Ok(msg));
+            return;
+        }
+        if let Some(entry) = state.pending.remove(&id) {
+            drop(state);
+            if let Some(c) = &entry.credit {
+                c.close();
+            }
+            let _ = entry.tx.send(Err(ProtoError::StreamBroken {
+                op: entry.op,
+                id,
+                detail: format!("protocol violation: unexpected {msg:?}"),
+            }));
+            let _ = self.send_ctl(&HostMessage::Cancel { id });
+        }
+    }
+
+    fn on_capabilities(&self, caps: Vec<String>) {
+        tracing::debug!(?caps, "agent capabilities");
+        self.status.send_modify(|s| s.caps = Some(caps));
     }
 
     fn on_credit(&self, id: u64, bytes: u32) {
@@ -301,10 +366,15 @@ impl Inner {
                 PtyEvent::Started { .. } => self.deliver(id, msg, false),
                 PtyEvent::Exit { .. } => self.deliver(id, msg, true),
             },
-            GuestMessage::FileChunk { id, ref data } | GuestMessage::DevLog { id, ref data } => {
+            GuestMessage::FileChunk { id, ref data }
+            | GuestMessage::DevLog { id, ref data }
+            | GuestMessage::StreamData { id, ref data } => {
                 let len = data.len();
                 self.on_data(id, len, msg)
             }
+            GuestMessage::Capabilities { caps } => self.on_capabilities(caps),
+            GuestMessage::StreamOpened { id } => self.deliver_once(id, SEEN_OPENED, msg),
+            GuestMessage::StreamEof { id } => self.deliver_once(id, SEEN_EOF, msg),
             GuestMessage::Pong { id }
             | GuestMessage::DevList { id, .. }
             | GuestMessage::FileEnd { id, .. }
@@ -436,13 +506,22 @@ impl AgentClient {
                         });
                     }
                     if let Some(hello) = &status.hello {
-                        if hello.version != PROTOCOL_VERSION {
+                        if hello.version < MIN_AGENT_PROTOCOL_VERSION {
+                            return Err(ProtoError::AgentTooOld {
+                                agent: hello.version,
+                                min: MIN_AGENT_PROTOCOL_VERSION,
+                            });
+                        }
+                        if hello.version > PROTOCOL_VERSION {
                             return Err(ProtoError::IncompatibleVersion {
                                 agent: hello.version,
                                 host: PROTOCOL_VERSION,
                             });
                         }
-                        return Ok(hello.clone());
+                        if status.caps.is_some() {
+                            return Ok(hello.clone());
+                        }
+                        // A version-2+ agent: its Capabilities follow the Hello.
                     }
                 }
                 if rx.changed().await.is_err() {
@@ -461,6 +540,22 @@ impl AgentClient {
     /// The last Hello seen, if any.
     pub fn hello(&self) -> Option<Hello> {
         self.inner.status.borrow().hello.clone()
+    }
+
+    /// The capabilities the agent announced (empty for a version-1 agent); `None`
+    /// before [`wait_ready`](Self::wait_ready) succeeded.
+    pub fn capabilities(&self) -> Option<Vec<String>> {
+        self.inner.status.borrow().caps.clone()
+    }
+
+    /// Whether the connected agent serves capability `cap` (false before it is known).
+    pub fn supports(&self, cap: &str) -> bool {
+        self.inner
+            .status
+            .borrow()
+            .caps
+            .as_ref()
+            .is_some_and(|caps| caps.iter().any(|c| c == cap))
     }
 
     /// Number of agent restarts seen (Hellos from a new agent process after the first).
@@ -1339,5 +1434,327 @@ impl PtyWriter {
             id: self.id,
             signal,
         })
+    }
+}
+
+/// TCP streams into the guest.
+impl AgentClient {
+    /// Opens a TCP connection from the agent to `127.0.0.1:port` in the guest; see
+    /// [`open_stream_to`](Self::open_stream_to).
+    pub async fn open_stream(
+        &self,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<GuestStream, ProtoError> {
+        self.open_stream_to(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), timeout)
+            .await
+    }
+
+    /// Opens a TCP connection from the agent to `addr` in the guest and returns it as a
+    /// byte stream. Needs no guest network card (the bytes travel over the control
+    /// channel). Fails with [`ProtoError::Unsupported`] when the agent lacks
+    /// [`CAP_TCP_STREAM`], [`ProtoError::ConnectionRefused`] when nothing listens there,
+    /// [`ProtoError::Timeout`] when the agent is not connected within `timeout`.
+    pub async fn open_stream_to(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<GuestStream, ProtoError> {
+        const OP: &str = "open_stream";
+        let deadline = Instant::now() + timeout;
+        let hello = self.wait_ready(timeout).await?;
+        if !self.supports(CAP_TCP_STREAM) {
+            return Err(ProtoError::Unsupported {
+                op: OP,
+                capability: CAP_TCP_STREAM,
+                agent_version: hello.version,
+            });
+        }
+        let mut reg = self.inner.register(OP, true, true)?;
+        reg.guard.cancel_on_drop = true;
+        let id = reg.id;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let connect_timeout_ms = u32::try_from(remaining.as_millis()).unwrap_or(u32::MAX);
+        let open = async {
+            self.inner
+                .send_data(&HostMessage::StreamOpen {
+                    id,
+                    ip: addr.ip(),
+                    port: addr.port(),
+                    connect_timeout_ms,
+                })
+                .await?;
+            match reg.rx.recv().await {
+                Some(reply) => reply,
+                None => Err(self.inner.disconnected()),
+            }
+        };
+        // Timing out drops the registration guard, which cancels the connect in the guest.
+        let first =
+            tokio::time::timeout(remaining, open)
+                .await
+                .map_err(|_| ProtoError::Timeout {
+                    op: OP,
+                    after: timeout,
+                })??;
+        match first {
+            GuestMessage::StreamOpened { .. } => {}
+            GuestMessage::Error {
+                kind: ErrorKind::ConnectionRefused,
+                message,
+                ..
+            } => {
+                reg.guard.cancel_on_drop = false;
+                return Err(ProtoError::ConnectionRefused { addr, message });
+            }
+            other => {
+                reg.guard.cancel_on_drop = false;
+                return Err(reply_error(OP, other));
+            }
+        }
+        tracing::debug!(id, %addr, "guest stream open");
+        Ok(GuestStream {
+            id,
+            addr,
+            rx: reg.rx,
+            inbound: reg.inbound,
+            peak: reg.peak,
+            chunk: Bytes::new(),
+            uncredited: 0,
+            read_done: false,
+            read_error: None,
+            credit: PollSemaphore::new(reg.credit),
+            held: 0,
+            tx: PollSender::new(self.inner.data_tx.clone()),
+            write_closed: false,
+            guard: reg.guard,
+            client: self.clone(),
+        })
+    }
+}
+
+/// Consumed bytes are credited back to the agent in batches of at least this much
+/// (or when a chunk is used up).
+const CREDIT_BATCH: usize = 32 * 1024;
+
+/// A TCP connection to a port inside the guest, relayed by the agent (see
+/// [`AgentClient::open_stream`]). Implements tokio's `AsyncRead` and `AsyncWrite`, so
+/// hyper or `tokio::io::copy_bidirectional` use it directly.
+///
+/// Both directions are flow-controlled with a window of [`STREAM_WINDOW`] bytes: the
+/// agent reads from the guest socket only as far as this side has room, so the bytes
+/// buffered here never exceed the window ([`buffered`](Self::buffered)); writes wait
+/// while the agent has not yet written earlier data to the socket. `poll_shutdown`
+/// half-closes (the guest service reads end of file); dropping the stream closes the
+/// connection in the guest.
+pub struct GuestStream {
+    id: u64,
+    addr: SocketAddr,
+    rx: mpsc::UnboundedReceiver<Reply>,
+    /// Bytes received and not yet credited back (buffered here).
+    inbound: Arc<AtomicU64>,
+    peak: Arc<AtomicU64>,
+    /// The chunk being read.
+    chunk: Bytes,
+    /// Bytes read by the caller and not yet credited back.
+    uncredited: usize,
+    read_done: bool,
+    read_error: Option<(std::io::ErrorKind, String)>,
+    /// Credits for data to the guest.
+    credit: PollSemaphore,
+    /// Credits taken from `credit` and not yet used.
+    held: usize,
+    tx: PollSender<Vec<u8>>,
+    write_closed: bool,
+    guard: PendingGuard,
+    client: AgentClient,
+}
+
+impl std::fmt::Debug for GuestStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestStream")
+            .field("id", &self.id)
+            .field("addr", &self.addr)
+            .field("buffered", &self.buffered())
+            .finish_non_exhaustive()
+    }
+}
+
+impl GuestStream {
+    /// The stream's request id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The guest address the agent connected to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Bytes received from the guest and buffered here (not yet read, or read and not
+    /// yet credited back); never more than [`STREAM_WINDOW`].
+    pub fn buffered(&self) -> u64 {
+        self.inbound.load(Ordering::Acquire)
+    }
+
+    /// The highest [`buffered`](Self::buffered) value so far.
+    pub fn peak_buffered(&self) -> u64 {
+        self.peak.load(Ordering::Acquire)
+    }
+
+    fn consumed(&mut self, n: usize) {
+        self.uncredited += n;
+        if self.uncredited >= CREDIT_BATCH || (self.chunk.is_empty() && self.uncredited > 0) {
+            let bytes = self.uncredited;
+            self.uncredited = 0;
+            // Uncount before granting so the agent's next data never looks like excess.
+            self.inbound.fetch_sub(bytes as u64, Ordering::AcqRel);
+            // bytes <= STREAM_WINDOW, fits u32.
+            let _ = self.client.inner.send_ctl(&HostMessage::Credit {
+                id: self.id,
+                bytes: bytes as u32,
+            });
+        }
+    }
+
+    fn fail_read(&mut self, kind: std::io::ErrorKind, message: String) {
+        self.read_done = true;
+        self.read_error = Some((kind, message));
+        self.guard.cancel_on_drop = false;
+    }
+
+    fn broken(&self, what: &str) -> std::io::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::BrokenPipe,
+            format!("stream {} to {} in the guest {what}", self.id, self.addr),
+        )
+    }
+}
+
+impl AsyncRead for GuestStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if !this.chunk.is_empty() {
+                let n = buf.remaining().min(this.chunk.len());
+                buf.put_slice(&this.chunk.split_to(n));
+                this.consumed(n);
+                return Poll::Ready(Ok(()));
+            }
+            if this.read_done {
+                return Poll::Ready(match &this.read_error {
+                    Some((kind, message)) => Err(std::io::Error::new(*kind, message.clone())),
+                    None => Ok(()),
+                });
+            }
+            match std::task::ready!(this.rx.poll_recv(cx)) {
+                Some(Ok(GuestMessage::StreamData { data, .. })) => this.chunk = Bytes::from(data),
+                Some(Ok(GuestMessage::StreamEof { .. })) => this.read_done = true,
+                Some(Ok(other)) => {
+                    let e = reply_error("guest stream", other);
+                    this.fail_read(std::io::ErrorKind::ConnectionReset, e.to_string());
+                }
+                Some(Err(e)) => {
+                    let kind = match e {
+                        ProtoError::FlowControl { .. } => std::io::ErrorKind::InvalidData,
+                        _ => std::io::ErrorKind::ConnectionAborted,
+                    };
+                    this.fail_read(kind, e.to_string());
+                }
+                None => {
+                    let e = this.client.inner.disconnected();
+                    this.fail_read(std::io::ErrorKind::ConnectionAborted, e.to_string());
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for GuestStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        if this.write_closed {
+            return Poll::Ready(Err(this.broken("is shut down for writing")));
+        }
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if this.held == 0 {
+            // Closed when the stream failed or the connection ended.
+            match std::task::ready!(this.credit.poll_acquire(cx)) {
+                Some(permit) => permit.forget(),
+                None => return Poll::Ready(Err(this.broken("is closed"))),
+            }
+            this.held = 1;
+            let want = buf.len().min(STREAM_CHUNK_LEN) - 1;
+            let extra = want.min(this.credit.available_permits());
+            if extra > 0
+                // extra <= STREAM_CHUNK_LEN, fits u32.
+                && let Ok(permit) = this.credit.clone_inner().try_acquire_many(extra as u32)
+            {
+                permit.forget();
+                this.held += extra;
+            }
+        }
+        if std::task::ready!(this.tx.poll_reserve(cx)).is_err() {
+            return Poll::Ready(Err(this.broken("lost its agent connection")));
+        }
+        let n = this.held.min(buf.len()).min(STREAM_CHUNK_LEN);
+        let frame = encode_frame(&HostMessage::StreamData {
+            id: this.id,
+            data: buf[..n].to_vec(),
+        })
+        .map_err(std::io::Error::other)?;
+        if this.tx.send_item(frame).is_err() {
+            return Poll::Ready(Err(this.broken("lost its agent connection")));
+        }
+        this.held -= n;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        // Written data is queued to the connection's writer, which sends it in order.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.write_closed {
+            return Poll::Ready(Ok(()));
+        }
+        if std::task::ready!(this.tx.poll_reserve(cx)).is_err() {
+            return Poll::Ready(Err(this.broken("lost its agent connection")));
+        }
+        let frame =
+            encode_frame(&HostMessage::StreamEof { id: this.id }).map_err(std::io::Error::other)?;
+        if this.tx.send_item(frame).is_err() {
+            return Poll::Ready(Err(this.broken("lost its agent connection")));
+        }
+        this.write_closed = true;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for GuestStream {
+    fn drop(&mut self) {
+        // Cancel behind the queued data when there is room, so data written before the
+        // drop still reaches the guest; the guard's Cancel (control queue) is the fallback.
+        if self.guard.cancel_on_drop
+            && let Ok(frame) = encode_frame(&HostMessage::Cancel { id: self.id })
+            && self.client.inner.data_tx.try_send(frame).is_ok()
+        {
+            self.guard.cancel_on_drop = false;
+        }
     }
 }

@@ -60,13 +60,47 @@ pub enum ProtoError {
         /// Pid of the new agent.
         pid: u32,
     },
-    /// The agent speaks another protocol version.
-    #[error("agent protocol version {agent} is incompatible with host version {host}")]
+    /// The agent speaks a newer protocol version than this host.
+    #[error(
+        "agent protocol version {agent} is newer than this host's version {host}; upgrade atelier on the host"
+    )]
     IncompatibleVersion {
         /// Version the agent announced.
         agent: u32,
         /// Our version.
         host: u32,
+    },
+    /// The agent's protocol version is older than the oldest this host serves: the
+    /// image, template or prebuild the sandbox came from must be rebuilt.
+    #[error(
+        "agent protocol version {agent} is older than the oldest this host serves ({min}); rebuild the image, template or prebuild the sandbox was made from"
+    )]
+    AgentTooOld {
+        /// Version the agent announced.
+        agent: u32,
+        /// Oldest version served ([`crate::MIN_AGENT_PROTOCOL_VERSION`]).
+        min: u32,
+    },
+    /// The agent does not serve a capability the operation needs (an older agent,
+    /// e.g. one frozen in a prebuild snapshot); nothing was sent to it.
+    #[error(
+        "{op} is not supported by the agent (protocol version {agent_version}, lacks capability {capability}); rebuild the image, template or prebuild the sandbox was made from"
+    )]
+    Unsupported {
+        /// Operation.
+        op: &'static str,
+        /// The missing capability.
+        capability: &'static str,
+        /// The agent's protocol version.
+        agent_version: u32,
+    },
+    /// Nothing listens at the address of a stream in the guest.
+    #[error("nothing listens on {addr} in the guest: {message}")]
+    ConnectionRefused {
+        /// The address the agent tried.
+        addr: std::net::SocketAddr,
+        /// The agent's message.
+        message: String,
     },
     /// An operation did not complete in time.
     #[error("{op} timed out after {after:?}")]

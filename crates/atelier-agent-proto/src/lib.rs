@@ -19,8 +19,28 @@
 //! wrap them. Network: [`HostMessage::NetConfig`] ([`NetConfig`]) sets the guest's MAC,
 //! IPv4 address, default route and name servers, after every boot and restore.
 //!
+//! TCP streams: [`HostMessage::StreamOpen`] has the agent connect to a TCP port inside
+//! the guest (`127.0.0.1:<port>` or another guest address) and relays bytes both ways
+//! over the control channel ([`HostMessage::StreamData`] / [`GuestMessage::StreamData`],
+//! half-close with `StreamEof`, close with `Cancel`). It needs no guest network card,
+//! so it works with egress `deny-all` and with no network at all.
+//! [`AgentClient::open_stream`] wraps it as a [`GuestStream`], a tokio `AsyncRead +
+//! AsyncWrite` that hyper or `copy_bidirectional` use directly.
+//!
+//! Versioning: the agent sends a [`Hello`] with its [`PROTOCOL_VERSION`] whenever it
+//! starts and when the host says hello. The version changes only when old peers would
+//! misread the wire format; new features are appended message variants announced as
+//! capabilities. An agent of version 2 or later sends [`GuestMessage::Capabilities`]
+//! right after every Hello; a version-1 agent (frozen in an old snapshot) sends none
+//! and is served its version-1 message set: a request needing a capability it lacks
+//! fails with [`ProtoError::Unsupported`] before anything is sent. An agent below
+//! [`MIN_AGENT_PROTOCOL_VERSION`] is refused with [`ProtoError::AgentTooOld`] (its
+//! image, template or prebuild must be rebuilt); one above [`PROTOCOL_VERSION`] with
+//! [`ProtoError::IncompatibleVersion`] (the host must be upgraded). The `Hello`
+//! struct's encoding never changes, so every agent's Hello stays decodable.
+//!
 //! Flow control: every byte stream (exec output, exec stdin, file chunks, PTY output
-//! and input, dev command logs) is credit-based with a window of [`STREAM_WINDOW`]
+//! and input, dev command logs, TCP streams in both directions) is credit-based with a window of [`STREAM_WINDOW`]
 //! bytes per request, so neither side buffers unboundedly and a slow consumer never
 //! blocks other requests.
 //!
@@ -37,8 +57,8 @@ pub mod message;
 pub mod net;
 
 pub use client::{
-    AgentClient, DevLogStream, ExecHandle, ExecOutput, ExecStdin, PtyReader, PtySession, PtyWriter,
-    ReadFileStream,
+    AgentClient, DevLogStream, ExecHandle, ExecOutput, ExecStdin, GuestStream, PtyReader,
+    PtySession, PtyWriter, ReadFileStream,
 };
 pub use dev::{DEV_NAME_MAX, DevSpec, DevState, DevStatus, RestartPolicy, valid_dev_name};
 pub use error::{FrameError, ProtoError};
@@ -49,8 +69,22 @@ pub use message::{
 };
 pub use net::NetConfig;
 
-/// Version of the wire protocol; a [`Hello`] with another version is refused by the host.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version of the wire protocol this crate speaks. Version 2 added
+/// [`GuestMessage::Capabilities`] after every Hello (and TCP streams as a capability).
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// Oldest agent protocol version the host still serves (with the message set of that
+/// version); an older agent is refused with [`ProtoError::AgentTooOld`].
+pub const MIN_AGENT_PROTOCOL_VERSION: u32 = 1;
+
+/// Capability: TCP streams into the guest ([`HostMessage::StreamOpen`]).
+pub const CAP_TCP_STREAM: &str = "tcp-stream";
+
+/// Every capability this crate's agent serves, in the order it announces them.
+pub const CAPABILITIES: &[&str] = &[CAP_TCP_STREAM];
+
+/// Largest data payload of one TCP stream frame.
+pub const STREAM_CHUNK_LEN: usize = 64 * 1024;
 
 /// Name of the virtio-serial port the agent listens on (`virtserialport,name=...`).
 pub const PORT_NAME: &str = "org.atelier.agent.0";

@@ -1,7 +1,13 @@
 //! The message schema. Variant order is part of the wire format (postcard encodes
 //! enum variants by index): append new variants at the end and bump
-//! [`crate::PROTOCOL_VERSION`] for incompatible changes. The snapshot test at the
-//! bottom freezes the encoding of every message.
+//! [`crate::PROTOCOL_VERSION`] for incompatible changes. A new feature is announced
+//! as a capability in [`GuestMessage::Capabilities`] (see [`crate::CAPABILITIES`]) and
+//! the client checks it before sending the new messages, so agents frozen in older
+//! snapshots never receive a variant they cannot decode. [`Hello`] must never change:
+//! every agent ever built sends it. The snapshot test at the bottom freezes the
+//! encoding of every message.
+
+use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
@@ -94,6 +100,10 @@ pub enum ErrorKind {
     Unsupported,
     /// A bug or unexpected condition in the agent.
     Internal,
+    /// Nothing accepts connections at the address a `StreamOpen` named.
+    ConnectionRefused,
+    /// An operation in the guest did not complete in time (e.g. a stream's connect).
+    TimedOut,
 }
 
 impl ErrorKind {
@@ -105,6 +115,8 @@ impl ErrorKind {
             std::io::ErrorKind::AlreadyExists => Self::AlreadyExists,
             std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData => Self::Invalid,
             std::io::ErrorKind::Unsupported => Self::Unsupported,
+            std::io::ErrorKind::ConnectionRefused => Self::ConnectionRefused,
+            std::io::ErrorKind::TimedOut => Self::TimedOut,
             _ => Self::Io,
         }
     }
@@ -459,6 +471,36 @@ pub enum HostMessage {
         /// The configuration.
         cfg: NetConfig,
     },
+    /// Opens a TCP connection from the agent to `ip:port` in the guest (capability
+    /// [`crate::CAP_TCP_STREAM`]); answered by [`GuestMessage::StreamOpened`], or by
+    /// `Error` (`ConnectionRefused` when nothing listens, `TimedOut` after
+    /// `connect_timeout_ms`). Data then flows both ways as `StreamData`, each direction
+    /// under its own credit window; `Cancel` closes the connection.
+    StreamOpen {
+        /// Request id (the stream's id from now on).
+        id: u64,
+        /// Address in the guest, usually `127.0.0.1`.
+        ip: IpAddr,
+        /// TCP port.
+        port: u16,
+        /// The agent gives up connecting after this many milliseconds.
+        connect_timeout_ms: u32,
+    },
+    /// Bytes for stream `id`, written to the guest socket in order (needs a credit;
+    /// the agent returns [`GuestMessage::Credit`] once they are written).
+    StreamData {
+        /// Stream id.
+        id: u64,
+        /// The bytes.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// The host sends no more data on stream `id`: the agent shuts down the write
+    /// side of the guest socket after the data before it (half-close).
+    StreamEof {
+        /// Stream id.
+        id: u64,
+    },
 }
 
 /// Messages from the guest agent to the host.
@@ -551,6 +593,33 @@ pub enum GuestMessage {
         /// Log bytes, as the command wrote them.
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
+    },
+    /// The optional features this agent serves ([`crate::CAP_TCP_STREAM`], ...). Agents
+    /// of protocol version 2 and later send it right after every [`Hello`]; an agent
+    /// of version 1 never does and serves none of them.
+    Capabilities {
+        /// Capability names.
+        caps: Vec<String>,
+    },
+    /// Stream `id` is connected; data may flow.
+    StreamOpened {
+        /// Stream id.
+        id: u64,
+    },
+    /// Bytes the guest socket of stream `id` delivered (needs a credit: the agent
+    /// never reads more from the socket than the host granted).
+    StreamData {
+        /// Stream id.
+        id: u64,
+        /// The bytes.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// The guest socket of stream `id` reached end of file (the service closed or
+    /// half-closed it); data from the host may still flow the other way.
+    StreamEof {
+        /// Stream id.
+        id: u64,
     },
 }
 
@@ -663,6 +732,23 @@ mod tests {
                     hostname: Some("sbx".into()),
                 },
             },
+            HostMessage::StreamOpen {
+                id: 17,
+                ip: IpAddr::from([127, 0, 0, 1]),
+                port: 4096,
+                connect_timeout_ms: 10_000,
+            },
+            HostMessage::StreamOpen {
+                id: 18,
+                ip: IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+                port: 22,
+                connect_timeout_ms: 1,
+            },
+            HostMessage::StreamData {
+                id: 17,
+                data: b"GET /".to_vec(),
+            },
+            HostMessage::StreamEof { id: 17 },
         ]
     }
 
@@ -813,12 +899,33 @@ mod tests {
                 id: 15,
                 data: b"listening\n".to_vec(),
             },
+            GuestMessage::Capabilities {
+                caps: vec!["tcp-stream".into()],
+            },
+            GuestMessage::StreamOpened { id: 17 },
+            GuestMessage::StreamData {
+                id: 17,
+                data: b"HTTP/1.1".to_vec(),
+            },
+            GuestMessage::StreamEof { id: 17 },
+            GuestMessage::Error {
+                id: 18,
+                kind: ErrorKind::ConnectionRefused,
+                message: "r".into(),
+            },
+            GuestMessage::Error {
+                id: 18,
+                kind: ErrorKind::TimedOut,
+                message: "t".into(),
+            },
         ]
     }
 
     /// Frozen encodings, one per sample, in order. A failure here means the wire
     /// format changed: if intended, review compatibility, bump PROTOCOL_VERSION when
-    /// old peers would misread it, and update the strings.
+    /// old peers would misread it, and update the strings. Existing strings must never
+    /// change: agents frozen in snapshots keep sending (and expecting) them; the first
+    /// guest string is the Hello every agent version sends.
     const HOST_SNAPSHOT: &[&str] = &[
         "0001",
         "0101",
@@ -847,6 +954,11 @@ mod tests {
         "130e",
         "140f03776562018020",
         "151002a7000000010a000002180a000001020a000001010101010103736278",
+        // TCP streams, protocol version 2 (appended; earlier encodings unchanged).
+        "1611007f0000018020904e",
+        "161201000000000000000000000000000000011601",
+        "171105474554202f",
+        "1811",
     ];
     const GUEST_SNAPSHOT: &[&str] = &[
         "000105302e312e3004623030742a",
@@ -874,6 +986,14 @@ mod tests {
         "0b0e0401730163000200000102000001730163000300000102000001730163000400000102000001730163\
          0005000001020000",
         "0c0f0a6c697374656e696e670a",
+        // Capabilities and TCP streams, protocol version 2 (appended; earlier
+        // encodings, the version-1 Hello above included, unchanged).
+        "0d010a7463702d73747265616d",
+        "0e11",
+        "0f1108485454502f312e31",
+        "1011",
+        "0912070172",
+        "0912080174",
     ];
 
     fn encode_all<T: Serialize>(msgs: &[T]) -> Vec<String> {
@@ -914,7 +1034,7 @@ mod tests {
     #[test]
     fn samples_cover_every_variant() {
         // Exhaustive matches: adding a variant without a sample fails to compile.
-        let mut host_seen = [false; 22];
+        let mut host_seen = [false; 25];
         for m in host_samples() {
             let i = match m {
                 HostMessage::Hello { .. } => 0,
@@ -939,11 +1059,14 @@ mod tests {
                 HostMessage::DevList { .. } => 19,
                 HostMessage::DevLogs { .. } => 20,
                 HostMessage::NetConfig { .. } => 21,
+                HostMessage::StreamOpen { .. } => 22,
+                HostMessage::StreamData { .. } => 23,
+                HostMessage::StreamEof { .. } => 24,
             };
             host_seen[i] = true;
         }
         assert!(host_seen.iter().all(|s| *s));
-        let mut guest_seen = [false; 23];
+        let mut guest_seen = [false; 27];
         for m in guest_samples() {
             let i = match m {
                 GuestMessage::Hello(_) => 0,
@@ -967,7 +1090,9 @@ mod tests {
                     | ErrorKind::Invalid
                     | ErrorKind::Io
                     | ErrorKind::Unsupported
-                    | ErrorKind::Internal => 12,
+                    | ErrorKind::Internal
+                    | ErrorKind::ConnectionRefused
+                    | ErrorKind::TimedOut => 12,
                 },
                 GuestMessage::Pty { event, .. } => match event {
                     PtyEvent::Started { .. } => 13,
@@ -989,6 +1114,10 @@ mod tests {
                     continue;
                 }
                 GuestMessage::DevLog { .. } => 22,
+                GuestMessage::Capabilities { .. } => 23,
+                GuestMessage::StreamOpened { .. } => 24,
+                GuestMessage::StreamData { .. } => 25,
+                GuestMessage::StreamEof { .. } => 26,
             };
             guest_seen[i] = true;
         }
@@ -1005,12 +1134,14 @@ mod tests {
             ErrorKind::Io,
             ErrorKind::Unsupported,
             ErrorKind::Internal,
+            ErrorKind::ConnectionRefused,
+            ErrorKind::TimedOut,
         ];
         let enc: Vec<u8> = kinds
             .iter()
             .flat_map(|k| postcard::to_stdvec(k).expect("encode"))
             .collect();
-        assert_eq!(enc, vec![0, 1, 2, 3, 4, 5, 6]);
+        assert_eq!(enc, vec![0, 1, 2, 3, 4, 5, 6, 7, 8]);
     }
 
     #[test]

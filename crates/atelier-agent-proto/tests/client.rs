@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use atelier_agent_proto::frame::{FRAME_MAGIC, FrameReader};
 use atelier_agent_proto::{
-    AgentClient, ExecEvent, ExecRequest, GuestMessage, Hello, HostMessage, MAX_FRAME_LEN,
-    PROTOCOL_VERSION, ProtoError, STREAM_WINDOW, encode_frame,
+    AgentClient, CAP_TCP_STREAM, ExecEvent, ExecRequest, GuestMessage, Hello, HostMessage,
+    MAX_FRAME_LEN, PROTOCOL_VERSION, ProtoError, STREAM_WINDOW, encode_frame,
 };
 use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::UnixStream;
@@ -25,6 +25,15 @@ impl FakeGuest {
 
     async fn raw(&mut self, bytes: &[u8]) {
         self.writer.write_all(bytes).await.expect("write");
+    }
+
+    /// Announces a current agent: Hello, then its capabilities.
+    async fn announce(&mut self, pid: u32) {
+        self.send(&hello(pid)).await;
+        self.send(&GuestMessage::Capabilities {
+            caps: vec![CAP_TCP_STREAM.into()],
+        })
+        .await;
     }
 
     /// Next host message other than the host Hello.
@@ -81,7 +90,7 @@ async fn garbage_and_oversize_frames_neither_panic_nor_hang() {
     bad.extend(4u32.to_le_bytes());
     bad.extend([0xEE, 0xEE, 0xEE, 0xEE]);
     guest.raw(&bad).await;
-    guest.send(&hello(10)).await;
+    guest.announce(10).await;
     let h = client.wait_ready(T).await.expect("hello after garbage");
     assert_eq!(h.pid, 10);
     assert!(
@@ -110,7 +119,7 @@ async fn hello_before_or_after_wait_ready_and_version_check() {
         async move { client.wait_ready(T).await }
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
-    guest.send(&hello(1)).await;
+    guest.announce(1).await;
     assert_eq!(waiter.await.expect("join").expect("ready").pid, 1);
     // Already seen: returns at once.
     assert_eq!(
@@ -122,7 +131,7 @@ async fn hello_before_or_after_wait_ready_and_version_check() {
         1
     );
     // Same agent re-announcing is not a restart.
-    guest.send(&hello(1)).await;
+    guest.announce(1).await;
     client.ping(Duration::from_millis(1)).await.ok();
     assert_eq!(client.restarts(), 0);
 
@@ -161,7 +170,7 @@ async fn hello_before_or_after_wait_ready_and_version_check() {
 #[tokio::test]
 async fn new_hello_fails_outstanding_requests() {
     let (client, mut guest) = pair();
-    guest.send(&hello(1)).await;
+    guest.announce(1).await;
     client.wait_ready(T).await.expect("ready");
     let mut exec = client
         .exec(ExecRequest::new(["sleep", "9"]))
@@ -185,7 +194,7 @@ async fn new_hello_fails_outstanding_requests() {
         exec.next_event().await,
         Some(Ok(ExecEvent::Started { pid: 5 }))
     ));
-    guest.send(&hello(2)).await;
+    guest.announce(2).await;
     let err = exec
         .next_event()
         .await
@@ -208,7 +217,7 @@ async fn new_hello_fails_outstanding_requests() {
 #[tokio::test]
 async fn socket_close_fails_everything_and_reports_disconnected() {
     let (client, mut guest) = pair();
-    guest.send(&hello(1)).await;
+    guest.announce(1).await;
     client.wait_ready(T).await.expect("ready");
     let ping = tokio::spawn({
         let client = client.clone();
@@ -228,7 +237,7 @@ async fn socket_close_fails_everything_and_reports_disconnected() {
 #[tokio::test]
 async fn guest_overrunning_the_window_fails_only_that_stream() {
     let (client, mut guest) = pair();
-    guest.send(&hello(1)).await;
+    guest.announce(1).await;
     client.wait_ready(T).await.expect("ready");
     let mut exec = client.exec(ExecRequest::new(["yes"])).await.expect("exec");
     let HostMessage::Exec { id, .. } = guest.recv().await else {
@@ -278,7 +287,7 @@ async fn guest_overrunning_the_window_fails_only_that_stream() {
 #[tokio::test]
 async fn consumer_credits_and_early_upload_error() {
     let (client, mut guest) = pair();
-    guest.send(&hello(1)).await;
+    guest.announce(1).await;
     client.wait_ready(T).await.expect("ready");
     // Upload: the guest rejects it at once; the client must stop and report it.
     let upload = tokio::spawn({

@@ -5,7 +5,7 @@
 //! and powers off cleanly on SIGTERM/SIGINT. The worker serves the control channel
 //! (`atelier-agent-proto`) on the virtio-serial port named [`PORT_NAME`]: exec, files,
 //! interactive PTY sessions (`pty`), supervised dev commands (`dev`, `devlog`), the
-//! guest's network setup (`net`), metrics, shutdown.
+//! guest's network setup (`net`), TCP streams to guest ports (`tcp`), metrics, shutdown.
 //!
 //! Build (static, no NSS/dlopen; `ldd` reports "statically linked"):
 //! `RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target x86_64-unknown-linux-gnu -p atelier-agent`
@@ -29,6 +29,7 @@ mod paths;
 mod pty;
 mod serve;
 mod sys;
+mod tcp;
 mod transport;
 
 use std::path::PathBuf;

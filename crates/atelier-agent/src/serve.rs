@@ -12,12 +12,13 @@ use std::time::Duration;
 
 use atelier_agent_proto::frame::SYNC_PREAMBLE_LEN;
 use atelier_agent_proto::{
-    ErrorKind, FrameDecoder, GuestMessage, Hello, HostMessage, NO_REQUEST, PROTOCOL_VERSION,
-    encode_frame,
+    CAPABILITIES, ErrorKind, FrameDecoder, GuestMessage, Hello, HostMessage, NO_REQUEST,
+    PROTOCOL_VERSION, encode_frame,
 };
 use tokio::sync::{Notify, Semaphore, mpsc};
 
 use crate::paths::Paths;
+use crate::tcp::{self, TcpCtl, TcpMsg};
 use crate::transport::{Endpoint, Incoming, Transport};
 use crate::{dev, devlog, exec, files, metrics, net, pty, sys};
 
@@ -75,6 +76,8 @@ pub enum Stream {
     Pty(PtyCtl),
     /// A dev command's log.
     DevLog(DevLogCtl),
+    /// A TCP connection inside the guest.
+    Tcp(TcpCtl),
 }
 
 /// Shared state of the worker.
@@ -101,6 +104,13 @@ impl Agent {
         }
     }
 
+    /// Announces this agent: its Hello, then its capabilities (protocol version 2+).
+    async fn send_hello(&self) {
+        self.send(GuestMessage::Hello(self.hello.clone())).await;
+        let caps = CAPABILITIES.iter().map(|c| (*c).to_owned()).collect();
+        self.send(GuestMessage::Capabilities { caps }).await;
+    }
+
     /// Reports a failed request.
     pub async fn send_error(&self, id: u64, kind: ErrorKind, message: String) {
         self.send(GuestMessage::Error { id, kind, message }).await;
@@ -122,7 +132,7 @@ impl Agent {
                 if version != PROTOCOL_VERSION {
                     log!("host speaks protocol version {version}, we speak {PROTOCOL_VERSION}");
                 }
-                self.send(GuestMessage::Hello(self.hello.clone())).await;
+                self.send_hello().await;
             }
             HostMessage::Ping { id } => self.send(GuestMessage::Pong { id }).await,
             HostMessage::Exec { id, req } => exec::start(self.clone(), id, req),
@@ -168,6 +178,7 @@ impl Agent {
                         ctl.credit.close();
                         ctl.cancel.notify_one();
                     }
+                    Some(Stream::Tcp(ctl)) => tcp::cancel(ctl),
                     None => {}
                 }
             }
@@ -175,9 +186,8 @@ impl Agent {
                 Some(Stream::Exec(ExecCtl { credit, .. }))
                 | Some(Stream::Read(credit))
                 | Some(Stream::Pty(PtyCtl { credit, .. }))
-                | Some(Stream::DevLog(DevLogCtl { credit, .. })) => {
-                    credit.add_permits(bytes as usize)
-                }
+                | Some(Stream::DevLog(DevLogCtl { credit, .. }))
+                | Some(Stream::Tcp(TcpCtl { credit, .. })) => credit.add_permits(bytes as usize),
                 _ => {}
             },
             HostMessage::WriteFile { id, path, mode } => {
@@ -276,6 +286,14 @@ impl Agent {
                 follow,
                 tail_bytes,
             } => devlog::start(self.clone(), id, name, follow, tail_bytes),
+            HostMessage::StreamOpen {
+                id,
+                ip,
+                port,
+                connect_timeout_ms,
+            } => tcp::start(self.clone(), id, ip, port, connect_timeout_ms),
+            HostMessage::StreamData { id, data } => tcp::data(self, id, TcpMsg::Data(data)).await,
+            HostMessage::StreamEof { id } => tcp::data(self, id, TcpMsg::Eof).await,
             HostMessage::NetConfig { id, cfg } => {
                 let agent = self.clone();
                 tokio::spawn(async move {
@@ -354,7 +372,7 @@ async fn serve(transport: Transport) {
     });
     // Flush a frame a previous agent may have torn, then announce ourselves.
     let _ = agent.out.send(vec![0; SYNC_PREAMBLE_LEN]).await;
-    agent.send(GuestMessage::Hello(agent.hello.clone())).await;
+    agent.send_hello().await;
     log!("ready");
     let mut decoder = FrameDecoder::new();
     while let Some(item) = incoming.recv().await {

@@ -21,6 +21,7 @@ use atelier_vmm::{
 use tokio::sync::{Mutex, OnceCell, OwnedMutexGuard};
 
 use crate::Error;
+use crate::guest_stream::{AgentSource, protocol_mismatch};
 
 /// Journal kind: a sandbox's directory (run files and console log).
 pub const RES_DIR: &str = "dir";
@@ -635,13 +636,21 @@ impl Manager {
             Accel::Tcg => Duration::from_secs(240),
         };
         let mut exited = process.exit_watch();
+        let source = match &spawn {
+            Some(w) => AgentSource::Prebuild(&w.spec.name),
+            None => AgentSource::Image(&image.manifest.name),
+        };
         let ready = tokio::select! {
-            r = agent.wait_ready(timeout) => r.map_err(|e| e.to_string()),
-            _ = exited.wait_for(|e| *e) => Err("the VM exited".to_owned()),
+            r = agent.wait_ready(timeout) => r.map_err(|e| {
+                // An agent this manager cannot serve: say what to rebuild.
+                protocol_mismatch(&e, &rec.name, source).ok_or_else(|| e.to_string())
+            }),
+            _ = exited.wait_for(|e| *e) => Err(Err("the VM exited".to_owned())),
         };
         let hello: Hello = match ready {
             Ok(h) => h,
-            Err(why) => {
+            Err(Ok(mismatch)) => return Err(mismatch),
+            Err(Err(why)) => {
                 // A guest that powers off during boot closes the agent socket first;
                 // give the VMM a moment so the error says what really happened.
                 if process.wait_exit(Duration::from_secs(2)).await {
@@ -836,6 +845,13 @@ impl Manager {
         };
         if let Err(e) = agent.wait_ready(timeout).await {
             let _ = process.kill().await;
+            // Restores from templates and prebuilds fall back to a cold boot, which
+            // names what to rebuild; a fork or resume has only this saved state.
+            if what != "restored"
+                && let Some(mismatch) = protocol_mismatch(&e, id.as_str(), AgentSource::SavedState)
+            {
+                return Err(mismatch);
+            }
             return Err(
                 Error::unavailable(format!("the {what} agent did not answer")).with_source(e),
             );
@@ -1113,6 +1129,7 @@ impl Manager {
                         ErrorKind::Invalid
                     }
                     K::Io | K::Internal => ErrorKind::Internal,
+                    K::ConnectionRefused | K::TimedOut => ErrorKind::Unavailable,
                 };
                 Error::new(k, text)
             }
