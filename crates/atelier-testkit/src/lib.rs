@@ -10,6 +10,7 @@
 //! - [`poll`]: [`poll_until`], waiting with a deadline and a message naming what was
 //!   awaited (tests never sleep to synchronise).
 //! - [`process`]: liveness and process groups from `/proc`.
+//! - [`upstream`]: an upstream HTTP server and deterministic payloads for proxy tests.
 //!
 //! Helpers panic with a message saying what failed: they run inside tests.
 
@@ -19,6 +20,7 @@ pub mod model;
 pub mod poll;
 pub mod process;
 pub mod public;
+pub mod upstream;
 
 pub use dns::StaticDns;
 pub use manager::{NetSlot, Server, atelier_bin, free_port, http_ok, images_dir};
