@@ -193,7 +193,7 @@ pub enum RequestKind {
 pub struct ModelRequest {
     /// When it arrived.
     pub at: Instant,
-    /// Request path.
+    /// Request path (`{base}/chat/completions`).
     pub path: String,
     /// How it was classified.
     pub kind: RequestKind,
@@ -246,6 +246,8 @@ fn content_text(content: &Value) -> String {
 }
 
 struct Shared {
+    /// The path prefix served under.
+    base: String,
     script: Mutex<Script>,
     /// Requests served so far per error turn (by script index).
     errors_served: Mutex<HashMap<usize, usize>>,
@@ -282,6 +284,7 @@ impl ModelServer {
         let base = base.trim_end_matches('/').to_owned();
         let (count, _) = watch::channel(0);
         let shared = Arc::new(Shared {
+            base: base.clone(),
             script: Mutex::new(script),
             errors_served: Mutex::default(),
             requests: Mutex::default(),
@@ -398,7 +401,7 @@ async fn chat(State(st): State<Arc<Shared>>, body: Bytes) -> Response {
     let prompt_chars = serde_json::to_string(&body["messages"]).map_or(0, |s| s.len());
     lock(&st.requests).push(ModelRequest {
         at: Instant::now(),
-        path: "/chat/completions".into(),
+        path: format!("{}/chat/completions", st.base),
         kind,
         stream,
         body,

@@ -179,6 +179,7 @@ async fn tool_call_turn_then_final_answer_streamed() {
     assert_eq!(seen[0].kind, RequestKind::Step(0));
     assert_eq!(seen[1].kind, RequestKind::Step(1));
     assert!(seen[0].stream);
+    assert_eq!(seen[0].path, "/v1/chat/completions");
     assert_eq!(seen[0].last_user_text().as_deref(), Some("run echo hi"));
     assert_eq!(seen[0].tool_names(), ["bash"]);
     assert_eq!(seen[1].tool_results(), ["hi\n"]);
