@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Installs Atelier on a fresh Debian 12 host and runs the manager in the foreground:
-# host packages, the `atelier` binary, the static guest agent, Swagger UI, the
+# host packages, the `atelier` and `atelier-bench` binaries, the static guest agent, Swagger UI, the
 # default `minimal` image; then `atelier serve` (embedded SQLite in /var/lib/atelier).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
-echo "==> building atelier (release)"
-cargo build --release --locked -p atelier
+echo "==> building atelier and atelier-bench (release)"
+cargo build --release --locked -p atelier -p atelier-bench
 agent=$(bash scripts/build-agent.sh)
 install -D -m 0755 target/release/atelier /usr/local/bin/atelier
+# `atelier bench` runs the benchmarks binary found beside `atelier`.
+install -D -m 0755 target/release/atelier-bench /usr/local/bin/atelier-bench
 install -D -m 0755 "$agent" /usr/local/lib/atelier/atelier-agent
 if command -v npm >/dev/null && [ ! -f /usr/local/share/atelier/swagger-ui/swagger-ui-bundle.js ]; then
   echo "==> installing Swagger UI (npm swagger-ui-dist)"

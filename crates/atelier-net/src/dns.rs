@@ -257,8 +257,8 @@ pub fn upstreams_from_resolv_conf(text: &str) -> Vec<SocketAddr> {
 }
 
 /// Binds UDP and TCP on the same address; with port 0, retries until one ephemeral
-/// port is free for both.
-pub(crate) async fn bind_udp_and_tcp(listen: SocketAddr) -> io::Result<(UdpSocket, TcpListener)> {
+/// port is free for both (also used by the test kit's static DNS server).
+pub async fn bind_udp_and_tcp(listen: SocketAddr) -> io::Result<(UdpSocket, TcpListener)> {
     let context = |what: &str, e: io::Error| {
         io::Error::new(e.kind(), format!("binding DNS {what} on {listen}: {e}"))
     };

@@ -6,8 +6,6 @@ mod config;
 pub mod dns;
 mod host;
 mod nft;
-#[cfg(feature = "testing")]
-pub mod testing;
 
 pub use config::{DEFAULT_BLOCKED, NetConfig, mac_for, tap_name};
 pub use host::Links;

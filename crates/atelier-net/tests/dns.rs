@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use atelier_core::EgressPolicy;
 use atelier_net::dns::{DnsForwarder, DnsForwarderHandle, EgressHooks};
-use atelier_net::testing::{STATIC_TTL, StaticDns};
+use atelier_testkit::dns::{STATIC_TTL, StaticDns};
 use futures::future::BoxFuture;
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};

@@ -1,4 +1,4 @@
-//! Client subcommands: `sandbox …`, `image …`, `status`, `bench`.
+//! Client subcommands: `sandbox …`, `image …`, `status`.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -10,7 +10,7 @@ use atelier_core::ErrorKind;
 use atelier_server::api::{ExecBody, ExecEventView, SandboxView, StatusView};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use clap::{Args, Subcommand};
+use clap::Subcommand;
 use futures::StreamExt;
 use reqwest::Method;
 use serde_json::json;
@@ -158,23 +158,6 @@ pub enum ImageCmd {
     List,
 }
 
-/// `atelier bench` options.
-#[derive(Args, Debug)]
-pub struct BenchArgs {
-    /// Image to boot.
-    #[arg(long, default_value = "minimal")]
-    pub image: String,
-    /// Sandboxes booted at once for the RSS figure.
-    #[arg(long, default_value_t = 3)]
-    pub idle: usize,
-    /// Exec round trips to time.
-    #[arg(long, default_value_t = 200)]
-    pub execs: usize,
-    /// Megabytes to transfer each way.
-    #[arg(long, default_value_t = 64)]
-    pub transfer_mib: usize,
-}
-
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -220,17 +203,7 @@ fn state_str(s: &SandboxView) -> String {
         .unwrap_or_default()
 }
 
-/// Percent-encodes a path segment or query value.
-pub(crate) fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
+pub(crate) use atelier_client::enc;
 
 /// Runs a `sandbox` subcommand.
 pub async fn sandbox(g: &Global, cmd: SandboxCmd) -> anyhow::Result<u8> {
@@ -736,11 +709,6 @@ pub async fn status(g: &Global) -> anyhow::Result<u8> {
     );
     println!("data dir:  {}", s.data_dir);
     Ok(0)
-}
-
-/// `atelier bench`.
-pub async fn bench(g: &Global, args: BenchArgs) -> anyhow::Result<u8> {
-    crate::bench::run(g, args).await
 }
 
 /// `atelier tls …`

@@ -1,14 +1,14 @@
 //! `atelier`: the single host binary. `atelier serve` runs the manager; every other
 //! subcommand is a thin client of its REST API (plus a few local host tasks: image
-//! builds, `doctor`, `bench`). The logic lives in the library crates.
+//! builds, `doctor`). The logic lives in the library crates; the benchmarks live in
+//! the `atelier-bench` binary (`atelier bench` forwards to it).
 
-mod bench;
-mod bench_prebuild;
 mod client;
 mod commands;
 mod dev;
 mod doctor;
 mod events;
+mod forward;
 mod prebuild;
 mod serve;
 mod shell;
@@ -92,10 +92,14 @@ enum Command {
     Status,
     /// Check this host: KVM, QEMU, storage pool, tools, free space; says how to fix what is missing.
     Doctor,
-    /// Measure boot, clone, exec and transfer speed against a running manager; prints ratios.
-    Bench(commands::BenchArgs),
-    /// Measure spawning from a prebuild against bare QEMU and a cold boot; prints ratios.
-    BenchPrebuild(bench_prebuild::Args),
+    /// Measure boot, clone, exec and transfer speed against a running manager; prints
+    /// ratios (runs `atelier-bench bench`).
+    #[command(disable_help_flag = true)]
+    Bench(forward::Forward),
+    /// Measure spawning from a prebuild against bare QEMU and a cold boot; prints ratios
+    /// (runs `atelier-bench bench-prebuild`).
+    #[command(disable_help_flag = true)]
+    BenchPrebuild(forward::Forward),
 }
 
 impl Global {
@@ -146,8 +150,8 @@ fn main() -> ExitCode {
             Command::Events(args) => events::run(&cli.global, args).await,
             Command::Status => commands::status(&cli.global).await,
             Command::Doctor => doctor::run(&cli.global).await,
-            Command::Bench(args) => commands::bench(&cli.global, args).await,
-            Command::BenchPrebuild(args) => bench_prebuild::run(&cli.global, args).await,
+            Command::Bench(args) => forward::exec(&cli.global, "bench", args),
+            Command::BenchPrebuild(args) => forward::exec(&cli.global, "bench-prebuild", args),
         }
     });
     // A terminal session may leave a blocking stdin read behind; do not wait for it.

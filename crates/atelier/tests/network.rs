@@ -48,7 +48,7 @@ fn egress_policies_nat_deny_and_allow_list() {
     let a: std::net::Ipv4Addr = pubnet.ip_a.parse().unwrap();
     let b: std::net::Ipv4Addr = pubnet.ip_b.parse().unwrap();
     let dns = rt
-        .block_on(atelier_net::testing::StaticDns::spawn(
+        .block_on(atelier_testkit::StaticDns::spawn(
             "127.0.0.1:0".parse().unwrap(),
             vec![
                 ("allowed.test".into(), a),

@@ -7,126 +7,13 @@ mod common;
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{PublicNet, Server};
+use common::{GitServer, PublicNet, Server, git};
 
 fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("not json ({e}): {s}"))
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@example.test",
-            "-c",
-            "init.defaultBranch=main",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-/// A bare repo `demo.git` served by `git daemon` inside the public namespace, and
-/// a work tree on the host that pushes to it.
-struct GitServer {
-    _dir: tempfile::TempDir,
-    work: std::path::PathBuf,
-    daemon: Child,
-    url: String,
-}
-
-impl GitServer {
-    fn start(net: &PublicNet) -> GitServer {
-        let dir = tempfile::tempdir().unwrap();
-        let bare = dir.path().join("demo.git");
-        let work = dir.path().join("work");
-        std::fs::create_dir_all(&work).unwrap();
-        git(
-            dir.path(),
-            &["init", "-q", "--bare", bare.to_str().unwrap()],
-        );
-        git(&work, &["init", "-q"]);
-        std::fs::create_dir_all(work.join("pkg")).unwrap();
-        std::fs::write(
-            work.join("pkg/demo-tool"),
-            "#!/bin/sh\necho demo tool works\n",
-        )
-        .unwrap();
-        std::fs::write(work.join("hello.txt"), "v1\n").unwrap();
-        git(&work, &["add", "."]);
-        git(&work, &["commit", "-q", "-m", "v1"]);
-        git(
-            &work,
-            &["push", "-q", bare.to_str().unwrap(), "HEAD:refs/heads/main"],
-        );
-        let daemon = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &net.ns,
-                "git",
-                "daemon",
-                "--export-all",
-                "--reuseaddr",
-            ])
-            .arg(format!("--base-path={}", dir.path().display()))
-            .arg(format!("--listen={}", net.ip_a))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let url = format!("git://{}/demo.git", net.ip_a);
-        let start = Instant::now();
-        while Command::new("git")
-            .args(["ls-remote", &url])
-            .stderr(Stdio::null())
-            .output()
-            .map(|o| !o.status.success())
-            .unwrap_or(true)
-        {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "git daemon did not start"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        GitServer {
-            _dir: dir,
-            work,
-            daemon,
-            url,
-        }
-    }
-
-    fn push(&self, content: &str) -> String {
-        std::fs::write(self.work.join("hello.txt"), content).unwrap();
-        git(&self.work, &["commit", "-q", "-am", content.trim()]);
-        let bare = self.work.parent().unwrap().join("demo.git");
-        git(
-            &self.work,
-            &["push", "-q", bare.to_str().unwrap(), "HEAD:refs/heads/main"],
-        );
-        git(&self.work, &["rev-parse", "HEAD"])
-    }
-}
-
-impl Drop for GitServer {
-    fn drop(&mut self) {
-        let _ = self.daemon.kill();
-        let _ = self.daemon.wait();
-    }
 }
 
 fn set_secret(srv: &Server, name: &str, value: &str) {

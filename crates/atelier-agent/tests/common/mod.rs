@@ -213,31 +213,6 @@ pub fn agent_error(e: ProtoError) -> (ErrorKind, String) {
     }
 }
 
-/// Whether process `pid` exists and is not a zombie.
-pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name; Z is a zombie.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
-/// Live (non-zombie) processes in process group `pgid`.
-pub fn group_members(pgid: u32) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            let (_, rest) = stat.rsplit_once(')')?;
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            (fields.first() != Some(&"Z") && fields.get(2)?.parse::<u32>().ok()? == pgid)
-                .then_some(pid)
-        })
-        .collect()
-}
+// Process helpers shared with the other suites live in the test kit.
+#[allow(unused_imports)]
+pub use atelier_testkit::{alive, group_members};

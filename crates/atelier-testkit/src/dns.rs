@@ -1,6 +1,6 @@
-//! Test helpers (cargo feature `testing`): [`StaticDns`], a tiny authoritative DNS
-//! server that integration tests use as "the test's own DNS server" upstream of the
-//! forwarder, so no test ever sends a query off the machine.
+//! [`StaticDns`], a tiny authoritative DNS server that integration tests use as "the
+//! test's own DNS server" upstream of the forwarder (or of a manager, through
+//! `ATELIER_DNS_UPSTREAM`), so no test ever sends a query off the machine.
 
 use std::collections::HashMap;
 use std::io;
@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::task::JoinSet;
 use tokio::time::timeout;
 
-use crate::dns::bind_udp_and_tcp;
+use atelier_net::dns::bind_udp_and_tcp;
 
 /// TTL of every record StaticDns serves.
 pub const STATIC_TTL: u32 = 300;

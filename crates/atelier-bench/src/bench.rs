@@ -1,4 +1,4 @@
-//! `atelier bench`: measured against a running manager.
+//! `atelier-bench bench`: measured against a running manager.
 //!
 //! One run gives, with the accelerator labelled: cold create → agent-ready time, disk
 //! clone time for a 1 GiB and an 8 GiB image (and their ratio), exec round trips,
@@ -9,6 +9,8 @@
 //! `bench-<run>-…` and deleted at the end, also when a step fails or on Ctrl-C.
 //!
 //! The clone and RSS steps are local: they need the manager's data dir on this host.
+//! The clone step times its own pool in a scratch dir beside the data dir, never the
+//! manager's pool.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -28,9 +30,31 @@ use serde::Serialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use atelier_client::{Client, decode, enc, find_token};
+
 use crate::Global;
-use crate::client::{Client, decode};
-use crate::commands::{BenchArgs, enc};
+use crate::scratch::Scratch;
+
+/// `atelier-bench bench` options.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Image to boot.
+    #[arg(long, default_value = "minimal")]
+    pub image: String,
+    /// Sandboxes booted at once for the RSS figure.
+    #[arg(long, default_value_t = 3)]
+    pub idle: usize,
+    /// Exec round trips to time.
+    #[arg(long, default_value_t = 200)]
+    pub execs: usize,
+    /// Megabytes to transfer each way.
+    #[arg(long, default_value_t = 64)]
+    pub transfer_mib: usize,
+    /// Where the clone step makes its own pool (default: a fresh directory beside the
+    /// data dir, removed afterwards; never inside the data dir).
+    #[arg(long)]
+    pub scratch_dir: Option<PathBuf>,
+}
 
 /// Cold boots timed for the create → ready figure.
 const COLD_BOOTS: usize = 3;
@@ -281,7 +305,7 @@ struct Ctx<'a> {
     /// (through the proxy, with another Host).
     manager_url: String,
     token: Option<String>,
-    args: &'a BenchArgs,
+    args: &'a Args,
     /// `bench-<run>-`: every sandbox this run makes starts with it.
     prefix: String,
     data_dir: Option<PathBuf>,
@@ -289,7 +313,7 @@ struct Ctx<'a> {
 }
 
 /// Runs the benchmark.
-pub async fn run(g: &Global, args: BenchArgs) -> anyhow::Result<u8> {
+pub async fn run(g: &Global, args: Args) -> anyhow::Result<u8> {
     let started = Instant::now();
     let c = Client::new(g)?;
     let status: StatusView = c.get_json("/api/v1/status").await?;
@@ -307,7 +331,7 @@ pub async fn run(g: &Global, args: BenchArgs) -> anyhow::Result<u8> {
     let mut cx = Ctx {
         c,
         manager_url: g.url.trim_end_matches('/').to_owned(),
-        token: crate::client::find_token(g),
+        token: find_token(g),
         args: &args,
         prefix,
         data_dir,
@@ -350,10 +374,6 @@ pub async fn run(g: &Global, args: BenchArgs) -> anyhow::Result<u8> {
             .insert("run".into(), "interrupted (Ctrl-C)".into());
     }
     delete_run_sandboxes(&cx.c, &cx.prefix, progress).await;
-    if let Some(dir) = &cx.data_dir {
-        // The clone step removes its scratch files itself; this only catches an interrupt.
-        let _ = fs::remove_dir_all(scratch_dir(dir));
-    }
     cx.report.total_secs = started.elapsed().as_secs_f64();
     if g.json {
         println!("{}", serde_json::to_string_pretty(&cx.report)?);
@@ -384,7 +404,10 @@ async fn steps(cx: &mut Ctx<'_>) {
             progress(format!(
                 "[2/6] disk clones: sparse 1 GiB, 8 GiB and 8 GiB dense images, {CLONE_REPEATS} clones each"
             ));
-            let r = tokio::task::spawn_blocking(move || clone_step(&dir)).await;
+            let base = cx.args.scratch_dir.clone();
+            // On Ctrl-C the blocking step runs to its end and its scratch guard cleans
+            // up; the runtime waits for it before the process exits.
+            let r = tokio::task::spawn_blocking(move || clone_step(&dir, base.as_deref())).await;
             match r {
                 Ok(Ok(cl)) => {
                     progress(format!(
@@ -621,19 +644,6 @@ async fn restore_step(cx: &mut Ctx<'_>) -> anyhow::Result<Stats> {
     Stats::of(&took).context("no restores")
 }
 
-fn scratch_dir(data_dir: &Path) -> PathBuf {
-    data_dir.join("pool").join("bench-tmp")
-}
-
-/// Removes the scratch directory when dropped, also on error or panic.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A sparse image of `gib` GiB with 1 MiB of data written every `stride_mib` MiB;
 /// returns how many 1 MiB extents it wrote.
 fn make_sparse(path: &Path, gib: u64, stride_mib: u64, rng: &mut Rng) -> anyhow::Result<u64> {
@@ -685,12 +695,16 @@ fn full_copy(src: &Path, dest: &Path) -> anyhow::Result<(Duration, Duration)> {
     Ok((copied, t.elapsed()))
 }
 
-fn clone_step(data_dir: &Path) -> anyhow::Result<Clone> {
-    let pool = Pool::open(data_dir, BackendChoice::Auto).context("opening the storage pool")?;
-    let dir = scratch_dir(data_dir);
-    let _ = fs::remove_dir_all(&dir);
+/// Clone timings on a pool of the bench's own, opened in a scratch dir beside the
+/// manager's data dir (the same filesystem, so the same backend choice), never in the
+/// manager's pool: opening that from a second process would run its start-up sweep
+/// under the manager's feet.
+fn clone_step(data_dir: &Path, base: Option<&Path>) -> anyhow::Result<Clone> {
+    let scratch = Scratch::create(data_dir, base)?;
+    let pool = Pool::open(scratch.path(), BackendChoice::Auto)
+        .with_context(|| format!("opening a scratch pool in {}", scratch.path().display()))?;
+    let dir = pool.root().join("bench-tmp");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let _guard = Scratch(dir.clone());
     let mut rng = Rng::seeded();
     let (small_gib, large_gib) = (1, 8);
     let small = dir.join("base-1g.img");

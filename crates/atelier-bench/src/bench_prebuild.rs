@@ -1,16 +1,17 @@
-//! `atelier bench-prebuild`: spawning from a prebuild, measured against a running
+//! `atelier-bench bench-prebuild`: spawning from a prebuild, measured against a running
 //! manager.
 //!
 //! One run gives: manager spawn (create from the workspace → agent ready) against the
 //! same restore done by hand with bare QEMU (the sandbox's own VMM command line,
-//! pointed at a scratch dir and a reflinked disk), a cold prebuild (boot, clone, init,
+//! pointed at a scratch dir of the bench's own and a copy of the disk), a cold prebuild (boot, clone, init,
 //! snapshot) against the spawn, and the private and shared memory of idle sandboxes
 //! restored from one prebuild. It reports figures and ratios; it never asserts on
 //! times. Every sandbox it makes is named `bpb-<run>-…` and deleted at the end, also
 //! when a step fails or on Ctrl-C.
 //!
 //! The bare-QEMU and memory steps are local: they need the manager's data dir on this
-//! host (to read the prebuild's files and `/proc`).
+//! host (to read the prebuild's files and `/proc`). They never write there: the bare
+//! runs work in a scratch dir beside it ([`Scratch`]).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -26,9 +27,10 @@ use reqwest::Method;
 use serde::Serialize;
 use serde_json::json;
 
+use atelier_client::{Client, decode, enc};
+
 use crate::Global;
-use crate::client::{Client, decode};
-use crate::commands::enc;
+use crate::scratch::Scratch;
 
 /// Spawns timed through the manager, and bare-QEMU restores timed.
 const SPAWNS: usize = 3;
@@ -42,7 +44,7 @@ const AGENT_TIMEOUT: Duration = Duration::from_secs(240);
 const PREBUILD_TIMEOUT: Duration = Duration::from_secs(1800);
 const MIB: f64 = 1024.0;
 
-/// `atelier bench-prebuild` options.
+/// `atelier-bench bench-prebuild` options.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Workspace whose newest ready prebuild is spawned from.
@@ -51,6 +53,10 @@ pub struct Args {
     /// Idle sandboxes from the same prebuild for the memory figure.
     #[arg(long, default_value_t = 4)]
     pub sandboxes: usize,
+    /// Where the bare-QEMU runs keep their disk copies (default: a fresh directory
+    /// beside the data dir, removed afterwards; never inside the data dir).
+    #[arg(long)]
+    pub scratch_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -84,8 +90,11 @@ struct BareRun {
     restored_ms: f64,
     /// Spawn → agent Hello and a Ping answered: the figure compared.
     ready_ms: f64,
-    /// The reflink copy of the disk (not included in `ready_ms`).
+    /// The copy of the disk into the scratch dir (not included in `ready_ms`).
     disk_copy_ms: f64,
+    /// `reflink`, or `copy` when the scratch dir is on another filesystem than the
+    /// prebuild (then `disk_copy_ms` is a full sparse copy).
+    disk_copy: &'static str,
 }
 
 #[derive(Debug, Serialize)]
@@ -262,12 +271,6 @@ pub async fn run(g: &Global, args: Args) -> anyhow::Result<u8> {
             .insert("run".into(), "interrupted (Ctrl-C)".into());
     }
     crate::bench::delete_run_sandboxes(&cx.c, &cx.prefix, progress).await;
-    if let Some(dir) = &cx.data_dir {
-        // Each bare run removes its scratch dir; this only catches an interrupt.
-        for k in 1..=BARE_RUNS {
-            let _ = fs::remove_dir_all(scratch_dir(dir, &cx.prefix, k));
-        }
-    }
     cx.report.total_secs = started.elapsed().as_secs_f64();
     if g.json {
         println!("{}", serde_json::to_string_pretty(&cx.report)?);
@@ -519,11 +522,6 @@ fn run_as(args: &[String]) -> Option<(u32, u32)> {
     Some((u.parse().ok()?, g.parse().ok()?))
 }
 
-fn scratch_dir(data_dir: &Path, prefix: &str, k: usize) -> PathBuf {
-    // In the pool: the disk copy must be on the prebuild's filesystem to reflink.
-    data_dir.join("pool").join(format!("{prefix}bare{k}"))
-}
-
 async fn bare_step(cx: &mut Ctx, data_dir: &Path, sb: &str) -> anyhow::Result<Bare> {
     let (pid, args) =
         vmm_pid(data_dir, sb).with_context(|| format!("no QEMU process found for sandbox {sb}"))?;
@@ -556,18 +554,20 @@ async fn bare_step(cx: &mut Ctx, data_dir: &Path, sb: &str) -> anyhow::Result<Ba
         pb_dir.display(),
         sb
     ));
+    // Dropped at the end of the step, on error, and when Ctrl-C drops the step (after
+    // the bare QEMU, which is killed on drop).
+    let root = Scratch::create(data_dir, cx.args.scratch_dir.as_deref())?;
     let mut runs = Vec::new();
     let mut command = Vec::new();
     for k in 1..=BARE_RUNS {
-        let scratch = scratch_dir(data_dir, &cx.prefix, k);
-        let _ = fs::remove_dir_all(&scratch);
-        fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+        let scratch = root.path().join(format!("bare{k}"));
+        fs::create_dir(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
         let r = bare_run(&args, &run_dir, &scratch, &src_disk, &state, k).await;
         let _ = fs::remove_dir_all(&scratch);
         let (run, cmd) = r.with_context(|| format!("bare run {k}"))?;
         progress(format!(
-            "[3/5] bare run {k}/{BARE_RUNS}: ready {:.0} ms (qmp {:.0} ms, running {:.0} ms; disk reflink {:.1} ms before)",
-            run.ready_ms, run.qmp_ms, run.restored_ms, run.disk_copy_ms
+            "[3/5] bare run {k}/{BARE_RUNS}: ready {:.0} ms (qmp {:.0} ms, running {:.0} ms; disk {} {:.1} ms before)",
+            run.ready_ms, run.qmp_ms, run.restored_ms, run.disk_copy, run.disk_copy_ms
         ));
         runs.push(run);
         command = cmd;
@@ -602,21 +602,7 @@ async fn bare_run(
     k: usize,
 ) -> anyhow::Result<(BareRun, Vec<String>)> {
     let disk = scratch.join("disk.img");
-    let t = Instant::now();
-    let out = std::process::Command::new("cp")
-        .arg("--reflink=always")
-        .arg(src_disk)
-        .arg(&disk)
-        .output()
-        .context("running cp")?;
-    anyhow::ensure!(
-        out.status.success(),
-        "cp --reflink=always {} {}: {}",
-        src_disk.display(),
-        disk.display(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    let disk_copy = t.elapsed();
+    let (disk_copy_kind, disk_copy) = copy_disk(src_disk, &disk)?;
     let cmd = rewrite_cmdline(args, run_dir, scratch, &disk, &format!("atlbench{k}"))?;
     if let Some((uid, gid)) = run_as(&cmd) {
         for p in [scratch, disk.as_path()] {
@@ -666,12 +652,44 @@ async fn bare_run(
             restored_ms: ms(restored_at),
             ready_ms: ms(ready_at),
             disk_copy_ms: ms(disk_copy),
+            disk_copy: disk_copy_kind,
         })
     }
     .await;
     let _ = child.start_kill();
     let _ = child.wait().await;
     Ok((r?, cmd))
+}
+
+/// Copies the prebuild's disk to `dest`: a reflink when the scratch dir shares the
+/// prebuild's filesystem, else a sparse full copy. Returns which, and how long the
+/// copy that succeeded took.
+fn copy_disk(src: &Path, dest: &Path) -> anyhow::Result<(&'static str, Duration)> {
+    // GNU cp takes --reflink only with --sparse=auto.
+    let cp = |mode: &[&str]| {
+        let t = Instant::now();
+        std::process::Command::new("cp")
+            .args(mode)
+            .arg(src)
+            .arg(dest)
+            .output()
+            .map(|o| (o, t.elapsed()))
+            .context("running cp")
+    };
+    let (out, took) = cp(&["--reflink=always"])?;
+    if out.status.success() {
+        return Ok(("reflink", took));
+    }
+    let _ = fs::remove_file(dest);
+    let (out, took) = cp(&["--reflink=never", "--sparse=always"])?;
+    anyhow::ensure!(
+        out.status.success(),
+        "cp {} {}: {}",
+        src.display(),
+        dest.display(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(("copy", took))
 }
 
 /// The manager's own restore step (`x-ignore-shared` on, as for templates and
@@ -859,7 +877,7 @@ fn print_table(r: &Report) {
             format!("{:.2}×", b.manager_over_bare),
         );
         row(
-            "  … with the bare disk reflink counted",
+            "  … with the bare disk copy counted",
             String::new(),
             format!("{:.0} ms", b.ready_ms_median + b.disk_copy_ms_median),
             format!("{:.2}×", b.manager_over_bare_with_copy),
