@@ -68,8 +68,10 @@ pub enum ProtoError {
         /// Our version.
         host: u32,
     },
-    /// An operation did not complete in time.
-    #[error("{op} timed out after {after:?}")]
+    /// The agent did not answer in time (a hung or overloaded guest).
+    #[error(
+        "{op} timed out after {after:?}: the agent did not answer; the guest may be hung or overloaded"
+    )]
     Timeout {
         /// Operation.
         op: &'static str,
