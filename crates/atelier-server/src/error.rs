@@ -75,7 +75,9 @@ impl From<atelier_vmm::VmmError> for Error {
     fn from(e: atelier_vmm::VmmError) -> Self {
         let kind = match &e {
             atelier_vmm::VmmError::BinaryMissing { .. }
-            | atelier_vmm::VmmError::EarlyExit { .. } => ErrorKind::Unavailable,
+            | atelier_vmm::VmmError::EarlyExit { .. }
+            | atelier_vmm::VmmError::Timeout(..)
+            | atelier_vmm::VmmError::QmpClosed { .. } => ErrorKind::Unavailable,
             _ => ErrorKind::Internal,
         };
         Error::new(kind, e.to_string())

@@ -9,6 +9,7 @@ pub mod api;
 pub mod auth;
 pub mod dev;
 mod error;
+mod halt;
 pub mod manager;
 mod network;
 pub mod prebuild;
