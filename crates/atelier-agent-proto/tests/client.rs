@@ -436,7 +436,7 @@ async fn exec_started_in_time_runs_past_the_deadline() {
     let (client, mut guest) = pair();
     guest.send(&hello(1)).await;
     client.wait_ready(T).await.expect("ready");
-    client.set_timeout(Duration::from_millis(100));
+    client.set_timeout(Duration::from_secs(1));
     let mut exec = client
         .exec(ExecRequest::new(["sleep", "1"]))
         .await
@@ -456,7 +456,7 @@ async fn exec_started_in_time_runs_past_the_deadline() {
     ));
     // Well past the start deadline, the running command's exit still arrives.
     let waiter = tokio::spawn(async move { exec.next_event().await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     guest
         .send(&GuestMessage::Exec {
             id,
