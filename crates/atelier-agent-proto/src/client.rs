@@ -554,11 +554,19 @@ impl AgentClient {
     /// before the `Exit` event kills the command's process group. The first event
     /// (`Started`, or the error that it could not start) must come within the
     /// client's timeout, else [`ExecHandle::next_event`] fails with
-    /// [`ProtoError::Timeout`]; after that the command runs as long as it runs.
+    /// [`ProtoError::Timeout`]; after that the command runs as long as it runs. A
+    /// command with its own timeout must also end (the agent kills it then) within
+    /// that timeout plus the client's, so a guest that hangs mid-command cannot
+    /// hold its reader forever.
     pub async fn exec(&self, req: ExecRequest) -> Result<ExecHandle, ProtoError> {
         let with_stdin = req.stdin;
         let timeout = self.timeout();
-        let start_by = tokio::time::Instant::now() + timeout;
+        let now = tokio::time::Instant::now();
+        let start_by = now + timeout;
+        let end_by = req
+            .timeout_ms
+            .map(|ms| Duration::from_millis(ms).saturating_add(timeout))
+            .and_then(|limit| Some((now.checked_add(limit)?, limit)));
         let mut reg = self.inner.register("exec", true, with_stdin)?;
         reg.guard.cancel_on_drop = true;
         deadline(
@@ -579,6 +587,7 @@ impl AgentClient {
             inbound: reg.inbound,
             stdin,
             start: Some((start_by, timeout)),
+            end: end_by,
             done: false,
             _guard: reg.guard,
             client: self.clone(),
@@ -922,6 +931,8 @@ pub struct ExecHandle {
     stdin: Option<ExecStdin>,
     /// Until the first event: when it must have come, and the timeout that made it.
     start: Option<(tokio::time::Instant, Duration)>,
+    /// For a command with a timeout: when its exit must have come, and the limit.
+    end: Option<(tokio::time::Instant, Duration)>,
     done: bool,
     _guard: PendingGuard,
     client: AgentClient,
@@ -957,14 +968,15 @@ impl ExecHandle {
         self.id
     }
 
-    /// The next event; `None` after `Exit` or after an error was returned. The first
-    /// event fails with [`ProtoError::Timeout`] when the agent does not report the
-    /// start in time (the command is then cancelled with the handle).
+    /// The next event; `None` after `Exit` or after an error was returned. Fails with
+    /// [`ProtoError::Timeout`] when the agent does not report the start in time, or
+    /// the exit of a command with a timeout (see [`AgentClient::exec`]); the command
+    /// is then cancelled with the handle.
     pub async fn next_event(&mut self) -> Option<Result<ExecEvent, ProtoError>> {
         if self.done {
             return None;
         }
-        let received = match self.start {
+        let received = match self.start.or(self.end) {
             Some((by, after)) => match tokio::time::timeout_at(by, self.rx.recv()).await {
                 Ok(r) => r,
                 Err(_) => {
