@@ -115,8 +115,12 @@ struct PendingGuard {
 
 impl Drop for PendingGuard {
     fn drop(&mut self) {
-        let removed = self.inner.lock().pending.remove(&self.id).is_some();
-        if removed && self.cancel_on_drop {
+        let removed = self.inner.lock().pending.remove(&self.id);
+        // Writers waiting for credit (exec stdin) stop instead of waiting forever.
+        if let Some(c) = removed.as_ref().and_then(|p| p.credit.as_ref()) {
+            c.close();
+        }
+        if removed.is_some() && self.cancel_on_drop {
             let _ = self.inner.send_ctl(&HostMessage::Cancel { id: self.id });
         }
     }
