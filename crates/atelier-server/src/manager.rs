@@ -613,15 +613,13 @@ impl Manager {
         let process = self.hv.launch(&cfg).await?;
         let paths = process.paths().clone();
         fault_point("create-after-launch").await;
-        let agent = AgentClient::connect_unix(&paths.agent)
-            .await
-            .map_err(|e| {
-                Error::unavailable(format!(
-                    "cannot connect to the agent socket {}: {e}",
-                    paths.agent.display()
-                ))
-            })?
-            .with_timeout(self.cfg.agent_timeout);
+        let agent = AgentClient::connect_unix(&paths.agent).await.map_err(|e| {
+            Error::unavailable(format!(
+                "cannot connect to the agent socket {}: {e}",
+                paths.agent.display()
+            ))
+        })?;
+        agent.set_timeout(self.cfg.agent_timeout);
         let timeout = match accel {
             Accel::Kvm => Duration::from_secs(60),
             Accel::Tcg => Duration::from_secs(240),

@@ -126,6 +126,25 @@ fn metrics(srv: &Server, name: &str) -> (u16, String) {
     })
 }
 
+/// The status of `GET /` through the proxy for host `host`, if it answered.
+fn proxy_status(srv: &Server, host: &str) -> Option<u16> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        reqwest::Client::new()
+            .get(format!("{}/", srv.url))
+            .header("Host", host)
+            .bearer_auth(&srv.token)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .ok()
+            .map(|r| r.status().as_u16())
+    })
+}
+
 /// SIGSTOPs the agent worker (the atelier-agent process that is not PID 1) in
 /// `name`'s guest through an exec (which itself never completes: the worker that
 /// would report its exit is stopped), and waits until the agent stops answering
@@ -179,7 +198,7 @@ fn stopped_agent_times_out_requests_and_stop_and_rm_still_work() {
         ("ATELIER_QMP_TIMEOUT_SECS", "5"),
     ]);
     create(&srv, "a");
-    create(&srv, "b");
+    let id_b = create(&srv, "b");
 
     let stopper = stop_agent_worker(&srv, "a");
     let failed = run_bounded(&srv, &["sandbox", "exec", "a", "--", "true"], BOUND);
@@ -191,6 +210,23 @@ fn stopped_agent_times_out_requests_and_stop_and_rm_still_work() {
     );
     // Another guest is not affected.
     assert_answers(&srv, "b");
+    // Nor are its dev routes: a server that starts listening in b now gets its
+    // route from the route watcher, which also polls the hung a.
+    srv.ok(&[
+        "dev",
+        "start",
+        "b",
+        "app",
+        "--port",
+        "8000",
+        "--",
+        "while [ ! -e /tmp/go ]; do sleep 0.2; done; exec python3 -m http.server 8000",
+    ]);
+    srv.ok(&["sandbox", "exec", "b", "--", "touch", "/tmp/go"]);
+    let host = format!("dev-app-{id_b}.localhost");
+    wait_for("b's dev route", BOUND, || {
+        proxy_status(&srv, &host) == Some(200)
+    });
     // Reading a file is bounded too.
     let dest = srv.data_dir.path().join("hostname.copy");
     let dest = dest.to_str().unwrap();
