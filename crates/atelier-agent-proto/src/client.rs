@@ -4,6 +4,12 @@
 //! one writer task sends frames (control frames such as credits and kills first). The
 //! reader never blocks on a consumer: stream data is bounded by the credit window
 //! ([`crate::STREAM_WINDOW`]) and a guest that overruns it has that stream failed.
+//!
+//! Deadlines: every request that awaits a reply fails with [`ProtoError::Timeout`]
+//! when the agent does not answer within the client's timeout
+//! ([`DEFAULT_TIMEOUT`], see [`AgentClient::set_timeout`]). Streams (exec, pty,
+//! file reads) get that deadline for their start (the first event); once started
+//! they live as long as the command does.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -39,6 +45,13 @@ type Reply = Result<GuestMessage, ProtoError>;
 
 /// Frames queued for the writer; bounded so bulk uploads wait for the socket.
 const DATA_QUEUE: usize = 32;
+
+/// Default deadline of a request to the agent (see [`AgentClient::set_timeout`]).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Extra time `dev_start` and `dev_stop` get on top of the timeout: the agent waits
+/// up to its stop grace period (3 s) for a dev command to end.
+const DEV_STOP_ALLOWANCE: Duration = Duration::from_secs(5);
 
 /// Handle to one agent connection. Cheap to clone; the connection's tasks stop when
 /// the last clone (including exec handles and read streams) is dropped.
@@ -98,6 +111,8 @@ struct Inner {
     restarts: AtomicU64,
     decode_errors: AtomicU64,
     next_id: AtomicU64,
+    /// Deadline of a request, in milliseconds.
+    timeout_ms: AtomicU64,
 }
 
 struct Registration {
@@ -118,8 +133,12 @@ struct PendingGuard {
 
 impl Drop for PendingGuard {
     fn drop(&mut self) {
-        let removed = self.inner.lock().pending.remove(&self.id).is_some();
-        if removed && self.cancel_on_drop {
+        let removed = self.inner.lock().pending.remove(&self.id);
+        // Writers waiting for credit (exec stdin) stop instead of waiting forever.
+        if let Some(c) = removed.as_ref().and_then(|p| p.credit.as_ref()) {
+            c.close();
+        }
+        if removed.is_some() && self.cancel_on_drop {
             let _ = self.inner.send_ctl(&HostMessage::Cancel { id: self.id });
         }
     }
@@ -477,6 +496,7 @@ impl AgentClient {
             restarts: AtomicU64::new(0),
             decode_errors: AtomicU64::new(0),
             next_id: AtomicU64::new(initial_id()),
+            timeout_ms: AtomicU64::new(DEFAULT_TIMEOUT.as_millis() as u64),
         });
         // Flush any torn frame a previous host left in the agent's decoder, then say hello.
         let _ = inner.ctl_tx.send(vec![0; SYNC_PREAMBLE_LEN]);
@@ -573,29 +593,56 @@ impl AgentClient {
         self.inner.lock().closed.is_none()
     }
 
+    /// The deadline of a request (and of a stream's start).
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.inner.timeout_ms.load(Ordering::Relaxed))
+    }
+
+    /// Sets the deadline of every later request on this connection (all clones share
+    /// it); the default is [`DEFAULT_TIMEOUT`].
+    pub fn set_timeout(&self, timeout: Duration) {
+        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        self.inner.timeout_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// This client with [`set_timeout`](Self::set_timeout) applied.
+    pub fn with_timeout(self, timeout: Duration) -> Self {
+        self.set_timeout(timeout);
+        self
+    }
+
     async fn request(
         &self,
         op: &'static str,
         msg: impl FnOnce(u64) -> HostMessage,
     ) -> Result<GuestMessage, ProtoError> {
-        let mut reg = self.inner.register(op, false, false)?;
-        self.inner.send_data(&msg(reg.id)).await?;
-        match reg.rx.recv().await {
-            Some(reply) => reply,
-            None => Err(self.inner.disconnected()),
-        }
+        self.request_within(op, self.timeout(), msg).await
     }
 
-    /// Round-trip time of a Ping.
+    /// Sends a request and waits for its reply, all within `timeout`.
+    async fn request_within(
+        &self,
+        op: &'static str,
+        timeout: Duration,
+        msg: impl FnOnce(u64) -> HostMessage,
+    ) -> Result<GuestMessage, ProtoError> {
+        let exchange = async {
+            let mut reg = self.inner.register(op, false, false)?;
+            self.inner.send_data(&msg(reg.id)).await?;
+            match reg.rx.recv().await {
+                Some(reply) => reply,
+                None => Err(self.inner.disconnected()),
+            }
+        };
+        deadline(op, timeout, exchange).await
+    }
+
+    /// Round-trip time of a Ping, which must come within `timeout`.
     pub async fn ping(&self, timeout: Duration) -> Result<Duration, ProtoError> {
         let start = Instant::now();
-        let reply =
-            tokio::time::timeout(timeout, self.request("ping", |id| HostMessage::Ping { id }))
-                .await
-                .map_err(|_| ProtoError::Timeout {
-                    op: "ping",
-                    after: timeout,
-                })??;
+        let reply = self
+            .request_within("ping", timeout, |id| HostMessage::Ping { id })
+            .await?;
         match reply {
             GuestMessage::Pong { .. } => Ok(start.elapsed()),
             other => Err(reply_error("ping", other)),
@@ -603,14 +650,30 @@ impl AgentClient {
     }
 
     /// Starts a command; its events arrive on the returned handle. Dropping the handle
-    /// before the `Exit` event kills the command's process group.
+    /// before the `Exit` event kills the command's process group. The first event
+    /// (`Started`, or the error that it could not start) must come within the
+    /// client's timeout, else [`ExecHandle::next_event`] fails with
+    /// [`ProtoError::Timeout`]; after that the command runs as long as it runs. A
+    /// command with its own timeout must also end (the agent kills it then) within
+    /// that timeout plus the client's, so a guest that hangs mid-command cannot
+    /// hold its reader forever.
     pub async fn exec(&self, req: ExecRequest) -> Result<ExecHandle, ProtoError> {
         let with_stdin = req.stdin;
+        let timeout = self.timeout();
+        let now = tokio::time::Instant::now();
+        let start_by = now + timeout;
+        let end_by = req
+            .timeout_ms
+            .map(|ms| Duration::from_millis(ms).saturating_add(timeout))
+            .and_then(|limit| Some((now.checked_add(limit)?, limit)));
         let mut reg = self.inner.register("exec", true, with_stdin)?;
         reg.guard.cancel_on_drop = true;
-        self.inner
-            .send_data(&HostMessage::Exec { id: reg.id, req })
-            .await?;
+        deadline(
+            "exec",
+            timeout,
+            self.inner.send_data(&HostMessage::Exec { id: reg.id, req }),
+        )
+        .await?;
         let stdin = with_stdin.then(|| ExecStdin {
             id: reg.id,
             client: self.clone(),
@@ -622,6 +685,8 @@ impl AgentClient {
             rx: reg.rx,
             inbound: reg.inbound,
             stdin,
+            start: Some((start_by, timeout)),
+            end: end_by,
             done: false,
             _guard: reg.guard,
             client: self.clone(),
@@ -640,11 +705,14 @@ impl AgentClient {
         let mut reg = self.inner.register(OP, true, true)?;
         reg.guard.cancel_on_drop = true;
         let id = reg.id;
-        self.inner.send_data(&HostMessage::Pty { id, req }).await?;
-        let first = match reg.rx.recv().await {
-            None => return Err(self.inner.disconnected()),
-            Some(reply) => reply?,
-        };
+        let first = deadline(OP, self.timeout(), async {
+            self.inner.send_data(&HostMessage::Pty { id, req }).await?;
+            match reg.rx.recv().await {
+                None => Err(self.inner.disconnected()),
+                Some(reply) => reply,
+            }
+        })
+        .await?;
         let pid = match &first {
             GuestMessage::Pty {
                 event: PtyEvent::Started { pid },
@@ -678,7 +746,9 @@ impl AgentClient {
     }
 
     /// Uploads `reader` to `path` in the guest (parent directory must exist; written to a
-    /// temp file and renamed). Returns the bytes written.
+    /// temp file and renamed). Returns the bytes written. Each wait on the agent
+    /// (queueing a chunk, credit for the next, the final answer) has the client's
+    /// timeout; reading `reader` goes at its own pace.
     pub async fn write_file(
         &self,
         path: &str,
@@ -686,16 +756,20 @@ impl AgentClient {
         mut reader: impl AsyncRead + Unpin,
     ) -> Result<u64, ProtoError> {
         const OP: &str = "write_file";
+        let timeout = self.timeout();
         let mut reg = self.inner.register(OP, false, true)?;
         reg.guard.cancel_on_drop = true;
         let id = reg.id;
-        self.inner
-            .send_data(&HostMessage::WriteFile {
+        deadline(
+            OP,
+            timeout,
+            self.inner.send_data(&HostMessage::WriteFile {
                 id,
                 path: path.to_owned(),
                 mode,
-            })
-            .await?;
+            }),
+        )
+        .await?;
         let mut buf = vec![0u8; FILE_CHUNK_LEN];
         let mut sent = 0u64;
         loop {
@@ -706,28 +780,39 @@ impl AgentClient {
                 }
             })?;
             if n == 0 {
-                self.inner.send_data(&HostMessage::WriteEnd { id }).await?;
+                deadline(
+                    OP,
+                    timeout,
+                    self.inner.send_data(&HostMessage::WriteEnd { id }),
+                )
+                .await?;
                 break;
             }
             // n <= FILE_CHUNK_LEN, fits u32.
-            match reg.credit.acquire_many(n as u32).await {
+            let credit = async { Ok(reg.credit.acquire_many(n as u32).await) };
+            match deadline(OP, timeout, credit).await? {
                 Ok(permit) => permit.forget(),
                 // Closed: the agent already answered (an error); read it below.
                 Err(_) => break,
             }
-            self.inner
-                .send_data(&HostMessage::WriteChunk {
+            deadline(
+                OP,
+                timeout,
+                self.inner.send_data(&HostMessage::WriteChunk {
                     id,
                     data: buf[..n].to_vec(),
-                })
-                .await?;
+                }),
+            )
+            .await?;
             sent += n as u64;
         }
-        let reply = reg
-            .rx
-            .recv()
-            .await
-            .ok_or_else(|| self.inner.disconnected())??;
+        let answer = async {
+            reg.rx
+                .recv()
+                .await
+                .ok_or_else(|| self.inner.disconnected())?
+        };
+        let reply = deadline(OP, timeout, answer).await?;
         reg.guard.cancel_on_drop = false;
         match reply {
             GuestMessage::WriteDone { size, .. } if size == sent => Ok(size),
@@ -744,14 +829,18 @@ impl AgentClient {
     /// or unreadable file fails here; later failures arrive as stream items.
     pub async fn read_file(&self, path: &str) -> Result<ReadFileStream, ProtoError> {
         const OP: &str = "read_file";
+        let timeout = self.timeout();
         let mut reg = self.inner.register(OP, true, false)?;
         reg.guard.cancel_on_drop = true;
-        self.inner
-            .send_data(&HostMessage::ReadFile {
+        deadline(
+            OP,
+            timeout,
+            self.inner.send_data(&HostMessage::ReadFile {
                 id: reg.id,
                 path: path.to_owned(),
-            })
-            .await?;
+            }),
+        )
+        .await?;
         let mut stream = ReadFileStream {
             id: reg.id,
             rx: reg.rx,
@@ -763,11 +852,13 @@ impl AgentClient {
             client: self.clone(),
         };
         // Surface open errors from the call itself.
-        match stream.rx.recv().await {
-            None => return Err(self.inner.disconnected()),
-            Some(Err(e)) => return Err(e),
-            Some(Ok(msg)) => stream.first = Some(msg),
-        }
+        let first = async {
+            match stream.rx.recv().await {
+                None => Err(self.inner.disconnected()),
+                Some(reply) => reply,
+            }
+        };
+        stream.first = Some(deadline(OP, timeout, first).await?);
         if let Some(GuestMessage::Error { .. }) = &stream.first {
             stream.guard.cancel_on_drop = false;
             if let Some(msg) = stream.first.take() {
@@ -822,8 +913,9 @@ impl AgentClient {
     /// its log continues in a fresh file (the previous runs rotate to `.1` and `.2`).
     pub async fn dev_start(&self, spec: DevSpec) -> Result<(), ProtoError> {
         const OP: &str = "dev_start";
+        let timeout = self.timeout() + DEV_STOP_ALLOWANCE;
         match self
-            .request(OP, |id| HostMessage::DevStart { id, spec })
+            .request_within(OP, timeout, |id| HostMessage::DevStart { id, spec })
             .await?
         {
             GuestMessage::Done { .. } => Ok(()),
@@ -836,8 +928,9 @@ impl AgentClient {
     /// readable, until a `dev_start` of that name replaces it.
     pub async fn dev_stop(&self, name: &str) -> Result<(), ProtoError> {
         const OP: &str = "dev_stop";
+        let timeout = self.timeout() + DEV_STOP_ALLOWANCE;
         match self
-            .request(OP, |id| HostMessage::DevStop {
+            .request_within(OP, timeout, |id| HostMessage::DevStop {
                 id,
                 name: name.to_owned(),
             })
@@ -903,6 +996,17 @@ impl AgentClient {
     }
 }
 
+/// Runs `fut` with deadline `timeout`; running out is [`ProtoError::Timeout`] for `op`.
+async fn deadline<T>(
+    op: &'static str,
+    timeout: Duration,
+    fut: impl Future<Output = Result<T, ProtoError>>,
+) -> Result<T, ProtoError> {
+    tokio::time::timeout(timeout, fut)
+        .await
+        .unwrap_or(Err(ProtoError::Timeout { op, after: timeout }))
+}
+
 async fn read_full(
     reader: &mut (impl AsyncRead + Unpin),
     buf: &mut [u8],
@@ -924,6 +1028,10 @@ pub struct ExecHandle {
     rx: mpsc::UnboundedReceiver<Reply>,
     inbound: Arc<AtomicU64>,
     stdin: Option<ExecStdin>,
+    /// Until the first event: when it must have come, and the timeout that made it.
+    start: Option<(tokio::time::Instant, Duration)>,
+    /// For a command with a timeout: when its exit must have come, and the limit.
+    end: Option<(tokio::time::Instant, Duration)>,
     done: bool,
     _guard: PendingGuard,
     client: AgentClient,
@@ -959,12 +1067,26 @@ impl ExecHandle {
         self.id
     }
 
-    /// The next event; `None` after `Exit` or after an error was returned.
+    /// The next event; `None` after `Exit` or after an error was returned. Fails with
+    /// [`ProtoError::Timeout`] when the agent does not report the start in time, or
+    /// the exit of a command with a timeout (see [`AgentClient::exec`]); the command
+    /// is then cancelled with the handle.
     pub async fn next_event(&mut self) -> Option<Result<ExecEvent, ProtoError>> {
         if self.done {
             return None;
         }
-        let item = match self.rx.recv().await {
+        let received = match self.start.or(self.end) {
+            Some((by, after)) => match tokio::time::timeout_at(by, self.rx.recv()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    self.done = true;
+                    return Some(Err(ProtoError::Timeout { op: "exec", after }));
+                }
+            },
+            None => self.rx.recv().await,
+        };
+        self.start = None;
+        let item = match received {
             Some(item) => item,
             None => Err(self.client.inner.disconnected()),
         };

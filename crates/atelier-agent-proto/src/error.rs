@@ -102,8 +102,10 @@ pub enum ProtoError {
         /// The agent's message.
         message: String,
     },
-    /// An operation did not complete in time.
-    #[error("{op} timed out after {after:?}")]
+    /// The agent did not answer in time (a hung or overloaded guest).
+    #[error(
+        "{op} timed out after {after:?}: the agent did not answer; the guest may be hung or overloaded"
+    )]
     Timeout {
         /// Operation.
         op: &'static str,

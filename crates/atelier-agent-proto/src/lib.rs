@@ -57,8 +57,8 @@ pub mod message;
 pub mod net;
 
 pub use client::{
-    AgentClient, DevLogStream, ExecHandle, ExecOutput, ExecStdin, GuestStream, PtyReader,
-    PtySession, PtyWriter, ReadFileStream,
+    AgentClient, DEFAULT_TIMEOUT, DevLogStream, ExecHandle, ExecOutput, ExecStdin, GuestStream,
+    PtyReader, PtySession, PtyWriter, ReadFileStream,
 };
 pub use dev::{DEV_NAME_MAX, DevSpec, DevState, DevStatus, RestartPolicy, valid_dev_name};
 pub use error::{FrameError, ProtoError};

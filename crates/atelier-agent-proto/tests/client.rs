@@ -341,3 +341,147 @@ async fn consumer_credits_and_early_upload_error() {
         "sent {chunk_bytes} bytes without credit"
     );
 }
+
+#[tokio::test]
+async fn a_silent_agent_times_out_every_kind_of_request_and_the_client_recovers() {
+    let (client, mut guest) = pair();
+    guest.send(&hello(1)).await;
+    client.wait_ready(T).await.expect("ready");
+    let short = Duration::from_millis(200);
+    client.set_timeout(short);
+    assert_eq!(client.timeout(), short);
+
+    // A control request: typed timeout naming the operation and the deadline.
+    let err = tokio::time::timeout(T, client.metrics())
+        .await
+        .expect("bounded by the client's deadline")
+        .expect_err("no answer");
+    assert!(
+        matches!(err, ProtoError::Timeout { op: "metrics", after } if after == short),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("metrics timed out"), "{err}");
+
+    // A stream: the start is bounded, and the command is cancelled in the guest.
+    let mut exec = client
+        .exec(ExecRequest::new(["sleep", "9"]))
+        .await
+        .expect("queued");
+    let err = tokio::time::timeout(T, exec.next_event())
+        .await
+        .expect("bounded")
+        .expect("an event")
+        .expect_err("no start");
+    assert!(
+        matches!(err, ProtoError::Timeout { op: "exec", .. }),
+        "{err:?}"
+    );
+    assert!(exec.next_event().await.is_none());
+    drop(exec);
+    let err = tokio::time::timeout(T, client.read_file("/etc/hostname"))
+        .await
+        .expect("bounded")
+        .err()
+        .expect("no open");
+    assert!(
+        matches!(
+            err,
+            ProtoError::Timeout {
+                op: "read_file",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // An upload whose guest never grants credit beyond the first window.
+    let err = tokio::time::timeout(
+        T,
+        client.write_file("/tmp/x", 0o644, &vec![0u8; 4 << 20][..]),
+    )
+    .await
+    .expect("bounded")
+    .expect_err("stalled");
+    assert!(
+        matches!(
+            err,
+            ProtoError::Timeout {
+                op: "write_file",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+
+    // The guest wakes up: drain what queued, answer the next request; late answers
+    // to the abandoned ones are ignored.
+    let mut cancelled = Vec::new();
+    let ping = tokio::spawn({
+        let client = client.clone();
+        async move { client.ping(T).await }
+    });
+    loop {
+        match guest.recv().await {
+            HostMessage::Metrics { id } => {
+                guest.send(&GuestMessage::Done { id }).await;
+            }
+            HostMessage::Cancel { id } => cancelled.push(id),
+            HostMessage::Ping { id } => {
+                guest.send(&GuestMessage::Pong { id }).await;
+                break;
+            }
+            _ => {}
+        }
+    }
+    ping.await.expect("join").expect("ping after the hang");
+    assert!(
+        !cancelled.is_empty(),
+        "the timed-out exec was cancelled in the guest"
+    );
+    assert!(client.is_connected());
+}
+
+#[tokio::test]
+async fn exec_started_in_time_runs_past_the_deadline() {
+    let (client, mut guest) = pair();
+    guest.send(&hello(1)).await;
+    client.wait_ready(T).await.expect("ready");
+    client.set_timeout(Duration::from_secs(1));
+    let mut exec = client
+        .exec(ExecRequest::new(["sleep", "1"]))
+        .await
+        .expect("exec");
+    let HostMessage::Exec { id, .. } = guest.recv().await else {
+        panic!("expected exec")
+    };
+    guest
+        .send(&GuestMessage::Exec {
+            id,
+            event: ExecEvent::Started { pid: 7 },
+        })
+        .await;
+    assert!(matches!(
+        exec.next_event().await,
+        Some(Ok(ExecEvent::Started { pid: 7 }))
+    ));
+    // Well past the start deadline, the running command's exit still arrives.
+    let waiter = tokio::spawn(async move { exec.next_event().await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    guest
+        .send(&GuestMessage::Exec {
+            id,
+            event: ExecEvent::Exit {
+                code: Some(0),
+                signal: None,
+                timed_out: false,
+            },
+        })
+        .await;
+    let ev = tokio::time::timeout(T, waiter)
+        .await
+        .expect("bounded")
+        .expect("join");
+    assert!(
+        matches!(ev, Some(Ok(ExecEvent::Exit { code: Some(0), .. }))),
+        "{ev:?}"
+    );
+}

@@ -201,15 +201,33 @@ impl Manager {
         }
     }
 
-    /// Refreshes every online sandbox's routes once a second.
+    /// Refreshes every online sandbox's routes once a second. Each sandbox's refresh
+    /// runs on its own task with a deadline, at most one at a time per sandbox, so a
+    /// hung guest delays only its own routes.
     pub(crate) fn spawn_dev_watcher(self: &Arc<Self>) {
         let me = Arc::clone(self);
+        // A refresh is up to three agent requests, each with its own deadline.
+        let limit = me.cfg.agent_timeout.saturating_mul(2);
         tokio::spawn(async move {
+            let mut inflight: HashMap<SandboxId, tokio::task::JoinHandle<()>> = HashMap::new();
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let ids: Vec<SandboxId> = me.online_ids();
+                inflight.retain(|_, task| !task.is_finished());
                 for id in &ids {
-                    me.refresh_dev_routes(id).await;
+                    if inflight.contains_key(id) {
+                        continue;
+                    }
+                    let (m, sid) = (Arc::clone(&me), id.clone());
+                    let task = tokio::spawn(async move {
+                        if tokio::time::timeout(limit, m.refresh_dev_routes(&sid))
+                            .await
+                            .is_err()
+                        {
+                            tracing::warn!(sandbox = %sid, "dev routes not refreshed within {limit:?}; is the guest hung?");
+                        }
+                    });
+                    inflight.insert(id.clone(), task);
                 }
                 let gone: Vec<SandboxId> = me
                     .dev_routes()

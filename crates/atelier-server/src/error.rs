@@ -136,6 +136,11 @@ impl From<atelier_vmm::VmmError> for Error {
                     .with_detail(e.to_string())
                     .with_source(e)
             }
+            // What timed out is worth showing; the run dir in it is scrubbed from
+            // response bodies (the log keeps it).
+            atelier_vmm::VmmError::Timeout(..) | atelier_vmm::VmmError::QmpClosed { .. } => {
+                Error::unavailable(e.to_string()).with_source(e)
+            }
             _ => Error::internal(e.to_string()).with_source(e),
         }
     }

@@ -11,6 +11,7 @@ pub mod dev;
 mod error;
 pub mod events;
 pub mod guest_stream;
+mod halt;
 pub mod manager;
 mod network;
 pub mod prebuild;

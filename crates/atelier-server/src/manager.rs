@@ -57,6 +57,10 @@ pub struct ManagerConfig {
     pub urls: UrlBase,
     /// How often prebuilds are checked for new commits.
     pub prebuild_check_interval: Duration,
+    /// Deadline of a request to a guest agent (and of a stream's start).
+    pub agent_timeout: Duration,
+    /// Default deadline of a QMP command to a VMM.
+    pub qmp_timeout: Duration,
 }
 
 /// The public side of the proxy: `{scheme}://sandbox-{id}.{domain}{:port}/`.
@@ -93,6 +97,8 @@ impl ManagerConfig {
             reconcile_interval: Duration::from_secs(30),
             network: Some(atelier_net::NetConfig::new()),
             prebuild_check_interval: Duration::from_secs(1800),
+            agent_timeout: atelier_agent_proto::DEFAULT_TIMEOUT,
+            qmp_timeout: atelier_vmm::qmp::DEFAULT_QMP_TIMEOUT,
             urls: UrlBase {
                 domain: "localhost".into(),
                 scheme: "http".into(),
@@ -191,7 +197,7 @@ impl Manager {
         let pool = tokio::task::spawn_blocking(move || Pool::open(&dd, storage))
             .await
             .map_err(|e| Error::internal(e.to_string()))??;
-        let qemu = Qemu::new(cfg.qemu_binary.clone());
+        let qemu = Qemu::new(cfg.qemu_binary.clone()).with_qmp_timeout(cfg.qmp_timeout);
         let qemu_version = qemu
             .version()
             .await
@@ -631,6 +637,7 @@ impl Manager {
             .with_detail(format!("socket {}", paths.agent.display()))
             .with_source(e)
         })?;
+        agent.set_timeout(self.cfg.agent_timeout);
         let timeout = match accel {
             Accel::Kvm => Duration::from_secs(60),
             Accel::Tcg => Duration::from_secs(240),
@@ -834,7 +841,7 @@ impl Manager {
         let process = self.hv.launch(cfg).await?;
         fault_point("restore-after-launch").await;
         let agent = match AgentClient::connect_unix(&process.paths().agent).await {
-            Ok(a) => a,
+            Ok(a) => a.with_timeout(self.cfg.agent_timeout),
             Err(e) => {
                 let _ = process.kill().await;
                 return Err(Error::unavailable(format!(
@@ -974,29 +981,25 @@ impl Manager {
         self.store
             .begin(&rec.id, atelier_core::SandboxOp::Stop, "stop")
             .await?;
-        if let Some(vm) = self.vm(&rec.id) {
-            let _ = tokio::time::timeout(Duration::from_secs(5), vm.agent.shutdown(false)).await;
-            if !vm.process.wait_exit(Duration::from_secs(15)).await {
-                let _ = vm
-                    .process
-                    .qmp()
-                    .execute_timeout("quit", None, Duration::from_secs(5))
-                    .await;
-                vm.process.wait_exit(Duration::from_secs(5)).await;
-            }
-        }
+        // A hung guest or QEMU is stopped by force; the record says how.
+        let forced = match self.vm(&rec.id) {
+            Some(vm) => self.halt_vm(&rec, &vm).await,
+            None => None,
+        };
         self.drop_vm(&rec.id).await;
         self.reclaim(&rec.id, &[RES_PROCESS]).await?;
         Ok(self
             .store
-            .transition(&rec.id, SandboxState::Stopped, "stop", None)
+            .transition(&rec.id, SandboxState::Stopped, "stop", forced.as_deref())
             .await?)
     }
 
     /// Deletes a sandbox in any state, reclaiming everything it holds on the host.
+    /// Delete does not wait behind an operation stuck on a hung guest or QEMU: it
+    /// kills the VM so that operation ends (see [`Manager::locked_for_delete`]).
     #[tracing::instrument(level = "info", name = "delete", skip_all, fields(sandbox = %id_or_name))]
     pub async fn delete(self: &Arc<Self>, id_or_name: &str) -> Result<SandboxRecord, Error> {
-        let (_guard, rec) = self.locked(id_or_name).await?;
+        let (_guard, rec) = self.locked_for_delete(id_or_name).await?;
         if rec.state == SandboxState::Deleted {
             return Err(Error::not_found(format!("sandbox {id_or_name} not found")));
         }
@@ -1095,8 +1098,11 @@ impl Manager {
             .iter()
             .map(|(k, v)| (k.clone(), Arc::clone(v)))
             .collect();
-        for (id, vm) in vms {
-            let ok = vm.agent.ping(Duration::from_secs(5)).await.is_ok();
+        // All at once, each with a deadline: a hung guest delays no one else's check.
+        let timeout = self.cfg.agent_timeout.min(Duration::from_secs(5));
+        let pings = futures::future::join_all(vms.iter().map(|(_, vm)| vm.agent.ping(timeout)));
+        for ((id, vm), ping) in vms.iter().zip(pings.await) {
+            let ok = ping.is_ok();
             if vm.responsive.swap(ok, Ordering::Relaxed) != ok {
                 if ok {
                     tracing::info!(sandbox = %id, "agent answers again");

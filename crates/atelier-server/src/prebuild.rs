@@ -325,7 +325,9 @@ impl Manager {
         let vm = VmGuard(Some(self.hv.launch(&cfg).await?));
         crate::manager::fault_point("prebuild-after-launch").await;
         let process = vm.0.as_ref().ok_or_else(|| Error::internal("no vm"))?;
-        let agent = crate::templates::boot_agent(process, accel, "prebuild").await?;
+        let agent =
+            crate::templates::boot_agent(process, accel, "prebuild", self.cfg.agent_timeout)
+                .await?;
         if let (Some(net), Some(ip)) = (&self.net, builder) {
             agent
                 .net_config(net.guest_config(ip))

@@ -143,7 +143,7 @@ impl Manager {
             }
         }
         let agent = match AgentClient::connect_unix(&process.paths().agent).await {
-            Ok(a) => a,
+            Ok(a) => a.with_timeout(self.cfg.agent_timeout),
             Err(e) => {
                 tracing::warn!(sandbox = %id, error = %e, "cannot reconnect to agent");
                 return false;

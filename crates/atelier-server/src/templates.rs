@@ -195,7 +195,7 @@ impl Manager {
         }
         let vm = self.hv.launch(&cfg).await?;
         crate::manager::fault_point("template-after-launch").await;
-        let agent = boot_agent(&vm, accel, "template").await?;
+        let agent = boot_agent(&vm, accel, "template", self.cfg.agent_timeout).await?;
         self.freeze(&vm, agent, &t.state, &running_disk, &t.disk)
             .await?;
         std::fs::write(build.join("ready"), b"")
@@ -232,13 +232,15 @@ pub(crate) async fn boot_agent(
     vm: &VmProcess,
     accel: Accel,
     what: &str,
+    agent_timeout: Duration,
 ) -> Result<AgentClient, Error> {
     let agent = AgentClient::connect_unix(&vm.paths().agent)
         .await
         .map_err(|e| {
             Error::unavailable(format!("cannot connect to the agent of the {what} VM"))
                 .with_source(e)
-        })?;
+        })?
+        .with_timeout(agent_timeout);
     let timeout = match accel {
         Accel::Kvm => Duration::from_secs(60),
         Accel::Tcg => Duration::from_secs(240),
@@ -328,14 +330,25 @@ pub(crate) async fn fix_identity(
     .await
 }
 
-/// Runs a command in the guest and fails with its stderr unless it exits 0.
+/// Runs a command in the guest and fails with its stderr unless it exits 0. The
+/// agent kills it after 60 s; the host gives up on a guest that does not report
+/// that in time either.
 pub(crate) async fn exec_ok(agent: &AgentClient, argv: &[&str]) -> Result<(), Error> {
-    let out = agent
-        .exec(ExecRequest::new(argv.iter().copied()).timeout(Duration::from_secs(60)))
+    const LIMIT: Duration = Duration::from_secs(60);
+    let run = async {
+        agent
+            .exec(ExecRequest::new(argv.iter().copied()).timeout(LIMIT))
+            .await?
+            .wait()
+            .await
+    };
+    let host_limit = LIMIT + agent.timeout();
+    let out = tokio::time::timeout(host_limit, run)
         .await
-        .map_err(Manager::agent_error)?
-        .wait()
-        .await
+        .unwrap_or(Err(atelier_agent_proto::ProtoError::Timeout {
+            op: "exec",
+            after: host_limit,
+        }))
         .map_err(Manager::agent_error)?;
     if !out.success() {
         return Err(Error::internal(format!(

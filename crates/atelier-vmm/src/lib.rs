@@ -62,7 +62,18 @@ pub enum VmmError {
         /// What went wrong.
         detail: String,
     },
-    /// A wait ran out.
+    /// QEMU closed its QMP socket (it exited or was killed) before answering.
+    #[error("qmp {op} in run dir {run_dir}: {reason}; the VM process is gone or going")]
+    QmpClosed {
+        /// The command.
+        op: String,
+        /// The VM's run directory.
+        run_dir: PathBuf,
+        /// What closed it.
+        reason: String,
+    },
+    /// A wait ran out (the string names what was awaited: for QMP, the command
+    /// and the VM's run directory).
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, String),
 }

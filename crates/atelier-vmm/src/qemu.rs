@@ -11,7 +11,7 @@ use tokio::process::Command;
 use tokio::sync::watch;
 
 use crate::process::{VmProcess, pid_matches, read_pidfile, watch_foreign};
-use crate::qmp::Qmp;
+use crate::qmp::{DEFAULT_QMP_TIMEOUT, Qmp};
 use crate::{Accel, Hypervisor, MemoryBacking, RunPaths, VmConfig, VmmError};
 
 /// The name of the virtio-serial port the guest agent opens.
@@ -24,13 +24,12 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
 #[derive(Debug, Clone)]
 pub struct Qemu {
     binary: PathBuf,
+    qmp_timeout: Duration,
 }
 
 impl Default for Qemu {
     fn default() -> Self {
-        Qemu {
-            binary: PathBuf::from("qemu-system-x86_64"),
-        }
+        Qemu::new("qemu-system-x86_64")
     }
 }
 
@@ -39,7 +38,15 @@ impl Qemu {
     pub fn new(binary: impl Into<PathBuf>) -> Self {
         Qemu {
             binary: binary.into(),
+            qmp_timeout: DEFAULT_QMP_TIMEOUT,
         }
+    }
+
+    /// Sets the default deadline of every QMP command of the VMs this backend
+    /// launches or adopts (default [`DEFAULT_QMP_TIMEOUT`]).
+    pub fn with_qmp_timeout(mut self, timeout: Duration) -> Self {
+        self.qmp_timeout = timeout;
+        self
     }
 
     /// The binary's version line, e.g. `QEMU emulator version 10.0.2 (...)`.
@@ -242,7 +249,7 @@ impl Hypervisor for Qemu {
                 });
             }
             if paths.qmp.exists() {
-                match Qmp::connect(&paths.qmp).await {
+                match Qmp::connect_with_timeout(&paths.qmp, self.qmp_timeout).await {
                     Ok(q) => break q,
                     Err(e) if start.elapsed() > STARTUP_TIMEOUT => {
                         let _ = child.start_kill();
@@ -289,7 +296,7 @@ impl Hypervisor for Qemu {
         if !pid_matches(pid, &marker) {
             return Ok(None);
         }
-        let qmp = Qmp::connect(&paths.qmp).await?;
+        let qmp = Qmp::connect_with_timeout(&paths.qmp, self.qmp_timeout).await?;
         Ok(Some(VmProcess::new(
             pid,
             paths.clone(),
@@ -317,22 +324,24 @@ pub async fn restore_incoming(qmp: &Qmp, inc: &crate::Incoming) -> Result<(), Vm
     )
     .await?;
     let uri = format!("file:{}", state.display());
-    qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
-        .await?;
+    // QEMU loads incoming state in its main loop: the monitor may not answer until
+    // the whole file is read, so these get the migration's deadline.
+    let mig = |cmd: &'static str, args| qmp.execute_timeout(cmd, args, MIGRATION_TIMEOUT);
+    mig("migrate-incoming", Some(serde_json::json!({ "uri": uri }))).await?;
     let start = Instant::now();
     loop {
-        let st = qmp.execute("query-status", None).await?;
+        let st = mig("query-status", None).await?;
         match st.get("status").and_then(|s| s.as_str()).unwrap_or("") {
             "running" => return Ok(()),
             "paused" | "postmigrate" | "prelaunch" => {
                 // Migration finished without autostart: run it.
-                let mig = qmp.execute("query-migrate", None).await.unwrap_or_default();
-                let done = mig
+                let m = mig("query-migrate", None).await.unwrap_or_default();
+                let done = m
                     .get("status")
                     .and_then(|s| s.as_str())
                     .is_none_or(|s| s == "completed");
                 if done {
-                    qmp.execute("cont", None).await?;
+                    mig("cont", None).await?;
                 }
             }
             "inmigrate" => {}
@@ -377,6 +386,7 @@ async fn save(vm: &VmProcess, state: &Path, ignore: bool) -> Result<(), VmmError
         .await?;
     let start = Instant::now();
     loop {
+        // The migration thread does the writing; the monitor stays responsive.
         let m = qmp.execute("query-migrate", None).await?;
         match m.get("status").and_then(|s| s.as_str()).unwrap_or("") {
             "completed" => return Ok(()),

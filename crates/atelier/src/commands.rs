@@ -330,6 +330,10 @@ pub async fn sandbox(g: &Global, cmd: SandboxCmd) -> anyhow::Result<u8> {
             } else {
                 println!("{}  {}  {}", s.id, s.name, state_str(&s))
             }
+            // A hung guest or QEMU was stopped by force; say how.
+            if let Some(why) = &s.error {
+                eprintln!("warning: {why}");
+            }
             Ok(0)
         }
         SandboxCmd::Pause { sandbox } => verb(g, &c, &sandbox, "pause").await,

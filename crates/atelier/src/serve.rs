@@ -40,6 +40,16 @@ pub struct ServeArgs {
     /// Seconds between reconcile passes.
     #[arg(long, env = "ATELIER_RECONCILE_SECS", default_value_t = 30)]
     pub reconcile_secs: u64,
+    /// Seconds a guest agent may take to answer a request (or to start a command)
+    /// before the request fails with a timeout and the guest counts as hung.
+    #[arg(long, env = "ATELIER_AGENT_TIMEOUT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub agent_timeout_secs: u64,
+    /// Seconds QEMU may take to answer a QMP command (saving and restoring memory
+    /// state get their own, longer deadline).
+    #[arg(long, env = "ATELIER_QMP_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub qmp_timeout_secs: u64,
     /// Directory with Swagger UI's files (npm swagger-ui-dist).
     #[arg(
         long,
@@ -133,6 +143,8 @@ pub async fn run(g: &Global, args: ServeArgs) -> anyhow::Result<u8> {
     cfg.qemu_binary = args.qemu.clone();
     cfg.reconcile_interval = Duration::from_secs(args.reconcile_secs.max(1));
     cfg.prebuild_check_interval = Duration::from_secs(args.prebuild_check_secs.max(1));
+    cfg.agent_timeout = Duration::from_secs(args.agent_timeout_secs);
+    cfg.qmp_timeout = Duration::from_secs(args.qmp_timeout_secs);
     cfg.network = if args.no_network {
         None
     } else {

@@ -90,7 +90,8 @@ pub struct SandboxView {
     pub memory_mib: u32,
     /// Milliseconds from request to agent ready, for the last boot.
     pub boot_ms: Option<i64>,
-    /// Why it failed, for failed sandboxes.
+    /// Why it failed, for failed sandboxes; for a stopped one, what a forced stop
+    /// had to do (a hung guest or QEMU).
     pub error: Option<String>,
     /// Agent health for running sandboxes: `ready` or `unresponsive`.
     pub agent: Option<String>,
