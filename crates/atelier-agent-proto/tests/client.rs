@@ -345,7 +345,7 @@ async fn consumer_credits_and_early_upload_error() {
 #[tokio::test]
 async fn a_silent_agent_times_out_every_kind_of_request_and_the_client_recovers() {
     let (client, mut guest) = pair();
-    guest.send(&hello(1)).await;
+    guest.announce(1).await;
     client.wait_ready(T).await.expect("ready");
     let short = Duration::from_millis(200);
     client.set_timeout(short);
@@ -443,7 +443,7 @@ async fn a_silent_agent_times_out_every_kind_of_request_and_the_client_recovers(
 #[tokio::test]
 async fn exec_started_in_time_runs_past_the_deadline() {
     let (client, mut guest) = pair();
-    guest.send(&hello(1)).await;
+    guest.announce(1).await;
     client.wait_ready(T).await.expect("ready");
     client.set_timeout(Duration::from_secs(1));
     let mut exec = client

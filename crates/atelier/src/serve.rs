@@ -260,7 +260,13 @@ pub async fn run(g: &Global, args: ServeArgs) -> anyhow::Result<u8> {
             tracing::error!(error = %e, "http server");
         }
     });
+    // Under systemd (Type=notify) the unit becomes active only now, with the
+    // listeners bound; elsewhere NOTIFY_SOCKET is unset and this does nothing.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "cannot notify systemd of readiness");
+    }
     shutdown_signal().await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     // Event streams never end on their own; end them so shutdown does not wait.
     mgr.events().close();
     let _ = stop_tx.send(true);

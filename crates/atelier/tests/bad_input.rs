@@ -274,3 +274,20 @@ async fn server_errors_carry_a_request_id_and_no_host_detail() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["request_id"], id.as_str());
 }
+
+#[test]
+fn serve_notifies_systemd_when_ready() {
+    // What systemd's Type=notify listens on: a datagram socket named by NOTIFY_SOCKET.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let srv = Server::start_with(&[("NOTIFY_SOCKET", path.to_str().unwrap())]);
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).expect("no readiness notification");
+    let msg = String::from_utf8_lossy(&buf[..n]);
+    assert!(msg.contains("READY=1"), "{msg}");
+    // Ready means serving.
+    assert!(srv.ok(&["status"]).contains("manager:   ok"));
+}
