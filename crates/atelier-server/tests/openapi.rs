@@ -32,3 +32,183 @@ fn openapi_document_matches_the_reviewed_snapshot() {
     }
     assert_eq!(v["security"][0]["bearer"], serde_json::json!([]));
 }
+
+fn document() -> serde_json::Value {
+    serde_json::to_value(atelier_server::api::openapi()).unwrap()
+}
+
+/// Every operation under /api/v1, as (method, path, operation).
+fn operations(doc: &serde_json::Value) -> Vec<(String, String, serde_json::Value)> {
+    let mut out = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        if !path.starts_with("/api/v1/") {
+            continue;
+        }
+        for (method, op) in item.as_object().unwrap() {
+            out.push((method.clone(), path.clone(), op.clone()));
+        }
+    }
+    assert!(out.len() > 30, "only {} operations documented", out.len());
+    out
+}
+
+fn is_error_body(resp: &serde_json::Value) -> bool {
+    resp["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/ApiErrorBody"
+        && !resp["description"].as_str().unwrap_or("").is_empty()
+}
+
+#[test]
+fn every_route_documents_the_errors_it_can_give() {
+    let doc = document();
+    for (method, path, op) in operations(&doc) {
+        let responses = &op["responses"];
+        for status in ["401", "500"] {
+            assert!(
+                is_error_body(&responses[status]),
+                "{method} {path} does not document {status} with an ApiErrorBody"
+            );
+        }
+        let params = op["parameters"].as_array().cloned().unwrap_or_default();
+        let takes_query = params.iter().any(|p| p["in"] == "query");
+        let takes_json = !op["requestBody"]["content"]["application/json"].is_null();
+        if takes_query || takes_json {
+            assert!(
+                is_error_body(&responses["400"]),
+                "{method} {path} extracts a query or JSON body but does not document 400"
+            );
+        }
+        if path.contains("{id}") && path.starts_with("/api/v1/sandboxes/") {
+            assert!(
+                is_error_body(&responses["404"]),
+                "{method} {path} names a sandbox but does not document 404"
+            );
+        }
+        // A parameter "in: path" must be in the path template (utoipa puts the fields
+        // of an IntoParams struct in the path unless told otherwise).
+        for p in &params {
+            let name = p["name"].as_str().unwrap();
+            if p["in"] == "path" {
+                assert!(
+                    path.contains(&format!("{{{name}}}")),
+                    "{method} {path}: parameter {name} is documented in the path but is not in it"
+                );
+            }
+        }
+        for (status, resp) in responses.as_object().unwrap() {
+            if status.starts_with('4') || status.starts_with('5') {
+                assert!(
+                    is_error_body(resp),
+                    "{method} {path} {status} has no error body"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_document_states_the_limits_the_server_enforces() {
+    let doc = document();
+    let schemas = &doc["components"]["schemas"];
+    let create = &schemas["CreateBody"]["properties"];
+    assert_eq!(create["name"]["pattern"], atelier_core::NAME_PATTERN);
+    assert_eq!(create["name"]["minLength"], 1);
+    assert_eq!(create["name"]["maxLength"], atelier_core::MAX_NAME_LEN);
+    assert_eq!(create["vcpus"]["minimum"], atelier_core::MIN_VCPUS);
+    assert_eq!(create["vcpus"]["maximum"], atelier_core::MAX_VCPUS);
+    assert_eq!(
+        create["memory_mib"]["minimum"],
+        atelier_core::MIN_MEMORY_MIB
+    );
+    assert_eq!(
+        create["memory_mib"]["maximum"],
+        atelier_core::MAX_MEMORY_MIB
+    );
+    assert_eq!(
+        schemas["ForkBody"]["properties"]["name"]["pattern"],
+        atelier_core::NAME_PATTERN
+    );
+    let dev = &schemas["DevStartBody"]["properties"];
+    assert_eq!(
+        dev["name"]["pattern"],
+        atelier_agent_proto::DEV_NAME_PATTERN
+    );
+    assert_eq!(
+        dev["command"]["maxLength"],
+        atelier_core::workspace::MAX_COMMAND_BYTES
+    );
+    assert_eq!(dev["command"]["minLength"], 1);
+    assert_eq!(schemas["ExecBody"]["properties"]["command"]["minItems"], 1);
+
+    for method in ["get", "put"] {
+        let op = &doc["paths"]["/api/v1/sandboxes/{id}/files"][method];
+        let params = op["parameters"].as_array().unwrap();
+        let path = params.iter().find(|p| p["name"] == "path").unwrap();
+        assert_eq!(
+            path["in"], "query",
+            "{method} files: path is a query parameter"
+        );
+        assert_eq!(path["required"], true, "{method} files: path is required");
+        assert!(
+            path["schema"]["pattern"]
+                .as_str()
+                .unwrap()
+                .starts_with("^/"),
+            "{method} files: path must be absolute"
+        );
+        let mode = params.iter().find(|p| p["name"] == "mode").unwrap();
+        assert_eq!(mode["required"], false);
+    }
+    let secret = &doc["paths"]["/api/v1/secrets/{name}"]["put"]["parameters"][0];
+    assert_eq!(
+        secret["schema"]["pattern"],
+        atelier_core::workspace::SECRET_NAME_PATTERN
+    );
+}
+
+/// Every string of `alphabet` up to `max_len` long, plus long ones around `edge`.
+fn samples(alphabet: &str, max_len: usize, edge: usize) -> Vec<String> {
+    let chars: Vec<char> = alphabet.chars().collect();
+    let mut out = vec![String::new()];
+    let mut level = vec![String::new()];
+    for _ in 0..max_len {
+        level = level
+            .iter()
+            .flat_map(|s| chars.iter().map(move |c| format!("{s}{c}")))
+            .collect();
+        out.extend(level.iter().cloned());
+    }
+    for n in edge.saturating_sub(1)..=edge + 1 {
+        for (first, last) in [('a', 'a'), ('a', '-'), ('0', 'a'), ('a', '.')] {
+            let mut s = String::from(first);
+            s.push_str(&"b".repeat(n.saturating_sub(2)));
+            s.push(last);
+            out.push(s);
+        }
+    }
+    out
+}
+
+#[test]
+fn name_patterns_agree_with_the_validators() {
+    let name = regex::Regex::new(atelier_core::NAME_PATTERN).unwrap();
+    for s in samples("a0-_.A ", 4, atelier_core::MAX_NAME_LEN) {
+        // The only rule the pattern leaves out: a name must not look like an id.
+        let ok = atelier_core::validate_name(&s).is_ok();
+        assert_eq!(name.is_match(&s), ok, "sandbox name {s:?}");
+    }
+    assert!(
+        name.is_match("sb-0123456789") && atelier_core::validate_name("sb-0123456789").is_err()
+    );
+
+    let secret = regex::Regex::new(atelier_core::workspace::SECRET_NAME_PATTERN).unwrap();
+    for s in samples("a0-_.A =", 4, atelier_core::workspace::MAX_SECRET_NAME_LEN) {
+        let ok = atelier_core::validate_secret_name(&s).is_ok();
+        assert_eq!(secret.is_match(&s), ok, "secret name {s:?}");
+    }
+
+    let dev = regex::Regex::new(atelier_agent_proto::DEV_NAME_PATTERN).unwrap();
+    for s in samples("a0-_.A", 4, atelier_agent_proto::DEV_NAME_MAX) {
+        let ok = atelier_agent_proto::valid_dev_name(&s);
+        assert_eq!(dev.is_match(&s), ok, "dev command name {s:?}");
+    }
+}

@@ -193,6 +193,7 @@ fn default_memory() -> u32 {
 
 /// `?wait=` for create and start.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct WaitQuery {
     /// Wait until the agent is ready (default true); false returns at once.
     #[serde(default = "yes")]
@@ -223,8 +224,8 @@ pub async fn list(State(st): State<AppState>) -> ApiResult<Json<Vec<SandboxView>
 /// Create a sandbox and (by default) wait until its agent answers.
 #[utoipa::path(post, path = "/api/v1/sandboxes", tag = "sandboxes", params(WaitQuery),
     request_body = CreateBody,
-    responses((status = 201, body = SandboxView), (status = 400, body = ApiErrorBody),
-              (status = 409, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
+    responses((status = 201, body = SandboxView), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody),
+              (status = 409, body = ApiErrorBody), (status = 503, body = ApiErrorBody), (status = 507, body = ApiErrorBody)))]
 pub async fn create(
     State(st): State<AppState>,
     ApiQuery(q): ApiQuery<WaitQuery>,
@@ -260,7 +261,7 @@ pub async fn show(
 /// Delete a sandbox in any state, reclaiming everything it holds.
 #[utoipa::path(delete, path = "/api/v1/sandboxes/{id}", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox id or name")),
-    responses((status = 200, body = SandboxView), (status = 404, body = ApiErrorBody)))]
+    responses((status = 200, body = SandboxView), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
 pub async fn delete(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -272,7 +273,8 @@ pub async fn delete(
 /// Boot a stopped or failed sandbox.
 #[utoipa::path(post, path = "/api/v1/sandboxes/{id}/start", tag = "sandboxes", params(
     ("id" = String, Path, description = "Sandbox id or name"), WaitQuery),
-    responses((status = 200, body = SandboxView), (status = 409, body = ApiErrorBody)))]
+    responses((status = 200, body = SandboxView), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody),
+              (status = 503, body = ApiErrorBody), (status = 507, body = ApiErrorBody)))]
 pub async fn start(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -285,7 +287,7 @@ pub async fn start(
 /// Stop a running sandbox (its disk is kept).
 #[utoipa::path(post, path = "/api/v1/sandboxes/{id}/stop", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox id or name")),
-    responses((status = 200, body = SandboxView), (status = 409, body = ApiErrorBody)))]
+    responses((status = 200, body = SandboxView), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
 pub async fn stop(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -297,7 +299,8 @@ pub async fn stop(
 /// Pause a running sandbox: memory and device state go to disk, host RAM is freed.
 #[utoipa::path(post, path = "/api/v1/sandboxes/{id}/pause", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox id or name")),
-    responses((status = 200, body = SandboxView), (status = 409, body = ApiErrorBody)))]
+    responses((status = 200, body = SandboxView), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody),
+              (status = 503, body = ApiErrorBody), (status = 507, body = ApiErrorBody)))]
 pub async fn pause(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -309,7 +312,8 @@ pub async fn pause(
 /// Resume a paused sandbox where it was.
 #[utoipa::path(post, path = "/api/v1/sandboxes/{id}/resume", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox id or name")),
-    responses((status = 200, body = SandboxView), (status = 409, body = ApiErrorBody)))]
+    responses((status = 200, body = SandboxView), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody),
+              (status = 503, body = ApiErrorBody), (status = 507, body = ApiErrorBody)))]
 pub async fn resume(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -330,7 +334,8 @@ pub struct ForkBody {
 /// processes and disk (the source pauses only for the copy).
 #[utoipa::path(post, path = "/api/v1/sandboxes/{id}/fork", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox id or name")), request_body = ForkBody,
-    responses((status = 201, body = SandboxView), (status = 409, body = ApiErrorBody)))]
+    responses((status = 201, body = SandboxView), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody),
+              (status = 409, body = ApiErrorBody), (status = 503, body = ApiErrorBody), (status = 507, body = ApiErrorBody)))]
 pub async fn fork(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -395,14 +400,18 @@ pub enum ExecEventView {
     },
 }
 
-const MAX_STDIN: usize = 64 << 20;
+/// Most standard input an exec request may carry (decoded).
+pub(super) const MAX_STDIN: usize = 64 << 20;
+
+/// Longest guest path a file transfer may name, in bytes.
+pub(super) const MAX_GUEST_PATH: usize = 4096;
 
 /// Run a command; the response streams its output as NDJSON lines, in order, as it
 /// comes, ending with an `exit` line.
 #[utoipa::path(post, path = "/api/v1/sandboxes/{id}/exec", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox id or name")), request_body = ExecBody,
     responses((status = 200, description = "NDJSON stream of ExecEventView", content_type = "application/x-ndjson", body = ExecEventView),
-              (status = 409, body = ApiErrorBody)))]
+              (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
 pub async fn exec(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -512,6 +521,7 @@ pub async fn exec(
 
 /// `?path=` (and `mode=` for uploads) for file transfers.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct FileQuery {
     /// Absolute path in the guest.
     pub path: String,
@@ -521,9 +531,9 @@ pub struct FileQuery {
 }
 
 fn check_guest_path(p: &str) -> Result<(), Error> {
-    if !p.starts_with('/') || p.len() > 4096 || p.contains('\0') {
+    if !p.starts_with('/') || p.len() > MAX_GUEST_PATH || p.contains('\0') {
         return Err(Error::invalid(format!(
-            "path {p:?} must be absolute and under 4096 bytes"
+            "path {p:?} must be absolute, without NUL, and at most {MAX_GUEST_PATH} bytes"
         )));
     }
     Ok(())
@@ -533,7 +543,8 @@ fn check_guest_path(p: &str) -> Result<(), Error> {
 #[utoipa::path(put, path = "/api/v1/sandboxes/{id}/files", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox id or name"), FileQuery),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
-    responses((status = 200, description = "Bytes written", body = serde_json::Value), (status = 409, body = ApiErrorBody)))]
+    responses((status = 200, description = "Bytes written", body = serde_json::Value),
+              (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
 pub async fn upload(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -564,7 +575,7 @@ pub async fn upload(
 #[utoipa::path(get, path = "/api/v1/sandboxes/{id}/files", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox id or name"), FileQuery),
     responses((status = 200, description = "File bytes", content_type = "application/octet-stream"),
-              (status = 404, body = ApiErrorBody)))]
+              (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
 pub async fn download(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -582,6 +593,7 @@ pub async fn download(
 
 /// `?tail_bytes=` for logs.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct LogsQuery {
     /// Only the last N bytes (default 1 MiB).
     #[serde(default)]
@@ -615,7 +627,7 @@ pub async fn logs(
 /// A metrics sample from the guest agent.
 #[utoipa::path(get, path = "/api/v1/sandboxes/{id}/metrics", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox id or name")),
-    responses((status = 200, body = serde_json::Value), (status = 409, body = ApiErrorBody)))]
+    responses((status = 200, body = serde_json::Value), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
 pub async fn metrics(
     State(st): State<AppState>,
     Path(id): Path<String>,
