@@ -212,3 +212,64 @@ fn name_patterns_agree_with_the_validators() {
         assert_eq!(dev.is_match(&s), ok, "dev command name {s:?}");
     }
 }
+
+/// Every `pattern` in the document, with where it is.
+fn patterns(v: &serde_json::Value, at: &str, out: &mut Vec<(String, String)>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                if k == "pattern"
+                    && let Some(p) = x.as_str()
+                {
+                    out.push((at.to_owned(), p.to_owned()));
+                }
+                patterns(x, &format!("{at}/{k}"), out);
+            }
+        }
+        serde_json::Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                patterns(x, &format!("{at}/{i}"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn every_pattern_is_a_valid_regular_expression() {
+    let mut found = Vec::new();
+    patterns(&document(), "", &mut found);
+    assert!(found.len() >= 10, "only {} patterns", found.len());
+    for (at, p) in found {
+        assert!(
+            regex::Regex::new(&p).is_ok(),
+            "{at}: {p:?} does not compile"
+        );
+    }
+}
+
+#[test]
+fn every_domain_the_schema_allows_is_accepted() {
+    let doc = document();
+    let pattern = doc["components"]["schemas"]["DomainPattern"]["pattern"]
+        .as_str()
+        .unwrap();
+    let re = regex::Regex::new(pattern).unwrap();
+    let mut matched = 0;
+    for s in samples("a0-.*", 6, 63)
+        .into_iter()
+        .chain(["github.com", "*.pypi.org", "GitHub.COM", "*.a.b", "x1.io"].map(String::from))
+    {
+        if re.is_match(&s) {
+            matched += 1;
+            assert!(
+                s.parse::<atelier_core::DomainPattern>().is_ok(),
+                "the schema allows {s:?} but the server refuses it"
+            );
+        }
+    }
+    assert!(matched > 100, "only {matched} samples matched");
+    for bad in ["1.2.3.4", "*.com", "a..b", "-a.com", "a.com-", ""] {
+        assert!(!re.is_match(bad), "{bad:?}");
+    }
+}

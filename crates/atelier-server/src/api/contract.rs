@@ -24,6 +24,12 @@ use crate::workspaces::MAX_SECRET_BYTES;
 const COMMAND_PATTERN: &str = "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$";
 /// An absolute guest path without NUL bytes.
 const ABS_PATH_PATTERN: &str = "^/[^\\u0000]*$";
+/// An egress allow-list entry. Stricter than `DomainPattern`'s parser (the last
+/// label must start with a letter, no trailing dot) so that it can be a plain
+/// regular expression: every entry it matches is accepted.
+const DOMAIN_PATTERN: &str = "^(?:\\*\\.(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\\.)+|(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\\.)*)[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$";
+/// Longest egress allow-list entry.
+const MAX_DOMAIN_LEN: usize = 253;
 /// An octal file mode of at most 0o7777.
 const MODE_PATTERN: &str = "^[0-7]{1,4}$";
 
@@ -166,6 +172,10 @@ impl utoipa::Modify for Constraints {
         object(doc, "MountSpec", &["target"], abs_path);
         object(doc, "ForkBody", &["name"], name);
         egress_allow(doc);
+        object(doc, "DomainPattern", &[], |o| {
+            o.pattern = Some(DOMAIN_PATTERN.to_owned());
+            o.max_length = Some(MAX_DOMAIN_LEN);
+        });
 
         // POST /sandboxes/{id}/exec.
         array(doc, "ExecBody", &["command"], |a| {

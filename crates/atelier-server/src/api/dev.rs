@@ -23,7 +23,7 @@ pub struct DevStartBody {
     /// Name: 1-30 of a-z, 0-9 and '-', starting with a letter; the URL is
     /// `dev-{name}-{sandbox id}.DOMAIN`.
     pub name: String,
-    /// Shell command line (`/bin/sh -c`).
+    /// Shell command line (`/bin/sh -c`): 1 byte to 16 KiB, not blank, no NUL.
     pub command: String,
     /// TCP port it serves on (the proxy routes to it once it listens).
     #[serde(default)]

@@ -349,7 +349,8 @@ pub async fn fork(
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecBody {
-    /// Program and arguments (no shell; use `["sh","-c","..."]` for one).
+    /// Program and arguments (no shell; use `["sh","-c","..."]` for one); the
+    /// program must not be empty.
     pub command: Vec<String>,
     /// Extra environment variables.
     #[serde(default)]
