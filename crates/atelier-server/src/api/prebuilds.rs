@@ -60,7 +60,7 @@ fn view((p, stale): (atelier_store::PrebuildRecord, bool)) -> PrebuildView {
 #[utoipa::path(post, path = "/api/v1/workspaces/{name}/prebuilds", tag = "prebuilds",
     params(("name" = String, Path, description = "Workspace name")),
     responses((status = 202, body = PrebuildView), (status = 400, body = super::ApiErrorBody), (status = 404, body = super::ApiErrorBody),
-              (status = 409, body = super::ApiErrorBody), (status = 503, body = super::ApiErrorBody), (status = 507, body = super::ApiErrorBody)))]
+              (status = 409, body = super::ApiErrorBody)))]
 pub async fn create(
     State(st): State<AppState>,
     Path(name): Path<String>,

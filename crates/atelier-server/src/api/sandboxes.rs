@@ -261,7 +261,8 @@ pub async fn show(
 /// Delete a sandbox in any state, reclaiming everything it holds.
 #[utoipa::path(delete, path = "/api/v1/sandboxes/{id}", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox id or name")),
-    responses((status = 200, body = SandboxView), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+    responses((status = 200, body = SandboxView), (status = 404, body = ApiErrorBody),
+              (status = 409, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
 pub async fn delete(
     State(st): State<AppState>,
     Path(id): Path<String>,
