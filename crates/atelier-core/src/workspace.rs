@@ -36,8 +36,8 @@ pub const MAX_SECRET_NAME_LEN: usize = 64;
 /// The rule of [`validate_secret_name`] as a regular expression (ECMA 262 and Rust
 /// `regex` syntax), for API schemas.
 pub const SECRET_NAME_PATTERN: &str = "^[a-z0-9][a-z0-9._-]{0,63}$";
-/// Longest guest path.
-const MAX_PATH_LEN: usize = 4096;
+/// Longest guest path, in bytes.
+pub const MAX_PATH_LEN: usize = 4096;
 
 /// A workspace definition, as written by the user (YAML or JSON) and stored by the
 /// manager. Unknown keys are refused so that typos are caught.

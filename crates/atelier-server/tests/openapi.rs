@@ -273,3 +273,35 @@ fn every_domain_the_schema_allows_is_accepted() {
         assert!(!re.is_match(bad), "{bad:?}");
     }
 }
+
+/// Whether the server accepts a workspace definition with `field` set to `value`.
+fn workspace_accepts(edit: impl FnOnce(&mut serde_json::Value)) -> bool {
+    let mut spec = serde_json::json!({
+        "name": "w",
+        "dev": [{"name": "d", "command": "x"}],
+        "secrets": {"files": [{"path": "/f", "secret": "s"}]},
+    });
+    edit(&mut spec);
+    serde_json::from_value::<atelier_core::WorkspaceSpec>(spec).is_ok_and(|s| s.validate().is_ok())
+}
+
+#[test]
+fn workspace_path_and_mode_patterns_agree_with_the_validator() {
+    let doc = document();
+    let schemas = &doc["components"]["schemas"];
+    let re = |v: &serde_json::Value| regex::Regex::new(v.as_str().unwrap()).unwrap();
+    let cwd = re(&schemas["WorkspaceDev"]["properties"]["cwd"]["pattern"]);
+    let file = re(&schemas["SecretFile"]["properties"]["path"]["pattern"]);
+    let mode = re(&schemas["SecretFile"]["properties"]["mode"]["pattern"]);
+    for s in samples("/a.\u{1}", 5, 8) {
+        let ok = workspace_accepts(|w| w["dev"][0]["cwd"] = s.clone().into());
+        assert_eq!(cwd.is_match(&s), ok, "dev cwd {s:?}");
+        let ok = workspace_accepts(|w| w["secrets"]["files"][0]["path"] = s.clone().into());
+        // The pattern refuses a few paths the server takes ("//"): never the reverse.
+        assert!(!file.is_match(&s) || ok, "secret file path {s:?}");
+    }
+    for s in samples("0178", 4, 2) {
+        let ok = workspace_accepts(|w| w["secrets"]["files"][0]["mode"] = s.clone().into());
+        assert_eq!(mode.is_match(&s), ok, "secret file mode {s:?}");
+    }
+}

@@ -5,8 +5,8 @@
 
 use atelier_agent_proto::{DEV_NAME_MAX, DEV_NAME_PATTERN};
 use atelier_core::workspace::{
-    MAX_COMMAND_BYTES, MAX_DEV, MAX_DISK_GIB, MAX_ENV, MAX_INIT, MAX_REPOS, MAX_SECRET_FILES,
-    MAX_SECRET_NAME_LEN, MAX_URL_LEN, MIN_DISK_GIB, SECRET_NAME_PATTERN,
+    MAX_COMMAND_BYTES, MAX_DEV, MAX_DISK_GIB, MAX_ENV, MAX_INIT, MAX_PATH_LEN, MAX_REPOS,
+    MAX_SECRET_FILES, MAX_SECRET_NAME_LEN, MAX_URL_LEN, MIN_DISK_GIB, SECRET_NAME_PATTERN,
 };
 use atelier_core::{
     MAX_EGRESS_DOMAINS, MAX_MEMORY_MIB, MAX_MOUNTS, MAX_NAME_LEN, MAX_VCPUS, MIN_MEMORY_MIB,
@@ -30,6 +30,28 @@ const ABS_PATH_PATTERN: &str = "^/[^\\u0000]*$";
 const DOMAIN_PATTERN: &str = "^(?:\\*\\.(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\\.)+|(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\\.)*)[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$";
 /// Longest egress allow-list entry.
 const MAX_DOMAIN_LEN: usize = 253;
+/// A workspace secret file's mode: octal, at most 0o777.
+const SECRET_MODE_PATTERN: &str = "^(?:[0-7]{1,3}|0[0-7]{3})$";
+/// An environment variable name in a workspace definition.
+const ENV_NAME_PATTERN: &str = "^[A-Za-z_][A-Za-z0-9_]{0,255}$";
+
+/// A workspace definition's guest path: absolute, no control character, no `..`
+/// component; `/` itself only when `root_ok`.
+fn workspace_path_pattern(root_ok: bool) -> String {
+    // One character of a component, and one that is not a dot.
+    let x = "[^/\\u0000-\\u001f\\u007f-\\u009f]";
+    let xn = "[^/.\\u0000-\\u001f\\u007f-\\u009f]";
+    // Any component but `..`: three or more characters, two that are not both
+    // dots, or one.
+    let nonempty = format!("(?:{x}{{3,}}|{xn}{x}|\\.{xn}|{x})");
+    let any = format!("{nonempty}?");
+    if root_ok {
+        format!("^(?:/{any})+$")
+    } else {
+        format!("^/{nonempty}(?:/{any})*$")
+    }
+}
+
 /// An octal file mode of at most 0o7777.
 const MODE_PATTERN: &str = "^[0-7]{1,4}$";
 
@@ -243,6 +265,40 @@ impl utoipa::Modify for Constraints {
         });
         array(doc, "WorkspaceSecrets", &["files"], |a| {
             a.max_items = Some(MAX_SECRET_FILES)
+        });
+        object(doc, "WorkspaceSpec", &["image"], name);
+        let dir = workspace_path_pattern(true);
+        let file = workspace_path_pattern(false);
+        object(doc, "WorkspaceDev", &["cwd"], |o| {
+            o.pattern = Some(dir);
+            o.max_length = Some(MAX_PATH_LEN);
+        });
+        for schema in ["RepoSpec", "SecretFile"] {
+            object(doc, schema, &["path"], |o| {
+                o.pattern = Some(file.clone());
+                o.max_length = Some(MAX_PATH_LEN);
+            });
+        }
+        object(doc, "SecretFile", &["mode"], |o| {
+            o.pattern = Some(SECRET_MODE_PATTERN.to_owned());
+        });
+        object(doc, "RepoSpec", &["credentials"], secret_name);
+        for (schema, field) in [("WorkspaceDev", "env"), ("WorkspaceSecrets", "env")] {
+            object(doc, schema, &[field], |o| {
+                o.property_names = Some(Box::new(Schema::Object(
+                    string_object().pattern(Some(ENV_NAME_PATTERN)).build(),
+                )));
+            });
+        }
+        object(doc, "WorkspaceDev", &["env"], |o| {
+            o.additional_properties = Some(Box::new(
+                utoipa::openapi::schema::AdditionalProperties::RefOr(RefOr::T(Schema::Object(
+                    string_object()
+                        .pattern(Some("^[^\\u0000]*$"))
+                        .max_length(Some(MAX_COMMAND_BYTES))
+                        .build(),
+                ))),
+            ));
         });
         object(doc, "SecretRef", &["secret"], secret_name);
         object(doc, "SecretFile", &["secret"], secret_name);
