@@ -303,7 +303,7 @@ pub struct Owner {
 
 fn check_abs(field: &'static str, p: &str) -> Result<(), ValidationError> {
     let ok = p.starts_with('/')
-        && p.len() <= 4096
+        && p.len() <= crate::workspace::MAX_PATH_LEN
         && !p.contains('\0')
         && !p.split('/').any(|c| c == "..")
         && p != "/";

@@ -305,3 +305,32 @@ fn workspace_path_and_mode_patterns_agree_with_the_validator() {
         assert_eq!(mode.is_match(&s), ok, "secret file mode {s:?}");
     }
 }
+
+#[test]
+fn mount_path_pattern_agrees_with_the_validator() {
+    let doc = document();
+    let props = &doc["components"]["schemas"]["MountSpec"]["properties"];
+    let re = regex::Regex::new(props["target"]["pattern"].as_str().unwrap()).unwrap();
+    for s in samples("/a.\0", 5, 8) {
+        let spec = atelier_core::SandboxSpec {
+            name: "m".into(),
+            image: "minimal".into(),
+            vcpus: 1,
+            memory_mib: 1024,
+            mounts: vec![atelier_core::MountSpec {
+                source: "/srv".into(),
+                target: s.clone(),
+                read_only: false,
+            }],
+            mount_owner: None,
+            cold_boot: false,
+            egress: Default::default(),
+            workspace: None,
+        };
+        // The pattern refuses a few paths the validator takes ("//"): never the reverse.
+        assert!(
+            !re.is_match(&s) || spec.validate().is_ok(),
+            "mount target {s:?}"
+        );
+    }
+}

@@ -35,12 +35,15 @@ const SECRET_MODE_PATTERN: &str = "^(?:[0-7]{1,3}|0[0-7]{3})$";
 /// An environment variable name in a workspace definition.
 const ENV_NAME_PATTERN: &str = "^[A-Za-z_][A-Za-z0-9_]{0,255}$";
 
-/// A workspace definition's guest path: absolute, no control character, no `..`
-/// component; `/` itself only when `root_ok`.
-fn workspace_path_pattern(root_ok: bool) -> String {
+/// Characters a workspace definition's paths may not hold: control characters.
+const CONTROL: &str = "\\u0000-\\u001f\\u007f-\\u009f";
+
+/// An absolute path without a `..` component or a character of the class `bad`;
+/// `/` itself only when `root_ok`.
+fn path_pattern(root_ok: bool, bad: &str) -> String {
     // One character of a component, and one that is not a dot.
-    let x = "[^/\\u0000-\\u001f\\u007f-\\u009f]";
-    let xn = "[^/.\\u0000-\\u001f\\u007f-\\u009f]";
+    let x = format!("[^/{bad}]");
+    let xn = format!("[^/.{bad}]");
     // Any component but `..`: three or more characters, two that are not both
     // dots, or one.
     let nonempty = format!("(?:{x}{{3,}}|{xn}{x}|\\.{xn}|{x})");
@@ -190,8 +193,14 @@ impl utoipa::Modify for Constraints {
         array(doc, "CreateBody", &["mounts"], |a| {
             a.max_items = Some(MAX_MOUNTS)
         });
-        object(doc, "MountSpec", &["source"], abs_path);
-        object(doc, "MountSpec", &["target"], abs_path);
+        // Absolute, not `/`, no `..` component, no NUL.
+        let mount = path_pattern(false, "\\u0000");
+        for field in ["source", "target"] {
+            object(doc, "MountSpec", &[field], |o| {
+                o.pattern = Some(mount.clone());
+                o.max_length = Some(MAX_PATH_LEN);
+            });
+        }
         object(doc, "ForkBody", &["name"], name);
         egress_allow(doc);
         object(doc, "DomainPattern", &[], |o| {
@@ -205,7 +214,6 @@ impl utoipa::Modify for Constraints {
             // The program must be named; arguments may be empty.
             a.prefix_items = vec![Schema::Object(string_object().min_length(Some(1)).build())];
         });
-        object(doc, "ExecBody", &["cwd"], abs_path);
         object(doc, "ExecBody", &["stdin"], |o| {
             o.max_length = Some(MAX_STDIN.div_ceil(3) * 4);
         });
@@ -214,7 +222,9 @@ impl utoipa::Modify for Constraints {
         object(doc, "DevStartBody", &["name"], dev_name);
         object(doc, "DevStartBody", &["command"], command);
         object(doc, "DevStartBody", &["port"], port);
-        object(doc, "DevStartBody", &["cwd"], abs_path);
+        object(doc, "DevStartBody", &["cwd"], |o| {
+            o.pattern = Some(ABS_PATH_PATTERN.to_owned())
+        });
         object(doc, "DevStartBody", &["env"], |o| {
             o.max_properties = Some(MAX_DEV_ENV);
             o.property_names = Some(Box::new(Schema::Object(
@@ -267,8 +277,8 @@ impl utoipa::Modify for Constraints {
             a.max_items = Some(MAX_SECRET_FILES)
         });
         object(doc, "WorkspaceSpec", &["image"], name);
-        let dir = workspace_path_pattern(true);
-        let file = workspace_path_pattern(false);
+        let dir = path_pattern(true, CONTROL);
+        let file = path_pattern(false, CONTROL);
         object(doc, "WorkspaceDev", &["cwd"], |o| {
             o.pattern = Some(dir);
             o.max_length = Some(MAX_PATH_LEN);
