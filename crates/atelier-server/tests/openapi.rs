@@ -334,3 +334,21 @@ fn mount_path_pattern_agrees_with_the_validator() {
         );
     }
 }
+
+#[test]
+fn stdin_pattern_accepts_exactly_what_the_server_decodes() {
+    use base64::Engine;
+    let doc = document();
+    let stdin = &doc["components"]["schemas"]["ExecBody"]["properties"]["stdin"];
+    let re = regex::Regex::new(stdin["pattern"].as_str().unwrap()).unwrap();
+    let mut decoded = 0;
+    for s in samples("AQB/=", 4, 4)
+        .into_iter()
+        .chain(["aGk=", "aGVsbG8=", "aGVsbG8gd29ybGQ=", "aGj=", "aR=="].map(String::from))
+    {
+        let ok = base64::engine::general_purpose::STANDARD.decode(&s).is_ok();
+        decoded += usize::from(ok);
+        assert_eq!(re.is_match(&s), ok, "stdin {s:?}");
+    }
+    assert!(decoded > 20, "only {decoded} samples decoded");
+}

@@ -55,8 +55,11 @@ fn path_pattern(root_ok: bool, bad: &str) -> String {
     }
 }
 
+/// Standard padded base64 as the server decodes it (unused trailing bits zero).
+const BASE64_PATTERN: &str =
+    "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)?$";
 /// An octal file mode of at most 0o7777.
-const MODE_PATTERN: &str = "^[0-7]{1,4}$";
+pub(super) const MODE_PATTERN: &str = "^[0-7]{1,4}$";
 
 /// The operations of a path item.
 fn operations_mut(item: &mut PathItem) -> impl Iterator<Item = &mut Operation> {
@@ -215,7 +218,9 @@ impl utoipa::Modify for Constraints {
             a.prefix_items = vec![Schema::Object(string_object().min_length(Some(1)).build())];
         });
         object(doc, "ExecBody", &["stdin"], |o| {
+            o.pattern = Some(BASE64_PATTERN.to_owned());
             o.max_length = Some(MAX_STDIN.div_ceil(3) * 4);
+            o.content_encoding = "base64".to_owned();
         });
 
         // POST /sandboxes/{id}/dev.

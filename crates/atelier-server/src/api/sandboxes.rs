@@ -541,6 +541,19 @@ fn check_guest_path(p: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// An upload's `mode`: 1 to 4 octal digits (so at most 0o7777), as the schema says;
+/// `from_str_radix` alone would also take "+644" and any number of leading zeros.
+fn parse_mode(m: &str) -> Result<u32, Error> {
+    Some(m)
+        .filter(|m| (1..=4).contains(&m.len()) && m.bytes().all(|b| (b'0'..=b'7').contains(&b)))
+        .and_then(|m| u32::from_str_radix(m, 8).ok())
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "mode {m:?} is not an octal file mode: write 1 to 4 digits 0-7, such as 644"
+            ))
+        })
+}
+
 /// Upload a file into the sandbox; the body is streamed.
 #[utoipa::path(put, path = "/api/v1/sandboxes/{id}/files", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox id or name"), FileQuery),
@@ -555,10 +568,7 @@ pub async fn upload(
 ) -> ApiResult<Json<serde_json::Value>> {
     check_guest_path(&q.path)?;
     let mode = match &q.mode {
-        Some(m) => u32::from_str_radix(m, 8)
-            .ok()
-            .filter(|m| *m <= 0o7777)
-            .ok_or_else(|| Error::invalid(format!("mode {m:?} is not an octal file mode")))?,
+        Some(m) => parse_mode(m)?,
         None => 0o644,
     };
     let (_rec, agent) = st.mgr.agent(&id).await?;
@@ -639,4 +649,20 @@ pub async fn metrics(
     Ok(Json(
         serde_json::to_value(m).map_err(|e| Error::internal(e.to_string()))?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn upload_mode_is_what_the_schema_says() {
+        let re = regex::Regex::new(super::super::contract::MODE_PATTERN).unwrap_or_else(|e| {
+            panic!("MODE_PATTERN does not compile: {e}");
+        });
+        for m in [
+            "", "0", "7", "644", "0755", "7777", "8", "+644", "00644", "-1", "64 4", "0o644",
+        ] {
+            assert_eq!(super::parse_mode(m).is_ok(), re.is_match(m), "mode {m:?}");
+        }
+        assert_eq!(super::parse_mode("0755").ok(), Some(0o755));
+    }
 }
