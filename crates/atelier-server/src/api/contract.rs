@@ -20,6 +20,8 @@ use super::sandboxes::{MAX_GUEST_PATH, MAX_STDIN};
 use crate::dev::MAX_DEV_ENV;
 use crate::workspaces::MAX_SECRET_BYTES;
 
+/// Text without a NUL byte.
+const NO_NUL: &str = "^[^\\u0000]*$";
 /// A shell command line: at least one non-blank character, no NUL byte.
 const COMMAND_PATTERN: &str = "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$";
 /// An absolute guest path without NUL bytes.
@@ -215,7 +217,26 @@ impl utoipa::Modify for Constraints {
         array(doc, "ExecBody", &["command"], |a| {
             a.min_items = Some(1);
             // The program must be named; arguments may be empty.
-            a.prefix_items = vec![Schema::Object(string_object().min_length(Some(1)).build())];
+            a.prefix_items = vec![Schema::Object(
+                string_object()
+                    .min_length(Some(1))
+                    .pattern(Some(NO_NUL))
+                    .build(),
+            )];
+            // The agent cannot pass a NUL byte to execve.
+            a.items = utoipa::openapi::schema::ArrayItems::RefOrSchema(Box::new(RefOr::T(
+                Schema::Object(string_object().pattern(Some(NO_NUL)).build()),
+            )));
+        });
+        object(doc, "ExecBody", &["env"], |o| {
+            o.property_names = Some(Box::new(Schema::Object(
+                string_object().pattern(Some(NO_NUL)).build(),
+            )));
+            o.additional_properties = Some(Box::new(
+                utoipa::openapi::schema::AdditionalProperties::RefOr(RefOr::T(Schema::Object(
+                    string_object().pattern(Some(NO_NUL)).build(),
+                ))),
+            ));
         });
         object(doc, "ExecBody", &["stdin"], |o| {
             o.pattern = Some(BASE64_PATTERN.to_owned());
@@ -235,6 +256,11 @@ impl utoipa::Modify for Constraints {
             o.property_names = Some(Box::new(Schema::Object(
                 string_object().pattern(Some("^[^=\\u0000]+$")).build(),
             )));
+            o.additional_properties = Some(Box::new(
+                utoipa::openapi::schema::AdditionalProperties::RefOr(RefOr::T(Schema::Object(
+                    string_object().pattern(Some(NO_NUL)).build(),
+                ))),
+            ));
         });
         object(doc, "DevStartBody", &["restart"], |o| {
             o.enum_values = Some(vec![
@@ -309,7 +335,7 @@ impl utoipa::Modify for Constraints {
             o.additional_properties = Some(Box::new(
                 utoipa::openapi::schema::AdditionalProperties::RefOr(RefOr::T(Schema::Object(
                     string_object()
-                        .pattern(Some("^[^\\u0000]*$"))
+                        .pattern(Some(NO_NUL))
                         .max_length(Some(MAX_COMMAND_BYTES))
                         .build(),
                 ))),
