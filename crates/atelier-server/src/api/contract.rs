@@ -16,6 +16,7 @@ use utoipa::openapi::path::{Operation, ParameterIn, PathItem};
 use utoipa::openapi::schema::{Array, Object, Schema};
 use utoipa::openapi::{ContentBuilder, OpenApi, Ref, RefOr, ResponseBuilder};
 
+use super::events::EVENT_TYPES;
 use super::sandboxes::{MAX_GUEST_PATH, MAX_STDIN};
 use crate::dev::MAX_DEV_ENV;
 use crate::workspaces::MAX_SECRET_BYTES;
@@ -55,6 +56,21 @@ fn path_pattern(root_ok: bool, bad: &str) -> String {
     } else {
         format!("^/{nonempty}(?:/{any})*$")
     }
+}
+
+/// `?types=` of the events stream: empty, or a comma-separated list of event types
+/// and type prefixes (the part before the dot), each maybe padded with blanks.
+fn event_types_pattern() -> String {
+    let mut names: Vec<String> = EVENT_TYPES.iter().map(|t| t.replace('.', "\\.")).collect();
+    let mut prefixes: Vec<&str> = EVENT_TYPES
+        .iter()
+        .filter_map(|t| t.split('.').next())
+        .collect();
+    prefixes.sort_unstable();
+    prefixes.dedup();
+    names.extend(prefixes.into_iter().map(str::to_owned));
+    let one = format!("[ \\t]*(?:{})[ \\t]*", names.join("|"));
+    format!("^(?:{one}(?:,{one})*)?$")
 }
 
 /// Standard padded base64 as the server decodes it (unused trailing bits zero).
@@ -358,6 +374,20 @@ impl utoipa::Modify for Constraints {
         ];
         for (path, param, f) in params {
             parameter(doc, path, param, f);
+        }
+        let types = event_types_pattern();
+        if let Some(p) = doc
+            .paths
+            .paths
+            .get_mut("/api/v1/events")
+            .and_then(|i| i.get.as_mut())
+            .and_then(|op| op.parameters.as_mut())
+            .and_then(|ps| ps.iter_mut().find(|p| p.name == "types"))
+            && let Some(RefOr::T(Schema::Object(o))) = &mut p.schema
+        {
+            o.pattern = Some(types);
+        } else {
+            debug_assert!(false, "no types parameter on /api/v1/events");
         }
         if let Some(body) = doc
             .paths
