@@ -158,6 +158,20 @@ fn the_document_states_the_limits_the_server_enforces() {
         let mode = params.iter().find(|p| p["name"] == "mode").unwrap();
         assert_eq!(mode["required"], false);
     }
+    let types = &doc["paths"]["/api/v1/events"]["get"]["parameters"][0];
+    assert_eq!(types["name"], "types");
+    let types = regex::Regex::new(types["schema"]["pattern"].as_str().unwrap()).unwrap();
+    for ok in [
+        "",
+        "sandbox",
+        "sandbox,dev.state",
+        " prebuild.log , workspace",
+    ] {
+        assert!(types.is_match(ok), "events types {ok:?}");
+    }
+    for bad in [",", "bogus", "sandbox,", "sandbox.nope", "dev.state.x"] {
+        assert!(!types.is_match(bad), "events types {bad:?}");
+    }
     let secret = &doc["paths"]["/api/v1/secrets/{name}"]["put"]["parameters"][0];
     assert_eq!(
         secret["schema"]["pattern"],
