@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 /// Longest dev command name.
 pub const DEV_NAME_MAX: usize = 30;
 
+/// The rule of [`valid_dev_name`] as a regular expression (ECMA 262 and Rust `regex`
+/// syntax), for API schemas.
+pub const DEV_NAME_PATTERN: &str = "^[a-z][a-z0-9-]{0,29}$";
+
 /// What the agent does when a dev command exits on its own (not by `DevStop`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RestartPolicy {

@@ -60,7 +60,9 @@ pub use client::{
     AgentClient, DEFAULT_TIMEOUT, DevLogStream, ExecHandle, ExecOutput, ExecStdin, GuestStream,
     PtyReader, PtySession, PtyWriter, ReadFileStream,
 };
-pub use dev::{DEV_NAME_MAX, DevSpec, DevState, DevStatus, RestartPolicy, valid_dev_name};
+pub use dev::{
+    DEV_NAME_MAX, DEV_NAME_PATTERN, DevSpec, DevState, DevStatus, RestartPolicy, valid_dev_name,
+};
 pub use error::{FrameError, ProtoError};
 pub use frame::{FrameDecoder, FrameReader, encode_frame};
 pub use message::{

@@ -13,8 +13,8 @@ pub mod workspace;
 pub use egress::{DomainPattern, EgressPolicy, MAX_EGRESS_DOMAINS};
 pub use error::{ErrorKind, ValidationError};
 pub use sandbox::{
-    MAX_MEMORY_MIB, MAX_MOUNTS, MAX_VCPUS, MIN_MEMORY_MIB, MIN_VCPUS, MountSpec, Owner, SandboxId,
-    SandboxOp, SandboxSpec, SandboxState, validate_name,
+    MAX_MEMORY_MIB, MAX_MOUNTS, MAX_NAME_LEN, MAX_VCPUS, MIN_MEMORY_MIB, MIN_VCPUS, MountSpec,
+    NAME_PATTERN, Owner, SandboxId, SandboxOp, SandboxSpec, SandboxState, validate_name,
 };
 pub use workspace::{
     RepoSpec, Resources, SecretFile, SecretRef, WorkspaceDev, WorkspaceSecrets, WorkspaceSpec,

@@ -303,7 +303,7 @@ pub struct Owner {
 
 fn check_abs(field: &'static str, p: &str) -> Result<(), ValidationError> {
     let ok = p.starts_with('/')
-        && p.len() <= 4096
+        && p.len() <= crate::workspace::MAX_PATH_LEN
         && !p.contains('\0')
         && !p.split('/').any(|c| c == "..")
         && p != "/";
@@ -394,11 +394,19 @@ impl SandboxSpec {
     }
 }
 
+/// Longest sandbox (and workspace) name: a DNS label.
+pub const MAX_NAME_LEN: usize = 63;
+
+/// The rule of [`validate_name`] as a regular expression (valid in ECMA 262, the
+/// dialect of JSON Schema, and in Rust's `regex`), for API schemas. Only the
+/// exclusion of names that look like a sandbox id is not in it.
+pub const NAME_PATTERN: &str = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$";
+
 /// Checks a sandbox name: 1-63 characters of `a-z`, `0-9` and `-`, starting with a
 /// letter and not ending with `-` (a DNS label, since names appear in host names).
 pub fn validate_name(name: &str) -> Result<(), ValidationError> {
     let bad = |reason: &str| Err(ValidationError::new("name", format!("{name:?} {reason}")));
-    if name.is_empty() || name.len() > 63 {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
         return bad("must be 1 to 63 characters long");
     }
     if !name

@@ -31,8 +31,13 @@ pub const MAX_ENV: usize = 128;
 pub const MAX_SECRET_FILES: usize = 64;
 /// Longest repository URL.
 pub const MAX_URL_LEN: usize = 2048;
-/// Longest guest path.
-const MAX_PATH_LEN: usize = 4096;
+/// Longest secret name.
+pub const MAX_SECRET_NAME_LEN: usize = 64;
+/// The rule of [`validate_secret_name`] as a regular expression (ECMA 262 and Rust
+/// `regex` syntax), for API schemas.
+pub const SECRET_NAME_PATTERN: &str = "^[a-z0-9][a-z0-9._-]{0,63}$";
+/// Longest guest path, in bytes.
+pub const MAX_PATH_LEN: usize = 4096;
 
 /// A workspace definition, as written by the user (YAML or JSON) and stored by the
 /// manager. Unknown keys are refused so that typos are caught.
@@ -395,7 +400,7 @@ pub fn validate_secret_name(name: &str) -> Res {
 
 fn check_secret_name(field: impl Into<Cow<'static, str>>, name: &str) -> Res {
     let ok = !name.is_empty()
-        && name.len() <= 64
+        && name.len() <= MAX_SECRET_NAME_LEN
         && name.as_bytes()[0].is_ascii_alphanumeric()
         && name.bytes().all(|b| {
             b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')

@@ -18,6 +18,9 @@ use crate::manager::Manager;
 /// Proxy routes: (sandbox, dev name) -> guest port, for listening dev commands.
 pub(crate) type DevRoutes = HashMap<(SandboxId, String), u16>;
 
+/// Most environment variables one dev command started through the API may set.
+pub const MAX_DEV_ENV: usize = 256;
+
 /// Checks a spec before it is stored or sent.
 pub fn validate_spec(spec: &DevSpec) -> Result<(), Error> {
     if !atelier_agent_proto::valid_dev_name(&spec.name) {
@@ -26,7 +29,9 @@ pub fn validate_spec(spec: &DevSpec) -> Result<(), Error> {
             spec.name
         )));
     }
-    if spec.command.trim().is_empty() || spec.command.len() > 16 * 1024 {
+    if spec.command.trim().is_empty()
+        || spec.command.len() > atelier_core::workspace::MAX_COMMAND_BYTES
+    {
         return Err(Error::invalid(
             "dev command: command must be 1 byte to 16 KiB",
         ));
@@ -41,7 +46,7 @@ pub fn validate_spec(spec: &DevSpec) -> Result<(), Error> {
             "dev command: cwd {cwd:?} must be an absolute path"
         )));
     }
-    if spec.env.len() > 256
+    if spec.env.len() > MAX_DEV_ENV
         || spec
             .env
             .iter()

@@ -23,7 +23,7 @@ pub struct DevStartBody {
     /// Name: 1-30 of a-z, 0-9 and '-', starting with a letter; the URL is
     /// `dev-{name}-{sandbox id}.DOMAIN`.
     pub name: String,
-    /// Shell command line (`/bin/sh -c`).
+    /// Shell command line (`/bin/sh -c`): 1 byte to 16 KiB, not blank, no NUL.
     pub command: String,
     /// TCP port it serves on (the proxy routes to it once it listens).
     #[serde(default)]
@@ -93,7 +93,7 @@ fn view(st: &AppState, id: &SandboxId, s: DevStatus) -> DevView {
 /// List a sandbox's dev commands.
 #[utoipa::path(get, path = "/api/v1/sandboxes/{id}/dev", tag = "dev",
     params(("id" = String, Path, description = "Sandbox id or name")),
-    responses((status = 200, body = [DevView]), (status = 409, body = super::ApiErrorBody)))]
+    responses((status = 200, body = [DevView]), (status = 404, body = super::ApiErrorBody), (status = 409, body = super::ApiErrorBody), (status = 503, body = super::ApiErrorBody)))]
 pub async fn list(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -109,8 +109,8 @@ pub async fn list(
 #[utoipa::path(post, path = "/api/v1/sandboxes/{id}/dev", tag = "dev",
     params(("id" = String, Path, description = "Sandbox id or name")),
     request_body = DevStartBody,
-    responses((status = 201, body = DevView), (status = 400, body = super::ApiErrorBody),
-              (status = 409, body = super::ApiErrorBody)))]
+    responses((status = 201, body = DevView), (status = 400, body = super::ApiErrorBody), (status = 404, body = super::ApiErrorBody),
+              (status = 409, body = super::ApiErrorBody), (status = 503, body = super::ApiErrorBody)))]
 pub async fn start(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -144,7 +144,8 @@ pub async fn start(
 #[utoipa::path(delete, path = "/api/v1/sandboxes/{id}/dev/{name}", tag = "dev",
     params(("id" = String, Path, description = "Sandbox id or name"),
            ("name" = String, Path, description = "Dev command name")),
-    responses((status = 200, body = DevView), (status = 404, body = super::ApiErrorBody)))]
+    responses((status = 200, body = DevView), (status = 404, body = super::ApiErrorBody), (status = 409, body = super::ApiErrorBody),
+              (status = 503, body = super::ApiErrorBody)))]
 pub async fn stop(
     State(st): State<AppState>,
     Path((id, name)): Path<(String, String)>,
@@ -156,6 +157,7 @@ pub async fn stop(
 
 /// `?follow=&tail=` for dev logs.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct LogsQuery {
     /// Keep streaming new output (default false).
     #[serde(default)]
@@ -170,7 +172,7 @@ pub struct LogsQuery {
     params(("id" = String, Path, description = "Sandbox id or name"),
            ("name" = String, Path, description = "Dev command name"), LogsQuery),
     responses((status = 200, content_type = "text/plain", body = String),
-              (status = 404, body = super::ApiErrorBody)))]
+              (status = 400, body = super::ApiErrorBody), (status = 404, body = super::ApiErrorBody), (status = 409, body = super::ApiErrorBody), (status = 503, body = super::ApiErrorBody)))]
 pub async fn logs(
     State(st): State<AppState>,
     Path((id, name)): Path<(String, String)>,

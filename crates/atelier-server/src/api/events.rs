@@ -32,6 +32,7 @@ pub const HEARTBEAT_SECS: u64 = 15;
 
 /// Filters and the resume point of an event stream.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventsQuery {
     /// Comma-separated event types or type prefixes (`sandbox`, `prebuild.log`);
     /// all when absent.

@@ -1,6 +1,7 @@
 //! The REST API under `/api/v1`, its bearer-token auth, error mapping and the
 //! OpenAPI document generated from the handlers.
 
+mod contract;
 mod dev;
 mod events;
 mod prebuilds;
@@ -26,6 +27,7 @@ use utoipa::OpenApi;
 use crate::Error;
 use crate::auth::{constant_time_eq, hash_token};
 use crate::manager::Manager;
+use contract::{Constraints, ErrorResponses};
 
 pub use dev::{DevStartBody, DevView};
 pub use prebuilds::PrebuildView;
@@ -237,7 +239,7 @@ mod tests {
         events::events,
     ),
     components(schemas(ApiErrorBody, atelier_core::event::Event, atelier_core::event::EventKind)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &ErrorResponses, &Constraints),
     security(("bearer" = [])),
 )]
 struct ApiDoc;

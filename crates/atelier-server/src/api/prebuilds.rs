@@ -59,7 +59,7 @@ fn view((p, stale): (atelier_store::PrebuildRecord, bool)) -> PrebuildView {
 /// Build a prebuild of a workspace (in the background; follow its log).
 #[utoipa::path(post, path = "/api/v1/workspaces/{name}/prebuilds", tag = "prebuilds",
     params(("name" = String, Path, description = "Workspace name")),
-    responses((status = 202, body = PrebuildView), (status = 404, body = super::ApiErrorBody),
+    responses((status = 202, body = PrebuildView), (status = 400, body = super::ApiErrorBody), (status = 404, body = super::ApiErrorBody),
               (status = 409, body = super::ApiErrorBody)))]
 pub async fn create(
     State(st): State<AppState>,
@@ -71,6 +71,7 @@ pub async fn create(
 
 /// `?workspace=` filter.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Only this workspace's prebuilds.
     #[serde(default)]
@@ -107,6 +108,7 @@ pub async fn show(
 
 /// `?follow=` for a build log.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct LogQuery {
     /// Keep streaming until the build ends.
     #[serde(default)]

@@ -193,6 +193,7 @@ fn default_memory() -> u32 {
 
 /// `?wait=` for create and start.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct WaitQuery {
     /// Wait until the agent is ready (default true); false returns at once.
     #[serde(default = "yes")]
@@ -223,8 +224,8 @@ pub async fn list(State(st): State<AppState>) -> ApiResult<Json<Vec<SandboxView>
 /// Create a sandbox and (by default) wait until its agent answers.
 #[utoipa::path(post, path = "/api/v1/sandboxes", tag = "sandboxes", params(WaitQuery),
     request_body = CreateBody,
-    responses((status = 201, body = SandboxView), (status = 400, body = ApiErrorBody),
-              (status = 409, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
+    responses((status = 201, body = SandboxView), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody),
+              (status = 409, body = ApiErrorBody), (status = 503, body = ApiErrorBody), (status = 507, body = ApiErrorBody)))]
 pub async fn create(
     State(st): State<AppState>,
     ApiQuery(q): ApiQuery<WaitQuery>,
@@ -260,7 +261,8 @@ pub async fn show(
 /// Delete a sandbox in any state, reclaiming everything it holds.
 #[utoipa::path(delete, path = "/api/v1/sandboxes/{id}", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox id or name")),
-    responses((status = 200, body = SandboxView), (status = 404, body = ApiErrorBody)))]
+    responses((status = 200, body = SandboxView), (status = 404, body = ApiErrorBody),
+              (status = 409, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
 pub async fn delete(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -272,7 +274,8 @@ pub async fn delete(
 /// Boot a stopped or failed sandbox.
 #[utoipa::path(post, path = "/api/v1/sandboxes/{id}/start", tag = "sandboxes", params(
     ("id" = String, Path, description = "Sandbox id or name"), WaitQuery),
-    responses((status = 200, body = SandboxView), (status = 409, body = ApiErrorBody)))]
+    responses((status = 200, body = SandboxView), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody),
+              (status = 503, body = ApiErrorBody), (status = 507, body = ApiErrorBody)))]
 pub async fn start(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -285,7 +288,7 @@ pub async fn start(
 /// Stop a running sandbox (its disk is kept).
 #[utoipa::path(post, path = "/api/v1/sandboxes/{id}/stop", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox id or name")),
-    responses((status = 200, body = SandboxView), (status = 409, body = ApiErrorBody)))]
+    responses((status = 200, body = SandboxView), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
 pub async fn stop(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -297,7 +300,8 @@ pub async fn stop(
 /// Pause a running sandbox: memory and device state go to disk, host RAM is freed.
 #[utoipa::path(post, path = "/api/v1/sandboxes/{id}/pause", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox id or name")),
-    responses((status = 200, body = SandboxView), (status = 409, body = ApiErrorBody)))]
+    responses((status = 200, body = SandboxView), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody),
+              (status = 503, body = ApiErrorBody), (status = 507, body = ApiErrorBody)))]
 pub async fn pause(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -309,7 +313,8 @@ pub async fn pause(
 /// Resume a paused sandbox where it was.
 #[utoipa::path(post, path = "/api/v1/sandboxes/{id}/resume", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox id or name")),
-    responses((status = 200, body = SandboxView), (status = 409, body = ApiErrorBody)))]
+    responses((status = 200, body = SandboxView), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody),
+              (status = 503, body = ApiErrorBody), (status = 507, body = ApiErrorBody)))]
 pub async fn resume(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -330,7 +335,8 @@ pub struct ForkBody {
 /// processes and disk (the source pauses only for the copy).
 #[utoipa::path(post, path = "/api/v1/sandboxes/{id}/fork", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox id or name")), request_body = ForkBody,
-    responses((status = 201, body = SandboxView), (status = 409, body = ApiErrorBody)))]
+    responses((status = 201, body = SandboxView), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody),
+              (status = 409, body = ApiErrorBody), (status = 503, body = ApiErrorBody), (status = 507, body = ApiErrorBody)))]
 pub async fn fork(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -344,7 +350,8 @@ pub async fn fork(
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecBody {
-    /// Program and arguments (no shell; use `["sh","-c","..."]` for one).
+    /// Program and arguments (no shell; use `["sh","-c","..."]` for one); the
+    /// program must not be empty.
     pub command: Vec<String>,
     /// Extra environment variables.
     #[serde(default)]
@@ -395,14 +402,18 @@ pub enum ExecEventView {
     },
 }
 
-const MAX_STDIN: usize = 64 << 20;
+/// Most standard input an exec request may carry (decoded).
+pub(super) const MAX_STDIN: usize = 64 << 20;
+
+/// Longest guest path a file transfer may name, in bytes.
+pub(super) const MAX_GUEST_PATH: usize = 4096;
 
 /// Run a command; the response streams its output as NDJSON lines, in order, as it
 /// comes, ending with an `exit` line.
 #[utoipa::path(post, path = "/api/v1/sandboxes/{id}/exec", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox id or name")), request_body = ExecBody,
     responses((status = 200, description = "NDJSON stream of ExecEventView", content_type = "application/x-ndjson", body = ExecEventView),
-              (status = 409, body = ApiErrorBody)))]
+              (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
 pub async fn exec(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -512,6 +523,7 @@ pub async fn exec(
 
 /// `?path=` (and `mode=` for uploads) for file transfers.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct FileQuery {
     /// Absolute path in the guest.
     pub path: String,
@@ -521,19 +533,33 @@ pub struct FileQuery {
 }
 
 fn check_guest_path(p: &str) -> Result<(), Error> {
-    if !p.starts_with('/') || p.len() > 4096 || p.contains('\0') {
+    if !p.starts_with('/') || p.len() > MAX_GUEST_PATH || p.contains('\0') {
         return Err(Error::invalid(format!(
-            "path {p:?} must be absolute and under 4096 bytes"
+            "path {p:?} must be absolute, without NUL, and at most {MAX_GUEST_PATH} bytes"
         )));
     }
     Ok(())
+}
+
+/// An upload's `mode`: 1 to 4 octal digits (so at most 0o7777), as the schema says;
+/// `from_str_radix` alone would also take "+644" and any number of leading zeros.
+fn parse_mode(m: &str) -> Result<u32, Error> {
+    Some(m)
+        .filter(|m| (1..=4).contains(&m.len()) && m.bytes().all(|b| (b'0'..=b'7').contains(&b)))
+        .and_then(|m| u32::from_str_radix(m, 8).ok())
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "mode {m:?} is not an octal file mode: write 1 to 4 digits 0-7, such as 644"
+            ))
+        })
 }
 
 /// Upload a file into the sandbox; the body is streamed.
 #[utoipa::path(put, path = "/api/v1/sandboxes/{id}/files", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox id or name"), FileQuery),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
-    responses((status = 200, description = "Bytes written", body = serde_json::Value), (status = 409, body = ApiErrorBody)))]
+    responses((status = 200, description = "Bytes written", body = serde_json::Value),
+              (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
 pub async fn upload(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -542,10 +568,7 @@ pub async fn upload(
 ) -> ApiResult<Json<serde_json::Value>> {
     check_guest_path(&q.path)?;
     let mode = match &q.mode {
-        Some(m) => u32::from_str_radix(m, 8)
-            .ok()
-            .filter(|m| *m <= 0o7777)
-            .ok_or_else(|| Error::invalid(format!("mode {m:?} is not an octal file mode")))?,
+        Some(m) => parse_mode(m)?,
         None => 0o644,
     };
     let (_rec, agent) = st.mgr.agent(&id).await?;
@@ -564,7 +587,7 @@ pub async fn upload(
 #[utoipa::path(get, path = "/api/v1/sandboxes/{id}/files", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox id or name"), FileQuery),
     responses((status = 200, description = "File bytes", content_type = "application/octet-stream"),
-              (status = 404, body = ApiErrorBody)))]
+              (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
 pub async fn download(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -582,6 +605,7 @@ pub async fn download(
 
 /// `?tail_bytes=` for logs.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct LogsQuery {
     /// Only the last N bytes (default 1 MiB).
     #[serde(default)]
@@ -615,7 +639,7 @@ pub async fn logs(
 /// A metrics sample from the guest agent.
 #[utoipa::path(get, path = "/api/v1/sandboxes/{id}/metrics", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox id or name")),
-    responses((status = 200, body = serde_json::Value), (status = 409, body = ApiErrorBody)))]
+    responses((status = 200, body = serde_json::Value), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
 pub async fn metrics(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -625,4 +649,20 @@ pub async fn metrics(
     Ok(Json(
         serde_json::to_value(m).map_err(|e| Error::internal(e.to_string()))?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn upload_mode_is_what_the_schema_says() {
+        let re = regex::Regex::new(super::super::contract::MODE_PATTERN).unwrap_or_else(|e| {
+            panic!("MODE_PATTERN does not compile: {e}");
+        });
+        for m in [
+            "", "0", "7", "644", "0755", "7777", "8", "+644", "00644", "-1", "64 4", "0o644",
+        ] {
+            assert_eq!(super::parse_mode(m).is_ok(), re.is_match(m), "mode {m:?}");
+        }
+        assert_eq!(super::parse_mode("0755").ok(), Some(0o755));
+    }
 }

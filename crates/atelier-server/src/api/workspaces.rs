@@ -130,7 +130,7 @@ pub async fn show(
 /// Delete a workspace definition (its secrets stay).
 #[utoipa::path(delete, path = "/api/v1/workspaces/{name}", tag = "workspaces",
     params(("name" = String, Path, description = "Workspace name")),
-    responses((status = 204), (status = 404, body = ApiErrorBody)))]
+    responses((status = 204), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
 pub async fn delete(
     State(st): State<AppState>,
     Path(name): Path<String>,
