@@ -15,6 +15,14 @@ use atelier_core::{SandboxOp, SandboxState};
 use crate::Error;
 use crate::manager::{Manager, RES_DIR, RES_DISK, RES_PROCESS, kill_vmms};
 
+/// What [`Manager::orphan_check`] found.
+enum Orphan {
+    /// Someone owns it (or may be about to): leave it.
+    No,
+    /// Nobody owns it; the sandbox's lock (when it is named after one) is held.
+    Yes(Option<tokio::sync::OwnedMutexGuard<()>>),
+}
+
 impl Manager {
     /// Start-up reconcile; runs before the API serves.
     pub(crate) async fn reconcile_at_start(self: &Arc<Self>) -> Result<(), Error> {
@@ -184,6 +192,13 @@ impl Manager {
         for r in self.store.resources(None).await? {
             if !live.contains(r.sandbox_id.as_str())
                 && let Some(_g) = self.try_lock(&r.sandbox_id)
+                // Read again under the lock: `live` is older than a create that
+                // finished meanwhile.
+                && matches!(
+                    self.store.get_sandbox(&r.sandbox_id).await,
+                    Ok(atelier_store::SandboxRecord { state: SandboxState::Deleted, .. })
+                        | Err(atelier_store::StoreError::SandboxNotFound(_))
+                )
             {
                 tracing::warn!(sandbox = %r.sandbox_id, kind = %r.kind, "reclaiming orphaned resource");
                 self.reclaim_one(&r).await?;
@@ -211,11 +226,17 @@ impl Manager {
             if with_vm.contains(id) {
                 continue;
             }
-            if let Some(sid) = atelier_core::SandboxId::parse(id)
-                && self.try_lock(&sid).is_none()
-            {
-                continue;
-            }
+            // Read again under its lock: `with_vm` is older than this process may be.
+            let _guard = match atelier_core::SandboxId::parse(id) {
+                Some(sid) => match self.try_lock(&sid) {
+                    None => continue,
+                    Some(g) => match self.store.get_sandbox(&sid).await {
+                        Ok(r) if r.state.has_vm() => continue,
+                        _ => Some(g),
+                    },
+                },
+                None => None,
+            };
             tracing::warn!(pid, sandbox = id, "killing orphaned vmm process");
             kill_vmms(&format!("{}{id}", marker)).await;
         }
@@ -228,7 +249,14 @@ impl Manager {
         for entry in dirs {
             let path = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
-            if !live.contains(&name) && !journaled.contains(&path.display().to_string()) {
+            let locator = path.display().to_string();
+            if !live.contains(&name) && !journaled.contains(&locator) {
+                // Checked again under the sandbox's lock: the lists above are older
+                // than this directory may be (a create journals and makes it under
+                // that lock meanwhile).
+                let Orphan::Yes(_guard) = self.orphan_check(&name, &locator).await? else {
+                    continue;
+                };
                 tracing::warn!(path = %path.display(), "removing orphaned sandbox directory");
                 let _ = std::fs::remove_dir_all(&path);
             }
@@ -239,12 +267,41 @@ impl Manager {
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            if !live.contains(&stem) && !journaled.contains(&disk.display().to_string()) {
+            let locator = disk.display().to_string();
+            if !live.contains(&stem) && !journaled.contains(&locator) {
+                let Orphan::Yes(_guard) = self.orphan_check(&stem, &locator).await? else {
+                    continue;
+                };
                 tracing::warn!(path = %disk.display(), "removing orphaned disk");
                 self.pool.remove_disk(&disk)?;
             }
         }
         Ok(())
+    }
+
+    /// Whether what is at `locator` (named after sandbox `id`) is an orphan, read
+    /// again now under the sandbox's lock: no operation holds the lock, and neither
+    /// a live sandbox `id` nor a journal row at `locator` exists. It stays an orphan
+    /// while the returned guard is held.
+    async fn orphan_check(&self, id: &str, locator: &str) -> Result<Orphan, Error> {
+        let guard = match atelier_core::SandboxId::parse(id) {
+            Some(sid) => match self.try_lock(&sid) {
+                Some(g) => Some(g),
+                None => return Ok(Orphan::No),
+            },
+            // Not named like a sandbox: nothing of ours can be creating it.
+            None => None,
+        };
+        let journaled = self
+            .store
+            .resources(None)
+            .await?
+            .iter()
+            .any(|r| r.locator == locator);
+        if journaled || self.store.find_sandbox(id).await.is_ok() {
+            return Ok(Orphan::No);
+        }
+        Ok(Orphan::Yes(guard))
     }
 
     /// TAPs on our bridge whose sandbox has no VM, and firewall elements of

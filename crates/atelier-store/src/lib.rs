@@ -186,6 +186,14 @@ pub struct ResourceRecord {
     pub locator: String,
 }
 
+/// What [`Store::change_state`] writes.
+struct StateChange<'e> {
+    to: SandboxState,
+    operation: Option<SandboxOp>,
+    /// Some: replace the stored error (Some(None) clears it); None: keep it.
+    error: Option<Option<&'e str>>,
+}
+
 /// Handle to the database; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -391,57 +399,13 @@ impl Store {
         if to.in_flight() {
             return Err(StoreError::NoOperation { id: id.clone(), to });
         }
-        let _rmw = self.rmw.lock().await;
-        // IMMEDIATE takes the write lock up front, so no other writer can commit
-        // between our read and our write (which would fail with BUSY_SNAPSHOT).
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
+        let change = StateChange {
+            to,
+            operation: None,
+            error: Some(error),
+        };
+        self.change_state(id, reason, change, |from| from.can_transition_to(to))
             .await
-            .map_err(q("begin"))?;
-        let row = sqlx::query("SELECT state FROM sandboxes WHERE id = ?")
-            .bind(id.as_str())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(q("read state"))?
-            .ok_or_else(|| StoreError::SandboxNotFound(id.to_string()))?;
-        let from = parse_state(row.get::<&str, _>("state"))?;
-        if !from.can_transition_to(to) {
-            return Err(StoreError::BadTransition {
-                id: id.clone(),
-                from,
-                to,
-            });
-        }
-        let now = now_ms();
-        sqlx::query(
-            "UPDATE sandboxes SET state = ?, error = ?, updated_at = ?, operation = NULL WHERE id = ?",
-        )
-        .bind(to.as_str())
-        .bind(error)
-        .bind(now)
-        .bind(id.as_str())
-        .execute(&mut *tx)
-        .await
-        .map_err(q("update state"))?;
-        sqlx::query("INSERT INTO sandbox_transitions (sandbox_id, from_state, to_state, reason, at) VALUES (?, ?, ?, ?, ?)")
-            .bind(id.as_str())
-            .bind(from.as_str())
-            .bind(to.as_str())
-            .bind(reason)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(q("insert transition"))?;
-        tx.commit().await.map_err(q("commit"))?;
-        let record = self.get_sandbox(id).await?;
-        // Still under `rmw`: observers see transitions in commit order.
-        self.notify(Change::SandboxState {
-            record: record.clone(),
-            from,
-            reason: reason.to_owned(),
-        });
-        Ok(record)
     }
 
     /// Begins `op` on a sandbox: records the operation and moves the sandbox to the
@@ -453,6 +417,30 @@ impl Store {
         id: &SandboxId,
         op: SandboxOp,
         reason: &str,
+    ) -> Result<SandboxRecord, StoreError> {
+        let to = op.runs_in();
+        let change = StateChange {
+            to,
+            operation: Some(op),
+            error: None,
+        };
+        self.change_state(id, reason, change, |from| {
+            op.may_begin_from(from) && (from == to || from.can_transition_to(to))
+        })
+        .await
+    }
+
+    /// The one writer of sandbox states: reads the current state in an IMMEDIATE
+    /// transaction (no other writer can commit between the read and the write,
+    /// which would fail with BUSY_SNAPSHOT), asks `allowed` whether the change may
+    /// happen from it, writes state, operation and error, records the transition
+    /// when the state changes, commits and tells the observer.
+    async fn change_state(
+        &self,
+        id: &SandboxId,
+        reason: &str,
+        change: StateChange<'_>,
+        allowed: impl FnOnce(SandboxState) -> bool,
     ) -> Result<SandboxRecord, StoreError> {
         let _rmw = self.rmw.lock().await;
         let mut tx = self
@@ -467,8 +455,8 @@ impl Store {
             .map_err(q("read state"))?
             .ok_or_else(|| StoreError::SandboxNotFound(id.to_string()))?;
         let from = parse_state(row.get::<&str, _>("state"))?;
-        let to = op.runs_in();
-        if !op.may_begin_from(from) || (from != to && !from.can_transition_to(to)) {
+        let to = change.to;
+        if !allowed(from) {
             return Err(StoreError::BadTransition {
                 id: id.clone(),
                 from,
@@ -476,14 +464,24 @@ impl Store {
             });
         }
         let now = now_ms();
-        sqlx::query("UPDATE sandboxes SET state = ?, operation = ?, updated_at = ? WHERE id = ?")
+        let sql = match change.error {
+            Some(_) => {
+                "UPDATE sandboxes SET state = ?, operation = ?, updated_at = ?, error = ? WHERE id = ?"
+            }
+            None => "UPDATE sandboxes SET state = ?, operation = ?, updated_at = ? WHERE id = ?",
+        };
+        let mut update = sqlx::query(sql)
             .bind(to.as_str())
-            .bind(op.as_str())
-            .bind(now)
+            .bind(change.operation.map(SandboxOp::as_str))
+            .bind(now);
+        if let Some(error) = change.error {
+            update = update.bind(error);
+        }
+        update
             .bind(id.as_str())
             .execute(&mut *tx)
             .await
-            .map_err(q("begin operation"))?;
+            .map_err(q("update state"))?;
         if from != to {
             sqlx::query("INSERT INTO sandbox_transitions (sandbox_id, from_state, to_state, reason, at) VALUES (?, ?, ?, ?, ?)")
                 .bind(id.as_str())
@@ -497,6 +495,7 @@ impl Store {
         }
         tx.commit().await.map_err(q("commit"))?;
         let record = self.get_sandbox(id).await?;
+        // Still under `rmw`: observers see changes in commit order.
         if from != to {
             self.notify(Change::SandboxState {
                 record: record.clone(),
