@@ -435,8 +435,26 @@ impl Drop for Server {
         while !pids_matching(&marker).is_empty() && start.elapsed() < Duration::from_secs(10) {
             std::thread::sleep(crate::poll::POLL_INTERVAL);
         }
+        // The pool's loop mount can stay busy for a moment after its VMMs die;
+        // retry, then detach it lazily, so the data dir can go.
         let pool = self.data_dir.path().join("pool");
-        let _ = Command::new("umount").arg(&pool).status();
+        let mounted = || {
+            std::fs::read_to_string("/proc/self/mounts")
+                .is_ok_and(|m| m.lines().any(|l| l.split(' ').nth(1) == pool.to_str()))
+        };
+        let start = std::time::Instant::now();
+        while mounted() && start.elapsed() < Duration::from_secs(5) {
+            let _ = Command::new("umount")
+                .arg(&pool)
+                .stderr(Stdio::null())
+                .status();
+            if mounted() {
+                std::thread::sleep(crate::poll::POLL_INTERVAL);
+            }
+        }
+        if mounted() {
+            let _ = Command::new("umount").arg("-l").arg(&pool).status();
+        }
         self.net.teardown();
     }
 }
