@@ -88,15 +88,6 @@ async fn sandbox_life_as_events_with_resume_and_slow_clients() {
     )
     .unwrap();
 
-    // The CLI follows along too.
-    let cli = srv
-        .cli()
-        .args(["--json", "events", "--types", "sandbox", "--count", "6"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-
     let mut all = connect(&srv, "", None).await;
     let mut only_sandboxes = connect(&srv, "?types=sandbox.state", None).await;
 
@@ -159,7 +150,19 @@ async fn sandbox_life_as_events_with_resume_and_slow_clients() {
     assert_eq!(t, "resync");
     assert!(eid.is_empty(), "resync carries no id");
 
-    // The CLI saw the same six sandbox events, as JSON lines.
+    // The CLI replays the same six sandbox events from just before the first, as
+    // JSON lines (started afterwards: a follower started earlier may connect after
+    // the first event, so the test would race).
+    let since = (seen[0] - 1).to_string();
+    let cli = srv
+        .cli()
+        .args([
+            "--json", "events", "--types", "sandbox", "--since", &since, "--count", "6",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let out = tokio::task::spawn_blocking(move || cli.wait_with_output())
         .await
         .unwrap()
