@@ -2,6 +2,7 @@
 //! addresses), and a git server inside it. Nothing leaves the machine.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -189,6 +190,9 @@ impl GitServer {
             .arg(format!("--listen={}", net.ip_a))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            // `git daemon` runs `git-daemon` as a child: a group of its own lets
+            // Drop kill both (killing the wrapper alone orphaned the server).
+            .process_group(0)
             .spawn()
             .unwrap();
         let url = format!("git://{}/demo.git", net.ip_a);
@@ -226,6 +230,8 @@ impl GitServer {
 
 impl Drop for GitServer {
     fn drop(&mut self) {
+        let group = format!("-{}", self.daemon.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
         let _ = self.daemon.kill();
         let _ = self.daemon.wait();
     }
