@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use atelier_core::{EgressPolicy, ErrorKind, SandboxSpec};
 use atelier_server::{Manager, ManagerConfig};
+use atelier_testkit::NetSlot;
 
 #[path = "../../atelier-agent/tests/common/streams.rs"]
 mod streams;
@@ -43,32 +44,6 @@ struct Env {
     net: Option<NetSlot>,
 }
 
-/// A bridge and /24 no other test holds (the lock files the CLI tests use too).
-struct NetSlot {
-    slot: u32,
-    _lock: std::fs::File,
-}
-
-impl NetSlot {
-    fn claim() -> NetSlot {
-        let dir = std::path::Path::new("/var/tmp/atl-net-slots");
-        std::fs::create_dir_all(dir).unwrap();
-        let start = std::process::id() % 200;
-        for i in 0..200 {
-            let slot = (start + i) % 200 + 20;
-            let f = std::fs::File::create(dir.join(format!("{slot}.lock"))).unwrap();
-            if f.try_lock().is_ok() {
-                return NetSlot { slot, _lock: f };
-            }
-        }
-        panic!("no free network slot in /var/tmp/atl-net-slots");
-    }
-
-    fn bridge(&self) -> String {
-        format!("atlt{}", self.slot)
-    }
-}
-
 impl Env {
     async fn start(network: bool) -> Env {
         Self::start_with(network, images_dir()).await
@@ -84,10 +59,8 @@ impl Env {
         let net = network.then(NetSlot::claim);
         cfg.network = net.as_ref().map(|slot| {
             let mut n = atelier_net::NetConfig::new();
-            n.bridge = slot.bridge();
-            n.subnet = format!("10.201.{}.0/24", slot.slot)
-                .parse()
-                .expect("subnet");
+            n.bridge = slot.bridge.clone();
+            n.subnet = slot.subnet.parse().expect("subnet");
             // Nothing answers there: no traffic leaves this machine.
             n.dns_upstreams = vec!["127.0.0.1:9".parse().expect("addr")];
             n
@@ -132,9 +105,9 @@ impl Drop for Env {
             .arg(self.data.path().join("pool"))
             .status();
         if let Some(slot) = &self.net {
-            let table = format!("atelier_{}", slot.bridge());
+            let table = slot.table();
             let _ = std::process::Command::new("ip")
-                .args(["link", "del", &slot.bridge()])
+                .args(["link", "del", &slot.bridge])
                 .status();
             for fam in ["inet", "bridge"] {
                 let _ = std::process::Command::new("nft")
