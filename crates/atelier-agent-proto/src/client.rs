@@ -108,6 +108,8 @@ struct Inner {
     ctl_tx: mpsc::UnboundedSender<Vec<u8>>,
     state: Mutex<State>,
     status: watch::Sender<Status>,
+    /// The dev commands' statuses as the agent last pushed them.
+    dev: watch::Sender<Option<Vec<crate::DevStatus>>>,
     restarts: AtomicU64,
     decode_errors: AtomicU64,
     next_id: AtomicU64,
@@ -392,6 +394,10 @@ impl Inner {
                 self.on_data(id, len, msg)
             }
             GuestMessage::Capabilities { caps } => self.on_capabilities(caps),
+            // Only the latest list is kept: a flood of them costs no memory.
+            GuestMessage::DevChanged { items } => {
+                self.dev.send_replace(Some(items));
+            }
             GuestMessage::StreamOpened { id } => self.deliver_once(id, SEEN_OPENED, msg),
             GuestMessage::StreamEof { id } => self.deliver_once(id, SEEN_EOF, msg),
             GuestMessage::Pong { id }
@@ -493,6 +499,7 @@ impl AgentClient {
             ctl_tx,
             state: Mutex::new(State::default()),
             status: watch::Sender::new(Status::default()),
+            dev: watch::Sender::new(None),
             restarts: AtomicU64::new(0),
             decode_errors: AtomicU64::new(0),
             next_id: AtomicU64::new(initial_id()),
@@ -902,6 +909,33 @@ impl AgentClient {
         {
             GuestMessage::Done { .. } => Ok(()),
             other => Err(reply_error("set_time", other)),
+        }
+    }
+
+    /// The dev commands' statuses as the agent pushes them (capability
+    /// [`crate::CAP_DEV_EVENTS`]): `None` until the first push; the receiver sees
+    /// each change (only the latest one when several arrive between two reads).
+    pub fn dev_changes(&self) -> watch::Receiver<Option<Vec<crate::DevStatus>>> {
+        self.inner.dev.subscribe()
+    }
+
+    /// Sends everything a guest needs after a snapshot restore in one request
+    /// (capability [`crate::CAP_RESTORED`]; check [`AgentClient::supports`] first).
+    pub async fn restored(&self, restored: crate::Restored) -> Result<(), ProtoError> {
+        const OP: &str = "restored";
+        if !self.supports(crate::CAP_RESTORED) {
+            return Err(ProtoError::Unsupported {
+                op: OP,
+                agent_version: self.hello().map(|h| h.version).unwrap_or(0),
+                capability: crate::CAP_RESTORED,
+            });
+        }
+        match self
+            .request(OP, |id| HostMessage::Restored { id, restored })
+            .await?
+        {
+            GuestMessage::Done { .. } => Ok(()),
+            other => Err(reply_error(OP, other)),
         }
     }
 }

@@ -67,7 +67,7 @@ pub use error::{FrameError, ProtoError};
 pub use frame::{FrameDecoder, FrameReader, encode_frame};
 pub use message::{
     CpuTimes, DEFAULT_TERM, ErrorKind, ExecEvent, ExecRequest, GuestMessage, Hello, HostMessage,
-    Metrics, PtyEvent, PtyRequest,
+    Metrics, PtyEvent, PtyRequest, Restored,
 };
 pub use net::NetConfig;
 
@@ -82,8 +82,16 @@ pub const MIN_AGENT_PROTOCOL_VERSION: u32 = 1;
 /// Capability: TCP streams into the guest ([`HostMessage::StreamOpen`]).
 pub const CAP_TCP_STREAM: &str = "tcp-stream";
 
+/// Capability: the steps after a snapshot restore in one request
+/// ([`HostMessage::Restored`]).
+pub const CAP_RESTORED: &str = "restored";
+
+/// Capability: the agent pushes its dev commands' statuses when they change
+/// ([`GuestMessage::DevChanged`]), so the host need not poll.
+pub const CAP_DEV_EVENTS: &str = "dev-events";
+
 /// Every capability this crate's agent serves, in the order it announces them.
-pub const CAPABILITIES: &[&str] = &[CAP_TCP_STREAM];
+pub const CAPABILITIES: &[&str] = &[CAP_TCP_STREAM, CAP_RESTORED, CAP_DEV_EVENTS];
 
 /// Largest data payload of one TCP stream frame.
 pub const STREAM_CHUNK_LEN: usize = 64 * 1024;

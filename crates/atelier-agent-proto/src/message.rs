@@ -83,6 +83,19 @@ impl ExecRequest {
     }
 }
 
+/// The contents of [`HostMessage::Restored`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restored {
+    /// The clock, in nanoseconds since the Unix epoch.
+    pub unix_nanos: u64,
+    /// A new `/etc/machine-id` (32 hex digits), for a clone; None keeps it.
+    pub machine_id: Option<String>,
+    /// A new hostname, for a clone; None keeps it (`net.hostname` also sets it).
+    pub hostname: Option<String>,
+    /// The network configuration, when the guest has a network.
+    pub net: Option<crate::NetConfig>,
+}
+
 /// Class of an error reported by the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ErrorKind {
@@ -501,6 +514,18 @@ pub enum HostMessage {
         /// Stream id.
         id: u64,
     },
+    // New messages go last: postcard encodes the variant index, and agents frozen
+    // in older snapshots must still decode the ones before.
+    /// Everything a guest needs right after its memory was restored, in one request
+    /// (capability [`crate::CAP_RESTORED`]): reseed the CRNG and set the clock, then
+    /// the new identity (machine-id, hostname) when it is a clone, then the network
+    /// configuration when it has one. Answered by `Done`, or `Error` naming the step.
+    Restored {
+        /// Request id.
+        id: u64,
+        /// What to set.
+        restored: Restored,
+    },
 }
 
 /// Messages from the guest agent to the host.
@@ -620,6 +645,13 @@ pub enum GuestMessage {
     StreamEof {
         /// Stream id.
         id: u64,
+    },
+    /// Sent unasked (capability [`crate::CAP_DEV_EVENTS`]) whenever a dev command
+    /// starts, stops, exits or starts or stops listening on its port, and right
+    /// after every Hello: the statuses of all dev commands, as `DevList` answers.
+    DevChanged {
+        /// Every dev command's status (`uptime_secs` is as of sending).
+        items: Vec<crate::DevStatus>,
     },
 }
 
@@ -749,6 +781,15 @@ mod tests {
                 data: b"GET /".to_vec(),
             },
             HostMessage::StreamEof { id: 17 },
+            HostMessage::Restored {
+                id: 19,
+                restored: Restored {
+                    unix_nanos: 1_700_000_000_000_000_000,
+                    machine_id: Some("0123456789abcdef0123456789abcdef".into()),
+                    hostname: Some("sbx".into()),
+                    net: None,
+                },
+            },
         ]
     }
 
@@ -918,6 +959,7 @@ mod tests {
                 kind: ErrorKind::TimedOut,
                 message: "t".into(),
             },
+            GuestMessage::DevChanged { items: Vec::new() },
         ]
     }
 
@@ -959,6 +1001,8 @@ mod tests {
         "161201000000000000000000000000000000011601",
         "171105474554202f",
         "1811",
+        // Restored (capability `restored`; appended).
+        "19138080a8b1e39fe7cb1701203031323334353637383961626364656630313233343536373839616263646566010373627800",
     ];
     const GUEST_SNAPSHOT: &[&str] = &[
         "000105302e312e3004623030742a",
@@ -994,6 +1038,8 @@ mod tests {
         "1011",
         "0912070172",
         "0912080174",
+        // DevChanged (capability `dev-events`; appended).
+        "1100",
     ];
 
     fn encode_all<T: Serialize>(msgs: &[T]) -> Vec<String> {
@@ -1034,7 +1080,7 @@ mod tests {
     #[test]
     fn samples_cover_every_variant() {
         // Exhaustive matches: adding a variant without a sample fails to compile.
-        let mut host_seen = [false; 25];
+        let mut host_seen = [false; 26];
         for m in host_samples() {
             let i = match m {
                 HostMessage::Hello { .. } => 0,
@@ -1062,11 +1108,12 @@ mod tests {
                 HostMessage::StreamOpen { .. } => 22,
                 HostMessage::StreamData { .. } => 23,
                 HostMessage::StreamEof { .. } => 24,
+                HostMessage::Restored { .. } => 25,
             };
             host_seen[i] = true;
         }
         assert!(host_seen.iter().all(|s| *s));
-        let mut guest_seen = [false; 27];
+        let mut guest_seen = [false; 28];
         for m in guest_samples() {
             let i = match m {
                 GuestMessage::Hello(_) => 0,
@@ -1118,6 +1165,7 @@ mod tests {
                 GuestMessage::StreamOpened { .. } => 24,
                 GuestMessage::StreamData { .. } => 25,
                 GuestMessage::StreamEof { .. } => 26,
+                GuestMessage::DevChanged { .. } => 27,
             };
             guest_seen[i] = true;
         }

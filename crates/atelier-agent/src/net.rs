@@ -272,7 +272,7 @@ fn write_resolv_conf(path: &Path, dns: &[[u8; 4]]) -> Result<(), String> {
         })
 }
 
-fn set_hostname(name: &str) -> Result<(), Failure> {
+pub(crate) fn set_hostname(name: &str) -> Result<(), Failure> {
     if !valid_hostname(name) {
         return Err((ErrorKind::Invalid, format!("invalid hostname {name:?}")));
     }

@@ -91,6 +91,8 @@ pub struct Agent {
     pub paths: Paths,
     /// The dev commands.
     pub dev: dev::Supervisor,
+    /// Asks the dev-status pusher to send the current list again (a new host).
+    dev_resend: Notify,
 }
 
 impl Agent {
@@ -109,6 +111,34 @@ impl Agent {
         self.send(GuestMessage::Hello(self.hello.clone())).await;
         let caps = CAPABILITIES.iter().map(|c| (*c).to_owned()).collect();
         self.send(GuestMessage::Capabilities { caps }).await;
+        self.dev_resend.notify_one();
+    }
+
+    /// Pushes the dev commands' statuses whenever they change (`DevChanged`): the
+    /// check runs here in the guest twice a second (process states and
+    /// `/proc/net/tcp`), so nothing crosses to the host while nothing changes.
+    async fn push_dev_changes(self: Arc<Self>) {
+        let mut last: Option<Vec<atelier_agent_proto::DevStatus>> = None;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = self.dev_resend.notified() => last = None,
+            }
+            let items = self.dev.list().await;
+            // Uptime moves every second; it is not a change.
+            let key: Vec<_> = items
+                .iter()
+                .cloned()
+                .map(|mut s| {
+                    s.uptime_secs = 0;
+                    s
+                })
+                .collect();
+            if last.as_ref() != Some(&key) {
+                self.send(GuestMessage::DevChanged { items }).await;
+                last = Some(key);
+            }
+        }
     }
 
     /// Reports a failed request.
@@ -259,6 +289,13 @@ impl Agent {
                 };
                 self.send(reply).await;
             }
+            HostMessage::Restored { id, restored } => {
+                let agent = self.clone();
+                tokio::spawn(async move {
+                    let result = agent.restore(restored).await;
+                    agent.reply_done(id, result).await;
+                });
+            }
             HostMessage::DevStart { id, spec } => {
                 let agent = self.clone();
                 tokio::spawn(async move {
@@ -302,6 +339,57 @@ impl Agent {
                 });
             }
         }
+    }
+
+    /// The steps after a snapshot restore ([`HostMessage::Restored`]), in order; the
+    /// first that fails ends it and names itself.
+    async fn restore(&self, r: atelier_agent_proto::Restored) -> Result<(), (ErrorKind, String)> {
+        if !self.in_vm {
+            return Err((
+                ErrorKind::Unsupported,
+                "restored is disabled outside a VM".into(),
+            ));
+        }
+        // A clone must not share random streams with its siblings: reseed first.
+        if let Err(e) = sys::reseed_crng() {
+            log!("{e}");
+        }
+        let ts = rustix::time::Timespec {
+            tv_sec: (r.unix_nanos / 1_000_000_000) as i64,
+            tv_nsec: (r.unix_nanos % 1_000_000_000) as _,
+        };
+        rustix::time::clock_settime(rustix::time::ClockId::Realtime, ts).map_err(|e| {
+            (
+                ErrorKind::from_io(e.kind()),
+                format!("setting the clock to {} ns: {e}", r.unix_nanos),
+            )
+        })?;
+        if let Some(id) = &r.machine_id {
+            if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err((
+                    ErrorKind::Invalid,
+                    format!("machine-id {id:?}: want 32 hex digits"),
+                ));
+            }
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::write("/etc/machine-id", format!("{id}\n"))
+                .and_then(|()| {
+                    std::fs::set_permissions(
+                        "/etc/machine-id",
+                        std::fs::Permissions::from_mode(0o444),
+                    )
+                })
+                .map_err(|e| (ErrorKind::Io, format!("writing /etc/machine-id: {e}")))?;
+        }
+        match (&r.hostname, &r.net) {
+            (Some(h), Some(n)) if n.hostname.as_deref() == Some(h.as_str()) => {}
+            (Some(h), _) => net::set_hostname(h)?,
+            (None, _) => {}
+        }
+        if let Some(cfg) = &r.net {
+            net::configure(cfg, &self.paths, self.in_vm).await?;
+        }
+        Ok(())
     }
 
     /// Answers `Done`, or the error.
@@ -368,8 +456,10 @@ async fn serve(transport: Transport) {
         hello,
         in_vm,
         dev: dev::Supervisor::new(paths.clone()),
+        dev_resend: Notify::new(),
         paths,
     });
+    tokio::spawn(Arc::clone(&agent).push_dev_changes());
     // Flush a frame a previous agent may have torn, then announce ourselves.
     let _ = agent.out.send(vec![0; SYNC_PREAMBLE_LEN]).await;
     agent.send_hello().await;

@@ -250,6 +250,61 @@ async fn listening_follows_the_port() {
     assert_eq!(s.state, DevState::Stopped);
 }
 
+/// Waits until the agent pushes a status of `name` for which `pred` holds; no
+/// `dev_list` request is sent.
+async fn wait_pushed(
+    changes: &mut tokio::sync::watch::Receiver<Option<Vec<DevStatus>>>,
+    name: &str,
+    what: &str,
+    pred: impl Fn(&DevStatus) -> bool,
+) -> DevStatus {
+    let found = tokio::time::timeout(SOON, async {
+        loop {
+            let now = changes.borrow_and_update().clone();
+            if let Some(s) = now.iter().flatten().find(|s| s.name == name && pred(s)) {
+                return s.clone();
+            }
+            changes.changed().await.expect("agent connection ended");
+        }
+    })
+    .await;
+    found.unwrap_or_else(|_| panic!("{name}: {what}: last push {:?}", changes.borrow()))
+}
+
+#[tokio::test]
+async fn the_agent_pushes_every_change_of_a_dev_command() {
+    let h = Harness::start().await;
+    h.client.wait_ready(SOON).await.expect("ready");
+    assert!(h.client.supports(atelier_agent_proto::CAP_DEV_EVENTS));
+    let mut changes = h.client.dev_changes();
+    // Right after its Hello the agent says what runs: nothing yet.
+    let first = tokio::time::timeout(SOON, changes.wait_for(|c| c.is_some()))
+        .await
+        .expect("a first push")
+        .expect("connected")
+        .clone();
+    assert_eq!(first, Some(Vec::new()));
+    let port = free_port();
+    h.client
+        .dev_start(
+            DevSpec::new(
+                "web",
+                format!("exec python3 -m http.server {port} --bind 127.0.0.1"),
+            )
+            .port(port),
+        )
+        .await
+        .expect("dev_start");
+    let s = wait_pushed(&mut changes, "web", "pushed as listening", |s| s.listening).await;
+    assert_eq!(s.state, DevState::Running, "{s:?}");
+    h.client.dev_stop("web").await.expect("stop");
+    let s = wait_pushed(&mut changes, "web", "pushed as stopped", |s| {
+        s.state == DevState::Stopped
+    })
+    .await;
+    assert!(!s.listening, "{s:?}");
+}
+
 #[tokio::test]
 async fn logs_follow_until_cancelled_or_replaced() {
     let h = Harness::start().await;

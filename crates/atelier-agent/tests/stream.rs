@@ -135,13 +135,19 @@ async fn agent_survives_unknown_ids_and_closes_a_stream_the_host_overruns() {
         .expect("accept");
     let (r, mut w) = conn.into_split();
     let mut frames = FrameReader::new(r);
+    // The agent also pushes its dev commands' statuses unasked; they are skipped.
     let mut next = async || -> GuestMessage {
-        tokio::time::timeout(DEADLINE, frames.next::<GuestMessage>())
-            .await
-            .expect("agent answers in time")
-            .expect("read")
-            .expect("not eof")
-            .expect("valid frame")
+        loop {
+            let msg = tokio::time::timeout(DEADLINE, frames.next::<GuestMessage>())
+                .await
+                .expect("agent answers in time")
+                .expect("read")
+                .expect("not eof")
+                .expect("valid frame");
+            if !matches!(msg, GuestMessage::DevChanged { .. }) {
+                return msg;
+            }
+        }
     };
     assert!(matches!(next().await, GuestMessage::Hello(_)));
     assert!(matches!(next().await, GuestMessage::Capabilities { .. }));

@@ -7,11 +7,13 @@
 pub mod egress;
 mod error;
 pub mod event;
+mod prebuild;
 mod sandbox;
 pub mod workspace;
 
 pub use egress::{DomainPattern, EgressPolicy, MAX_EGRESS_DOMAINS};
 pub use error::{ErrorKind, ValidationError};
+pub use prebuild::PrebuildStatus;
 pub use sandbox::{
     MAX_MEMORY_MIB, MAX_MOUNTS, MAX_NAME_LEN, MAX_VCPUS, MIN_MEMORY_MIB, MIN_VCPUS, MountSpec,
     NAME_PATTERN, Owner, SandboxId, SandboxOp, SandboxSpec, SandboxState, validate_name,

@@ -167,16 +167,17 @@ impl Firewall {
             json!({"add": self.element("bridge", "ports", json!(tap))}),
             json!({"add": self.element("bridge", "bound", json!({"concat": [tap, ip_s]}))}),
         ];
-        let present = addr_sets_holding(&self.sets("inet").await?, &ip_s);
         let want = match policy {
             EgressPolicy::AllowAll => None,
             EgressPolicy::DenyAll => Some("deny"),
             EgressPolicy::AllowList(_) => Some("listed"),
         };
+        // One transaction, no read first: an element that must not be in a set is
+        // added and deleted in the same batch, which succeeds whether or not it was
+        // there before.
         for set in ADDR_SETS {
-            if Some(set) == want {
-                cmds.push(json!({"add": self.element("inet", set, json!(ip_s))}));
-            } else if present.contains(&set) {
+            cmds.push(json!({"add": self.element("inet", set, json!(ip_s))}));
+            if Some(set) != want {
                 cmds.push(json!({"delete": self.element("inet", set, json!(ip_s))}));
             }
         }

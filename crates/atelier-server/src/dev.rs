@@ -1,8 +1,10 @@
 //! Dev commands: the specs live in the store (what should run), the agent runs and
 //! supervises them (what does run), and the proxy's route table holds the ones
-//! whose port answers. A watcher refreshes the table every second, so a route
-//! appears when the server starts listening and disappears when it stops; after
-//! a cold boot or an agent restart it starts the stored commands again.
+//! whose port answers. The agent pushes its dev commands' statuses whenever one
+//! changes (it checks in the guest twice a second), so a route appears when the
+//! server starts listening and disappears when it stops, with no host polling;
+//! an agent from before that capability is asked once a second. After a cold boot
+//! or an agent restart the stored commands are started again.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,6 +19,10 @@ use crate::manager::Manager;
 
 /// Proxy routes: (sandbox, dev name) -> guest port, for listening dev commands.
 pub(crate) type DevRoutes = HashMap<(SandboxId, String), u16>;
+
+/// The route table, owned by the dev-command service.
+#[derive(Debug, Default)]
+pub(crate) struct Routes(std::sync::Mutex<DevRoutes>);
 
 /// Most environment variables one dev command started through the API may set.
 pub const MAX_DEV_ENV: usize = 256;
@@ -128,17 +134,53 @@ impl Manager {
             .map(|_| self.cfg.urls.url(&format!("dev-{name}-{id}")))
     }
 
-    /// Re-reads a sandbox's dev commands from its agent: routes for the listening
-    /// ones; stored commands the agent does not run (cold boot, agent restart) are
-    /// started again.
+    /// Re-reads a sandbox's dev commands from its agent (for an agent that does not
+    /// push them) and applies them.
     pub(crate) async fn refresh_dev_routes(&self, id: &SandboxId) {
-        let Some(vm) = self.vm(id) else {
+        let Some(vm) = self.vms.get(id) else {
             self.set_dev_routes(id, HashMap::new());
             return;
         };
-        let Ok(mut statuses) = vm.agent.dev_list().await else {
+        let Ok(statuses) = vm.agent.dev_list().await else {
             return;
         };
+        if self.apply_dev_statuses(id, &vm, &statuses).await
+            && let Ok(s) = vm.agent.dev_list().await
+        {
+            self.apply_dev_statuses(id, &vm, &s).await;
+        }
+    }
+
+    /// Follows the statuses a sandbox's agent pushes (capability `dev-events`) for
+    /// as long as `vm` is the sandbox's VM.
+    async fn follow_dev_changes(&self, id: &SandboxId, vm: Arc<crate::vms::RunningVm>) {
+        let mut changes = vm.agent.dev_changes();
+        loop {
+            if !self.vms.get(id).is_some_and(|v| Arc::ptr_eq(&v, &vm)) {
+                return;
+            }
+            let pushed = changes.borrow_and_update().clone();
+            if let Some(statuses) = pushed {
+                self.apply_dev_statuses(id, &vm, &statuses).await;
+            }
+            // Woken by the next push; the timeout only re-checks that the VM is
+            // still this sandbox's.
+            if let Ok(Err(_)) =
+                tokio::time::timeout(Duration::from_secs(5), changes.changed()).await
+            {
+                return;
+            }
+        }
+    }
+
+    /// Routes for the listening dev commands; stored commands the agent does not
+    /// run (cold boot, agent restart) are started again. True when it started any.
+    async fn apply_dev_statuses(
+        &self,
+        id: &SandboxId,
+        vm: &crate::vms::RunningVm,
+        statuses: &[DevStatus],
+    ) -> bool {
         let stored = self.store.dev_commands(Some(id)).await.unwrap_or_default();
         let mut restarted = false;
         for row in &stored {
@@ -163,16 +205,18 @@ impl Manager {
                 }
             }
         }
-        if restarted && let Ok(s) = vm.agent.dev_list().await {
-            statuses = s;
-        }
         let mut routes = HashMap::new();
         for s in statuses {
             if let (true, Some(port)) = (s.listening && s.state != DevState::Stopped, s.port) {
-                routes.insert(s.name, port);
+                routes.insert(s.name.clone(), port);
             }
         }
         self.set_dev_routes(id, routes);
+        restarted
+    }
+
+    pub(crate) fn dev_routes(&self) -> std::sync::MutexGuard<'_, DevRoutes> {
+        crate::manager::lock_map(&self.dev_routes.0)
     }
 
     /// Replaces a sandbox's dev routes, publishing `dev.state` for each command
@@ -217,21 +261,31 @@ impl Manager {
             let mut inflight: HashMap<SandboxId, tokio::task::JoinHandle<()>> = HashMap::new();
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                let ids: Vec<SandboxId> = me.online_ids();
+                let ids: Vec<SandboxId> =
+                    me.net.as_ref().map(|n| n.online_ids()).unwrap_or_default();
                 inflight.retain(|_, task| !task.is_finished());
                 for id in &ids {
                     if inflight.contains_key(id) {
                         continue;
                     }
+                    let Some(vm) = me.vms.get(id) else {
+                        continue;
+                    };
                     let (m, sid) = (Arc::clone(&me), id.clone());
-                    let task = tokio::spawn(async move {
-                        if tokio::time::timeout(limit, m.refresh_dev_routes(&sid))
-                            .await
-                            .is_err()
-                        {
-                            tracing::warn!(sandbox = %sid, "dev routes not refreshed within {limit:?}; is the guest hung?");
-                        }
-                    });
+                    // An agent that pushes its statuses is followed for the VM's
+                    // life; an older one is asked once a second.
+                    let task = if vm.agent.supports(atelier_agent_proto::CAP_DEV_EVENTS) {
+                        tokio::spawn(async move { m.follow_dev_changes(&sid, vm).await })
+                    } else {
+                        tokio::spawn(async move {
+                            if tokio::time::timeout(limit, m.refresh_dev_routes(&sid))
+                                .await
+                                .is_err()
+                            {
+                                tracing::warn!(sandbox = %sid, "dev routes not refreshed within {limit:?}; is the guest hung?");
+                            }
+                        })
+                    };
                     inflight.insert(id.clone(), task);
                 }
                 let gone: Vec<SandboxId> = me

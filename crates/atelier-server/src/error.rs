@@ -100,7 +100,9 @@ impl From<ValidationError> for Error {
 impl From<StoreError> for Error {
     fn from(e: StoreError) -> Self {
         let kind = match &e {
-            StoreError::NameTaken(_) | StoreError::BadTransition { .. } => ErrorKind::Conflict,
+            StoreError::NameTaken(_)
+            | StoreError::BadTransition { .. }
+            | StoreError::PrebuildTransition { .. } => ErrorKind::Conflict,
             StoreError::SandboxNotFound(_) => ErrorKind::NotFound,
             StoreError::PoolExhausted => ErrorKind::ResourceExhausted,
             _ => ErrorKind::Internal,

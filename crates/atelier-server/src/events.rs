@@ -189,11 +189,7 @@ fn from_change(c: Change) -> EventKind {
         Change::Prebuild(p) => EventKind::PrebuildStatus {
             prebuild: p.id,
             workspace: p.workspace,
-            status: if p.stale && p.status == "ready" {
-                "stale".into()
-            } else {
-                p.status
-            },
+            status: p.status.shown(p.stale).to_owned(),
             error: p.error,
         },
         Change::PrebuildRemoved { id, workspace } => EventKind::PrebuildStatus {

@@ -7,17 +7,21 @@
 
 pub mod api;
 pub mod auth;
+pub mod config;
 pub mod dev;
 mod error;
 pub mod events;
+mod fault;
 pub mod guest_stream;
-mod halt;
+pub mod journal;
 pub mod manager;
 mod network;
 pub mod prebuild;
 mod reconcile;
+pub mod sandboxes;
 pub mod secrets;
 mod templates;
+mod vms;
 mod workspaces;
 
 pub use error::Error;

@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
-use atelier_core::EgressPolicy;
+use atelier_core::{EgressPolicy, SandboxId};
 use atelier_net::dns::{DnsForwarder, DnsForwarderHandle, EgressHooks};
 use atelier_net::{Firewall, Links, NetConfig, NetError};
 use futures::future::BoxFuture;
@@ -54,6 +54,8 @@ pub(crate) struct Network {
     pub(crate) links: Links,
     pub(crate) fw: Firewall,
     policies: Arc<Policies>,
+    /// Addresses of sandboxes that are online (their TAP is on the bridge).
+    online: StdMutex<HashMap<SandboxId, Ipv4Addr>>,
     _dns: Option<DnsForwarderHandle>,
 }
 
@@ -102,6 +104,7 @@ impl Network {
             links,
             fw,
             policies,
+            online: StdMutex::new(HashMap::new()),
             _dns: dns,
         })
     }
@@ -132,6 +135,30 @@ impl Network {
             .remove(&ip);
         self.fw.forget(ip).await?;
         Ok(())
+    }
+
+    /// Records that a sandbox's TAP joined the bridge with address `ip`.
+    pub(crate) fn came_online(&self, id: &SandboxId, ip: Ipv4Addr) {
+        self.online_map().insert(id.clone(), ip);
+    }
+
+    /// Records that a sandbox is off the network (its VM is gone).
+    pub(crate) fn went_offline(&self, id: &SandboxId) {
+        self.online_map().remove(id);
+    }
+
+    /// The address of an online sandbox.
+    pub(crate) fn online_ip(&self, id: &SandboxId) -> Option<Ipv4Addr> {
+        self.online_map().get(id).copied()
+    }
+
+    /// Ids of online sandboxes.
+    pub(crate) fn online_ids(&self) -> Vec<SandboxId> {
+        self.online_map().keys().cloned().collect()
+    }
+
+    fn online_map(&self) -> std::sync::MutexGuard<'_, HashMap<SandboxId, Ipv4Addr>> {
+        self.online.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The guest's side of its configuration.

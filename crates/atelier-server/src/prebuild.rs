@@ -4,9 +4,10 @@
 //! per workspace. Sandboxes of the workspace restore it, then get their identity,
 //! network, secrets, the latest commits and their dev commands.
 //!
-//! Built in `pool/prebuilds/.build-<id>/` and renamed into place when complete;
-//! a crash leaves the `.build-` directory and perhaps its VMM, which the start-up
-//! reconcile removes, and a `building` row, which it marks failed. Builds run one
+//! Built in `pool/prebuilds/.build-<id>/` and renamed into place when complete.
+//! The build journals its directory, VMM, TAP and builder address (owner
+//! `prebuild:<id>`) before making them; after a crash the start-up reconcile
+//! reclaims them (keeping the log) and marks the `building` row failed. Builds run one
 //! at a time (the builder VM has the subnet's last address). Secrets never enter a
 //! prebuild: they are injected at spawn.
 
@@ -22,6 +23,7 @@ use atelier_store::PrebuildRecord;
 use atelier_vmm::{MemoryBacking, VmProcess};
 
 use crate::Error;
+use crate::journal::{Owner, ResourceKind};
 use crate::manager::Manager;
 
 /// A prebuild's build log (kept in its directory).
@@ -198,7 +200,7 @@ impl Manager {
             .prebuilds(Some(workspace))
             .await?
             .into_iter()
-            .find(|p| p.status == "building")
+            .find(|p| p.status == atelier_core::PrebuildStatus::Building)
         {
             return Err(Error::conflict(format!(
                 "prebuild {} of workspace {workspace} is already building; follow it with `atelier prebuild logs -f {}`",
@@ -218,23 +220,44 @@ impl Manager {
         tokio::spawn(async move {
             let _one_at_a_time = me.prebuild_lock.lock().await;
             let build = me.prebuilds_dir().join(format!(".build-{id}"));
+            let owner = Owner::Prebuild(id.clone());
             tracing::info!(prebuild = %id, workspace = %spec.name, "building prebuild");
             let started = std::time::Instant::now();
-            match me.build_prebuild(&id, &spec, &build).await {
+            let built = match me
+                .journal
+                .record(
+                    owner.clone(),
+                    ResourceKind::Dir,
+                    build.display().to_string(),
+                )
+                .await
+            {
+                Ok(()) => me.build_prebuild(&owner, &id, &spec, &build).await,
+                Err(e) => Err(e),
+            };
+            match built {
                 Ok((commits, size)) => {
-                    // The builder's firewall state goes before anyone hears it is ready.
-                    if let Some(net) = &me.net {
-                        let _ = net.forget(net.cfg.builder_address()).await;
-                    }
+                    // The builder's VMM, TAP and firewall state go before anyone
+                    // hears it is ready; its directory becomes the prebuild.
+                    let reclaimed = me
+                        .journal
+                        .reclaim(owner.clone(), &[ResourceKind::Process, ResourceKind::Ip])
+                        .await;
                     let done = me.prebuilds_dir().join(&id);
                     let json = serde_json::to_string(&commits).unwrap_or_else(|_| "{}".into());
-                    let renamed = std::fs::rename(&build, &done);
-                    let r = match renamed {
-                        Ok(()) => me.store.prebuild_ready(&id, &json, size as i64).await,
+                    let finished = reclaimed.and_then(|()| {
+                        std::fs::rename(&build, &done)
+                            .map_err(|e| Error::internal(format!("cannot finish: {e}")))
+                    });
+                    let r = match finished {
+                        Ok(()) => {
+                            let _ = me.journal.release(owner).await;
+                            me.store.prebuild_ready(&id, &json, size as i64).await
+                        }
                         Err(e) => {
-                            me.store
-                                .prebuild_failed(&id, &format!("cannot finish: {e}"))
-                                .await
+                            me.keep_prebuild_log(&id, &build);
+                            let _ = me.journal.reclaim_all(owner).await;
+                            me.store.prebuild_failed(&id, &e.message).await
                         }
                     };
                     if let Err(e) = r {
@@ -244,15 +267,11 @@ impl Manager {
                 }
                 Err(e) => {
                     tracing::warn!(prebuild = %id, error = %e.message, "prebuild failed");
-                    if let Some(net) = &me.net {
-                        let _ = net.forget(net.cfg.builder_address()).await;
-                    }
                     // Keep the log for diagnosis; drop the rest.
-                    let failed = me.prebuilds_dir().join(&id);
-                    let _ = std::fs::create_dir_all(&failed);
-                    let _ = std::fs::rename(build.join(BUILD_LOG), failed.join(BUILD_LOG));
-                    crate::manager::kill_vmms(&build.display().to_string()).await;
-                    let _ = std::fs::remove_dir_all(&build);
+                    me.keep_prebuild_log(&id, &build);
+                    if let Err(re) = me.journal.reclaim_all(owner).await {
+                        tracing::error!(prebuild = %id, error = %re, "reclaiming a failed prebuild");
+                    }
                     let _ = me.store.prebuild_failed(&id, &e.message).await;
                 }
             }
@@ -262,6 +281,7 @@ impl Manager {
 
     async fn build_prebuild(
         self: &Arc<Self>,
+        owner: &Owner,
         id: &str,
         spec: &WorkspaceSpec,
         build: &Path,
@@ -316,18 +336,30 @@ impl Manager {
         let builder = self.net.as_ref().map(|n| n.cfg.builder_address());
         let tap = format!("atlp{}", id.trim_start_matches("pb-"));
         if let Some(ip) = builder {
+            self.journal
+                .record(owner.clone(), ResourceKind::Ip, ip.to_string())
+                .await?;
+            self.journal
+                .record(owner.clone(), ResourceKind::Tap, &tap)
+                .await?;
             cfg.nic = Some(atelier_vmm::Nic {
                 tap: tap.clone(),
                 mac: atelier_net::mac_for(ip),
             });
         }
         log.line("==> booting");
-        let vm = VmGuard(Some(self.hv.launch(&cfg).await?));
-        crate::manager::fault_point("prebuild-after-launch").await;
+        self.journal
+            .record(
+                owner.clone(),
+                ResourceKind::Process,
+                build.display().to_string(),
+            )
+            .await?;
+        let vm = VmGuard(Some(self.vms.launch(&cfg).await?));
+        crate::fault::point("prebuild-after-launch").await;
         let process = vm.0.as_ref().ok_or_else(|| Error::internal("no vm"))?;
         let agent =
-            crate::templates::boot_agent(process, accel, "prebuild", self.cfg.agent_timeout)
-                .await?;
+            crate::vms::boot_agent(process, accel, "prebuild", self.cfg.agent_timeout).await?;
         if let (Some(net), Some(ip)) = (&self.net, builder) {
             agent
                 .net_config(net.guest_config(ip))
@@ -490,7 +522,7 @@ impl Manager {
             .prebuilds(Some(workspace))
             .await?
             .into_iter()
-            .find(|p| p.status == "ready"))
+            .find(|p| p.status == atelier_core::PrebuildStatus::Ready))
     }
 
     /// Prebuilds of one workspace (or all), newest first, with `stale` computed:
@@ -528,10 +560,11 @@ impl Manager {
         }
     }
 
-    /// Start-up reconcile: builds a crash interrupted.
+    /// Start-up reconcile: builds a crash interrupted are failed (the journal
+    /// reclaims what they held), directories of unknown prebuilds removed.
     pub(crate) async fn reconcile_prebuilds(&self) -> Result<(), Error> {
         for p in self.store.prebuilds(None).await? {
-            if p.status == "building" {
+            if p.status == atelier_core::PrebuildStatus::Building {
                 tracing::warn!(prebuild = %p.id, "prebuild was interrupted; marking it failed");
                 self.store
                     .prebuild_failed(&p.id, "the manager stopped during the build")
@@ -544,19 +577,30 @@ impl Manager {
             .flatten()
         {
             let name = e.file_name().to_string_lossy().into_owned();
+            let path = e.path().display().to_string();
+            if self.journal.has_locator(&path).await? {
+                continue;
+            }
+            // Journaled builds were reclaimed before this runs: a build directory
+            // here is one nobody journaled (left by an older manager).
             if let Some(id) = name.strip_prefix(".build-") {
-                tracing::warn!(path = %e.path().display(), "removing interrupted prebuild");
-                crate::manager::kill_vmms(&e.path().display().to_string()).await;
-                let failed = self.prebuilds_dir().join(id);
-                let _ = std::fs::create_dir_all(&failed);
-                let _ = std::fs::rename(e.path().join(BUILD_LOG), failed.join(BUILD_LOG));
+                tracing::warn!(path = %path, "removing an unjournaled prebuild build");
+                crate::vms::kill_vmms(&path).await;
+                self.keep_prebuild_log(id, &e.path());
                 let _ = std::fs::remove_dir_all(e.path());
             } else if self.store.prebuild(&name).await?.is_none() {
-                tracing::warn!(path = %e.path().display(), "removing unknown prebuild directory");
+                tracing::warn!(path = %path, "removing unknown prebuild directory");
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
         Ok(())
+    }
+
+    /// Moves a build's log to where a failed prebuild keeps it.
+    pub(crate) fn keep_prebuild_log(&self, id: &str, build: &Path) {
+        let failed = self.prebuilds_dir().join(id);
+        let _ = std::fs::create_dir_all(&failed);
+        let _ = std::fs::rename(build.join(BUILD_LOG), failed.join(BUILD_LOG));
     }
 }
 
@@ -777,10 +821,16 @@ impl Manager {
     pub(crate) async fn check_prebuilds(self: &Arc<Self>) -> Result<(), Error> {
         for w in self.store.list_workspaces().await? {
             let all = self.prebuild_list(Some(&w.name)).await?;
-            if all.iter().any(|(p, _)| p.status == "building") {
+            if all
+                .iter()
+                .any(|(p, _)| p.status == atelier_core::PrebuildStatus::Building)
+            {
                 continue;
             }
-            let Some((newest, mut stale)) = all.iter().find(|(p, _)| p.status == "ready").cloned()
+            let Some((newest, mut stale)) = all
+                .iter()
+                .find(|(p, _)| p.status == atelier_core::PrebuildStatus::Ready)
+                .cloned()
             else {
                 continue;
             };
@@ -816,7 +866,10 @@ impl Manager {
     /// memory is mapped from, and failed ones older than the newest ready one.
     async fn collect_prebuilds(&self, workspace: &str) -> Result<(), Error> {
         let list = self.store.prebuilds(Some(workspace)).await?;
-        let Some(pos) = list.iter().position(|p| p.status == "ready") else {
+        let Some(pos) = list
+            .iter()
+            .position(|p| p.status == atelier_core::PrebuildStatus::Ready)
+        else {
             return Ok(());
         };
         self.remove_prebuilds(&list[pos + 1..]).await
@@ -842,7 +895,7 @@ impl Manager {
         for old in list {
             let dir = self.prebuilds_dir().join(&old.id);
             let mem = dir.join("mem").display().to_string();
-            if old.status == "building" || in_use.contains(&mem) {
+            if old.status == atelier_core::PrebuildStatus::Building || in_use.contains(&mem) {
                 continue;
             }
             tracing::info!(prebuild = %old.id, "removing superseded prebuild");

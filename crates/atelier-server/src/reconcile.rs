@@ -13,7 +13,9 @@ use atelier_agent_proto::AgentClient;
 use atelier_core::{SandboxOp, SandboxState};
 
 use crate::Error;
-use crate::manager::{Manager, RES_DIR, RES_DISK, RES_PROCESS, kill_vmms};
+use crate::journal::{Owner, ResourceKind};
+use crate::manager::Manager;
+use crate::vms::kill_vmms;
 
 /// What [`Manager::orphan_check`] found.
 enum Orphan {
@@ -26,16 +28,36 @@ enum Orphan {
 impl Manager {
     /// Start-up reconcile; runs before the API serves.
     pub(crate) async fn reconcile_at_start(self: &Arc<Self>) -> Result<(), Error> {
-        // Template builds a crash interrupted: their VMM and half-made directory.
-        let templates = self.templates_dir();
-        for e in std::fs::read_dir(&templates)
+        // Template and prebuild builds a crash interrupted: no build runs yet, so
+        // everything their journal rows name goes (a prebuild keeps its log).
+        for r in self.journal.list(None).await? {
+            match &r.owner {
+                Some(Owner::Template(key)) => {
+                    tracing::warn!(template = %key, kind = %r.kind_name, "reclaiming what an interrupted template build held");
+                    self.journal.reclaim_one(&r).await?;
+                }
+                Some(Owner::Prebuild(id)) => {
+                    if r.kind == Some(ResourceKind::Dir) {
+                        self.keep_prebuild_log(id, std::path::Path::new(&r.locator));
+                    }
+                    tracing::warn!(prebuild = %id, kind = %r.kind_name, "reclaiming what an interrupted prebuild held");
+                    self.journal.reclaim_one(&r).await?;
+                }
+                _ => {}
+            }
+        }
+        // A template build directory nobody journaled (left by an older manager).
+        for e in std::fs::read_dir(self.templates_dir())
             .into_iter()
             .flatten()
             .flatten()
         {
-            if e.file_name().to_string_lossy().starts_with(".build-") {
-                tracing::warn!(path = %e.path().display(), "removing interrupted template build");
-                kill_vmms(&e.path().display().to_string()).await;
+            let path = e.path().display().to_string();
+            if e.file_name().to_string_lossy().starts_with(".build-")
+                && !self.journal.has_locator(&path).await?
+            {
+                tracing::warn!(path = %path, "removing an unjournaled template build");
+                kill_vmms(&path).await;
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
@@ -51,46 +73,51 @@ impl Manager {
                     // memory). An unknown operation keeps the disk: the user's data
                     // is never reclaimed on a guess.
                     tracing::warn!(sandbox = %id, operation = ?rec.operation, "operation was interrupted; reclaiming its VMM");
-                    let (reclaim, to, why): (&[&str], _, _) = match rec.operation {
+                    let (reclaim, to, why): (&[ResourceKind], _, _) = match rec.operation {
                         Some(SandboxOp::Create) => (
-                            &[RES_PROCESS, RES_DISK],
+                            &[ResourceKind::Process, ResourceKind::Disk],
                             SandboxState::Failed,
                             "the manager stopped during create",
                         ),
                         Some(SandboxOp::Resume) => (
-                            &[RES_PROCESS],
+                            &[ResourceKind::Process],
                             SandboxState::Paused,
                             "the manager stopped during resume",
                         ),
                         Some(SandboxOp::Start) => (
-                            &[RES_PROCESS],
+                            &[ResourceKind::Process],
                             SandboxState::Failed,
                             "the manager stopped during start",
                         ),
                         other => {
                             tracing::error!(sandbox = %id, operation = ?other, "creating without a known operation; keeping its disk");
                             (
-                                &[RES_PROCESS],
+                                &[ResourceKind::Process],
                                 SandboxState::Failed,
                                 "the manager stopped during an operation; the disk was kept",
                             )
                         }
                     };
-                    self.reclaim(&id, reclaim).await?;
+                    self.journal.reclaim(&id, reclaim).await?;
                     self.store
                         .transition(&id, to, "reconcile", Some(why))
                         .await?;
                 }
                 SandboxState::Deleting => {
                     tracing::warn!(sandbox = %id, "delete was interrupted; finishing it");
-                    self.reclaim(&id, &[RES_PROCESS, RES_DISK, RES_DIR]).await?;
+                    self.journal
+                        .reclaim(
+                            &id,
+                            &[ResourceKind::Process, ResourceKind::Disk, ResourceKind::Dir],
+                        )
+                        .await?;
                     self.store.delete_dev_commands(&id).await?;
                     self.store
                         .transition(&id, SandboxState::Deleted, "reconcile", None)
                         .await?;
                 }
                 SandboxState::Stopping => {
-                    self.reclaim(&id, &[RES_PROCESS]).await?;
+                    self.journal.reclaim(&id, &[ResourceKind::Process]).await?;
                     self.store
                         .transition(&id, SandboxState::Stopped, "reconcile", None)
                         .await?;
@@ -99,7 +126,7 @@ impl Manager {
                     if !self.adopt(&id, rec.operation).await {
                         tracing::warn!(sandbox = %id, "running sandbox has no live VM; marking failed");
                         // E.g. after a host reboot: the disk is kept for `start`.
-                        self.reclaim(&id, &[RES_PROCESS]).await?;
+                        self.journal.reclaim(&id, &[ResourceKind::Process]).await?;
                         self.store
                             .transition(
                                 &id,
@@ -111,7 +138,7 @@ impl Manager {
                     }
                 }
                 SandboxState::Stopped | SandboxState::Failed | SandboxState::Paused => {
-                    self.reclaim(&id, &[RES_PROCESS]).await?;
+                    self.journal.reclaim(&id, &[ResourceKind::Process]).await?;
                 }
                 SandboxState::Deleted => {}
             }
@@ -126,7 +153,7 @@ impl Manager {
         operation: Option<SandboxOp>,
     ) -> bool {
         let dir = self.sandbox_dir(id);
-        let process = match self.hv.adopt(&dir).await {
+        let process = match self.vms.adopt(&dir).await {
             Ok(Some(p)) => p,
             Ok(None) => return false,
             Err(e) => {
@@ -165,7 +192,9 @@ impl Manager {
         tracing::info!(sandbox = %id, pid = process.pid(), "adopted running vm");
         // Firewall sets and bridge ports may have been rebuilt since; restore them.
         if let Ok(rec) = self.store.get_sandbox(id).await
-            && let Err(e) = self.go_online(&rec, &agent, false).await
+            && let Err(e) = self
+                .go_online(&rec, &agent, crate::sandboxes::GuestSetup::Keep)
+                .await
         {
             tracing::warn!(sandbox = %id, error = %e, "cannot reconnect adopted vm to the network");
         }
@@ -188,29 +217,30 @@ impl Manager {
             .map(|r| r.id.to_string())
             .collect();
 
-        // Journal rows whose sandbox is deleted or unknown.
-        for r in self.store.resources(None).await? {
-            if !live.contains(r.sandbox_id.as_str())
-                && let Some(_g) = self.try_lock(&r.sandbox_id)
+        // Journal rows whose sandbox is deleted or unknown. (Rows of template and
+        // prebuild builds belong to a build in flight; start-up reclaims the
+        // interrupted ones.)
+        let rows = self.journal.list(None).await?;
+        for r in &rows {
+            let Some(Owner::Sandbox(sid)) = &r.owner else {
+                continue;
+            };
+            if !live.contains(sid.as_str())
+                && let Some(_g) = self.try_lock(sid)
                 // Read again under the lock: `live` is older than a create that
                 // finished meanwhile.
                 && matches!(
-                    self.store.get_sandbox(&r.sandbox_id).await,
+                    self.store.get_sandbox(sid).await,
                     Ok(atelier_store::SandboxRecord { state: SandboxState::Deleted, .. })
                         | Err(atelier_store::StoreError::SandboxNotFound(_))
                 )
             {
-                tracing::warn!(sandbox = %r.sandbox_id, kind = %r.kind, "reclaiming orphaned resource");
-                self.reclaim_one(&r).await?;
+                tracing::warn!(sandbox = %sid, kind = %r.kind_name, "reclaiming orphaned resource");
+                self.journal.reclaim_one(r).await?;
             }
         }
-        let journaled: HashSet<String> = self
-            .store
-            .resources(None)
-            .await?
-            .into_iter()
-            .map(|r| r.locator)
-            .collect();
+        let rows = self.journal.list(None).await?;
+        let journaled: HashSet<String> = rows.iter().map(|r| r.locator.clone()).collect();
 
         // VMM processes of sandboxes that should have none.
         let sandboxes_dir = self.cfg.sandboxes_dir();
@@ -292,13 +322,7 @@ impl Manager {
             // Not named like a sandbox: nothing of ours can be creating it.
             None => None,
         };
-        let journaled = self
-            .store
-            .resources(None)
-            .await?
-            .iter()
-            .any(|r| r.locator == locator);
-        if journaled || self.store.find_sandbox(id).await.is_ok() {
+        if self.journal.has_locator(locator).await? || self.store.find_sandbox(id).await.is_ok() {
             return Ok(Orphan::No);
         }
         Ok(Orphan::Yes(guard))
@@ -310,11 +334,19 @@ impl Manager {
         let Some(net) = &self.net else {
             return Ok(());
         };
-        // The prebuild builder (TAP `atlp…`, the subnet's last address) belongs to
-        // a build in flight, if one holds the build lock.
-        let building = self.prebuild_lock.try_lock().is_err();
-        for port in net.links.ports().await? {
-            if port.starts_with("atlp") && building {
+        // A TAP or an address journaled by a build (a prebuild's builder) belongs
+        // to that build while it runs. Listed after what is on the host: a build
+        // records its TAP before making it.
+        let ports = net.links.ports().await?;
+        let addresses = net.fw.known_addresses().await?;
+        let rows = self.journal.list(None).await?;
+        let by_builds: HashSet<&str> = rows
+            .iter()
+            .filter(|r| !matches!(r.owner, Some(Owner::Sandbox(_))))
+            .map(|r| r.locator.as_str())
+            .collect();
+        for port in ports {
+            if by_builds.contains(port.as_str()) {
                 continue;
             }
             // TAP `atl<10 chars>` belongs to sandbox `sb-<10 chars>`.
@@ -337,9 +369,8 @@ impl Manager {
             .into_iter()
             .map(|(ip, _)| ip)
             .collect();
-        for ip in net.fw.known_addresses().await? {
-            let builder_busy = building && ip == net.cfg.builder_address();
-            if !leased.contains(&ip) && !builder_busy {
+        for ip in addresses {
+            if !leased.contains(&ip) && !by_builds.contains(ip.to_string().as_str()) {
                 tracing::warn!(%ip, "forgetting firewall state of an unleased address");
                 net.forget(ip).await?;
             }

@@ -7,8 +7,9 @@
 //! share their unchanged memory through the page cache.
 //!
 //! A template is built in `pool/templates/.build-<key>/` and renamed into place when
-//! complete, so a crash leaves only a `.build-*` directory (and perhaps its VMM),
-//! which the start-up reconcile removes. Only the reflink backend makes templates
+//! complete. The build journals its directory, VMM and TAP (owner
+//! `template:<key>`) before making them, so the start-up reconcile reclaims what a
+//! crash left. Only the reflink backend makes templates
 //! (a clone of the template disk must be O(1)); with mounts the device model
 //! differs from the template's, so such sandboxes boot cold.
 
@@ -22,6 +23,7 @@ use atelier_store::SandboxRecord;
 use atelier_vmm::{Accel, Incoming, MemoryBacking, VmConfig, VmProcess};
 
 use crate::Error;
+use crate::journal::{Owner, ResourceKind};
 use crate::manager::Manager;
 
 /// A finished template.
@@ -63,7 +65,17 @@ pub(crate) fn key(
     )
 }
 
+/// Keys of the templates being built, owned by the template builder.
+#[derive(Debug, Default)]
+pub(crate) struct Builds(std::sync::Mutex<std::collections::HashSet<String>>);
+
 impl Manager {
+    pub(crate) fn building_templates(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        crate::manager::lock_map(&self.templates.0)
+    }
+
     pub(crate) fn templates_dir(&self) -> PathBuf {
         self.pool.root().join("templates")
     }
@@ -130,25 +142,41 @@ impl Manager {
         accel: Accel,
     ) -> Result<(), Error> {
         let build = self.templates_dir().join(format!(".build-{key}"));
+        let owner = Owner::Template(key.to_owned());
+        self.journal
+            .record(
+                owner.clone(),
+                ResourceKind::Dir,
+                build.display().to_string(),
+            )
+            .await?;
         let _ = std::fs::remove_dir_all(&build);
-        std::fs::create_dir_all(&build)
-            .map_err(|e| Error::internal(format!("cannot create {}: {e}", build.display())))?;
-        let result = self
-            .build_template_in(&build, image, memory_mib, vcpus, accel)
-            .await;
+        let made = std::fs::create_dir_all(&build)
+            .map_err(|e| Error::internal(format!("cannot create {}: {e}", build.display())));
+        let result = match made {
+            Ok(()) => {
+                self.build_template_in(&owner, &build, image, memory_mib, vcpus, accel)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         if result.is_err() {
-            crate::manager::kill_vmms(&build.display().to_string()).await;
-            let _ = std::fs::remove_dir_all(&build);
+            if let Err(e) = self.journal.reclaim_all(owner).await {
+                tracing::error!(template = %key, error = %e, "reclaiming a failed template build");
+            }
             return result;
         }
         let dest = self.templates_dir().join(key);
         std::fs::rename(&build, &dest).map_err(|e| {
             Error::internal(format!("cannot move template into {}: {e}", dest.display()))
-        })
+        })?;
+        // The directory is a finished template now, no longer the build's.
+        self.journal.release(owner).await
     }
 
     async fn build_template_in(
         self: &Arc<Self>,
+        owner: &Owner,
         build: &Path,
         image: &atelier_image::Image,
         memory_mib: u32,
@@ -188,14 +216,25 @@ impl Manager {
                 use sha2::Digest;
                 hex::encode(sha2::Sha256::digest(build.display().to_string().as_bytes()))
             };
+            let tap = format!("atlt{}", &tag[..11]);
+            self.journal
+                .record(owner.clone(), ResourceKind::Tap, &tap)
+                .await?;
             cfg.nic = Some(atelier_vmm::Nic {
-                tap: format!("atlt{}", &tag[..11]),
+                tap,
                 mac: [0x02, 0xa7, 0, 0, 0, 1],
             });
         }
-        let vm = self.hv.launch(&cfg).await?;
-        crate::manager::fault_point("template-after-launch").await;
-        let agent = boot_agent(&vm, accel, "template", self.cfg.agent_timeout).await?;
+        self.journal
+            .record(
+                owner.clone(),
+                ResourceKind::Process,
+                build.display().to_string(),
+            )
+            .await?;
+        let vm = self.vms.launch(&cfg).await?;
+        crate::fault::point("template-after-launch").await;
+        let agent = crate::vms::boot_agent(&vm, accel, "template", self.cfg.agent_timeout).await?;
         self.freeze(&vm, agent, &t.state, &running_disk, &t.disk)
             .await?;
         std::fs::write(build.join("ready"), b"")
@@ -220,35 +259,9 @@ impl Manager {
         let (vm, agent) = self
             .launch_restored(id, &cfg, Duration::from_secs(15), "restored")
             .await?;
-        fix_identity(&agent, &rec.name, self.net.is_some()).await?;
-        tracing::debug!(sandbox = %id, "restored from memory snapshot");
+        tracing::debug!(sandbox = %id, name = %rec.name, "restored from memory snapshot");
         Ok((vm, agent))
     }
-}
-
-/// Connects to the agent of a VM that is booting and waits until it answers
-/// (booting takes longer under TCG).
-pub(crate) async fn boot_agent(
-    vm: &VmProcess,
-    accel: Accel,
-    what: &str,
-    agent_timeout: Duration,
-) -> Result<AgentClient, Error> {
-    let agent = AgentClient::connect_unix(&vm.paths().agent)
-        .await
-        .map_err(|e| {
-            Error::unavailable(format!("cannot connect to the agent of the {what} VM"))
-                .with_source(e)
-        })?
-        .with_timeout(agent_timeout);
-    let timeout = match accel {
-        Accel::Kvm => Duration::from_secs(60),
-        Accel::Tcg => Duration::from_secs(240),
-    };
-    agent.wait_ready(timeout).await.map_err(|e| {
-        Error::unavailable(format!("the {what} agent did not answer")).with_source(e)
-    })?;
-    Ok(agent)
 }
 
 impl Manager {
@@ -285,6 +298,14 @@ impl Manager {
     }
 }
 
+/// A fresh machine-id (32 hex digits).
+pub(crate) fn new_machine_id() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 16];
+    rand::rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
 /// Gives a guest restored from someone else's memory its own identity: the clock
 /// (SetTime, which also reseeds the guest CRNG), a fresh machine-id, and the
 /// hostname — unless `hostname_via_net`, when the network configuration that
@@ -294,12 +315,7 @@ pub(crate) async fn fix_identity(
     hostname: &str,
     hostname_via_net: bool,
 ) -> Result<(), Error> {
-    let machine_id = {
-        use rand::RngCore;
-        let mut b = [0u8; 16];
-        rand::rng().fill_bytes(&mut b);
-        format!("{}\n", hex::encode(b))
-    };
+    let machine_id = format!("{}\n", new_machine_id());
     let clock = async {
         agent
             .set_time(SystemTime::now())

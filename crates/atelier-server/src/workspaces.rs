@@ -123,7 +123,7 @@ impl Manager {
             .prebuilds(Some(name))
             .await?
             .iter()
-            .any(|p| p.status == "building")
+            .any(|p| p.status == atelier_core::PrebuildStatus::Building)
         {
             return Err(Error::conflict(format!(
                 "workspace {name:?} has a prebuild building; wait for it to finish"

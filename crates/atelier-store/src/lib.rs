@@ -87,6 +87,16 @@ pub enum StoreError {
         /// Requested state.
         to: SandboxState,
     },
+    /// A prebuild's status cannot move this way (e.g. a finished build again).
+    #[error("prebuild {id} is {}; it cannot become {to}", from.map(|f| f.as_str()).unwrap_or("gone"))]
+    PrebuildTransition {
+        /// Prebuild id.
+        id: String,
+        /// Its status now (None when it no longer exists).
+        from: Option<atelier_core::PrebuildStatus>,
+        /// Requested status.
+        to: atelier_core::PrebuildStatus,
+    },
     /// A state that exists only during an operation was entered without one.
     #[error("sandbox {id} cannot become {to} without an operation (a bug: use Store::begin)")]
     NoOperation {
@@ -178,8 +188,9 @@ pub struct Transition {
 pub struct ResourceRecord {
     /// Journal row id.
     pub id: i64,
-    /// Owning sandbox.
-    pub sandbox_id: SandboxId,
+    /// Who holds it: a sandbox id, or another owner's text (`template:…`,
+    /// `prebuild:…`), as the journal writes it.
+    pub owner: String,
     /// Kind (`dir`, `disk`, `process`, ...), owned by the crate that makes it.
     pub kind: String,
     /// Where it is: a path, usually.
@@ -556,7 +567,7 @@ impl Store {
     /// is harmless (returns the existing row).
     pub async fn record_resource(
         &self,
-        sandbox_id: &SandboxId,
+        owner: &str,
         kind: &str,
         locator: &str,
     ) -> Result<i64, StoreError> {
@@ -564,7 +575,7 @@ impl Store {
             "INSERT INTO resources (sandbox_id, kind, locator, created_at) VALUES (?, ?, ?, ?)
              ON CONFLICT(kind, locator) DO NOTHING",
         )
-        .bind(sandbox_id.as_str())
+        .bind(owner)
         .bind(kind)
         .bind(locator)
         .bind(now_ms())
@@ -590,16 +601,13 @@ impl Store {
         Ok(())
     }
 
-    /// Journaled resources of one sandbox (or all when `sandbox_id` is None), newest first,
+    /// Journaled resources of one owner (or all when `owner` is None), newest first,
     /// which is the order to reclaim them in.
-    pub async fn resources(
-        &self,
-        sandbox_id: Option<&SandboxId>,
-    ) -> Result<Vec<ResourceRecord>, StoreError> {
-        let rows = match sandbox_id {
+    pub async fn resources(&self, owner: Option<&str>) -> Result<Vec<ResourceRecord>, StoreError> {
+        let rows = match owner {
             Some(id) => {
                 sqlx::query("SELECT * FROM resources WHERE sandbox_id = ? ORDER BY id DESC")
-                    .bind(id.as_str())
+                    .bind(id)
                     .fetch_all(&self.pool)
                     .await
             }
@@ -610,20 +618,15 @@ impl Store {
             }
         }
         .map_err(q("list resources"))?;
-        rows.iter()
-            .map(|r| {
-                let sid: String = r.get("sandbox_id");
-                Ok(ResourceRecord {
-                    id: r.get("id"),
-                    sandbox_id: SandboxId::parse(&sid).ok_or_else(|| StoreError::Corrupt {
-                        table: "resources",
-                        detail: format!("sandbox id {sid:?}"),
-                    })?,
-                    kind: r.get("kind"),
-                    locator: r.get("locator"),
-                })
+        Ok(rows
+            .iter()
+            .map(|r| ResourceRecord {
+                id: r.get("id"),
+                owner: r.get("sandbox_id"),
+                kind: r.get("kind"),
+                locator: r.get("locator"),
             })
-            .collect()
+            .collect())
     }
 
     /// Number of API tokens.
@@ -977,7 +980,7 @@ mod tests {
             Err(StoreError::PoolExhausted)
         ));
         // Journaled with the lease.
-        let res = store.resources(Some(&ids[0])).await.unwrap();
+        let res = store.resources(Some(ids[0].as_str())).await.unwrap();
         assert!(
             res.iter()
                 .any(|r| r.kind == "ip" && r.locator == "10.9.0.2")
@@ -1053,22 +1056,22 @@ mod tests {
         store.insert_sandbox(&rec("demo")).await.unwrap();
 
         let r1 = store
-            .record_resource(&a.id, "disk", "/p/a.img")
+            .record_resource(a.id.as_str(), "disk", "/p/a.img")
             .await
             .unwrap();
         assert_eq!(
             store
-                .record_resource(&a.id, "disk", "/p/a.img")
+                .record_resource(a.id.as_str(), "disk", "/p/a.img")
                 .await
                 .unwrap(),
             r1
         );
         let r2 = store
-            .record_resource(&a.id, "process", "/run/a")
+            .record_resource(a.id.as_str(), "process", "/run/a")
             .await
             .unwrap();
         let ids: Vec<_> = store
-            .resources(Some(&a.id))
+            .resources(Some(a.id.as_str()))
             .await
             .unwrap()
             .iter()

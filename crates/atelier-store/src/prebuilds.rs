@@ -1,5 +1,6 @@
 //! Prebuild rows: status, the commits they were built from, staleness.
 
+use atelier_core::PrebuildStatus;
 use sqlx::Row;
 
 use crate::{Change, Store, StoreError, now_ms, q};
@@ -13,8 +14,8 @@ pub struct PrebuildRecord {
     pub workspace: String,
     /// Workspace revision it was built from.
     pub revision: i64,
-    /// `building`, `ready` or `failed`.
-    pub status: String,
+    /// Where it is in its life.
+    pub status: PrebuildStatus,
     /// JSON object: repo path -> commit.
     pub commits: String,
     /// A repo's branch moved on since the build.
@@ -29,19 +30,23 @@ pub struct PrebuildRecord {
     pub ready_at: Option<i64>,
 }
 
-fn from_row(r: &sqlx::sqlite::SqliteRow) -> PrebuildRecord {
-    PrebuildRecord {
+fn from_row(r: &sqlx::sqlite::SqliteRow) -> Result<PrebuildRecord, StoreError> {
+    let status: String = r.get("status");
+    Ok(PrebuildRecord {
+        status: PrebuildStatus::parse(&status).ok_or_else(|| StoreError::Corrupt {
+            table: "prebuilds",
+            detail: format!("status {status:?}"),
+        })?,
         id: r.get("id"),
         workspace: r.get("workspace"),
         revision: r.get("revision"),
-        status: r.get("status"),
         commits: r.get("commits"),
         stale: r.get::<i64, _>("stale") != 0,
         size_bytes: r.get("size_bytes"),
         error: r.get("error"),
         created_at: r.get("created_at"),
         ready_at: r.get("ready_at"),
-    }
+    })
 }
 
 impl Store {
@@ -66,35 +71,69 @@ impl Store {
         Ok(())
     }
 
-    /// Marks a prebuild ready with its commits and size.
+    /// Marks a building prebuild ready with its commits and size.
     pub async fn prebuild_ready(
         &self,
         id: &str,
         commits_json: &str,
         size_bytes: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE prebuilds SET status = 'ready', commits = ?, size_bytes = ?, ready_at = ? WHERE id = ?",
+        self.end_prebuild(
+            id,
+            PrebuildStatus::Ready,
+            commits_json,
+            Some(size_bytes),
+            None,
         )
-        .bind(commits_json)
-        .bind(size_bytes)
-        .bind(now_ms())
-        .bind(id)
-        .execute(&self.pool)
         .await
-        .map_err(q("prebuild ready"))?;
-        self.notify_prebuild(id).await;
-        Ok(())
     }
 
-    /// Marks a prebuild failed.
+    /// Marks a building prebuild failed.
     pub async fn prebuild_failed(&self, id: &str, error: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE prebuilds SET status = 'failed', error = ? WHERE id = ?")
-            .bind(error)
-            .bind(id)
-            .execute(&self.pool)
+        self.end_prebuild(id, PrebuildStatus::Failed, "{}", None, Some(error))
             .await
-            .map_err(q("prebuild failed"))?;
+    }
+
+    /// The one writer of a prebuild's status: only the moves
+    /// [`PrebuildStatus::can_transition_to`] allows, checked in the same statement.
+    async fn end_prebuild(
+        &self,
+        id: &str,
+        to: PrebuildStatus,
+        commits_json: &str,
+        size_bytes: Option<i64>,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let from: Vec<&str> = PrebuildStatus::ALL
+            .into_iter()
+            .filter(|s| s.can_transition_to(to))
+            .map(PrebuildStatus::as_str)
+            .collect();
+        let done = sqlx::query(
+            "UPDATE prebuilds SET status = ?, commits = CASE WHEN ? = 'ready' THEN ? ELSE commits END,
+                 size_bytes = ?, error = ?, ready_at = CASE WHEN ? = 'ready' THEN ? ELSE ready_at END
+             WHERE id = ? AND status IN (SELECT value FROM json_each(?))",
+        )
+        .bind(to.as_str())
+        .bind(to.as_str())
+        .bind(commits_json)
+        .bind(size_bytes)
+        .bind(error)
+        .bind(to.as_str())
+        .bind(now_ms())
+        .bind(id)
+        .bind(serde_json::to_string(&from).unwrap_or_else(|_| "[]".into()))
+        .execute(&self.pool)
+        .await
+        .map_err(q("end prebuild"))?;
+        if done.rows_affected() == 0 {
+            let now = self.prebuild(id).await?;
+            return Err(StoreError::PrebuildTransition {
+                id: id.to_owned(),
+                from: now.map(|p| p.status),
+                to,
+            });
+        }
         self.notify_prebuild(id).await;
         Ok(())
     }
@@ -117,7 +156,7 @@ impl Store {
             .fetch_optional(&self.pool)
             .await
             .map_err(q("get prebuild"))?;
-        Ok(row.as_ref().map(from_row))
+        row.as_ref().map(from_row).transpose()
     }
 
     /// Prebuilds, newest first; of one workspace when given.
@@ -141,7 +180,7 @@ impl Store {
             }
         }
         .map_err(q("list prebuilds"))?;
-        Ok(rows.iter().map(from_row).collect())
+        rows.iter().map(from_row).collect()
     }
 
     /// Forgets a prebuild (its files are gone).
@@ -208,7 +247,7 @@ mod tests {
         s.insert_prebuild("pb-b", "other", 1).await.unwrap();
         assert_eq!(
             s.prebuild("pb-a").await.unwrap().unwrap().status,
-            "building"
+            PrebuildStatus::Building
         );
         s.prebuild_ready("pb-a", r#"{"/w":"abc"}"#, 42)
             .await
@@ -216,9 +255,18 @@ mod tests {
         s.set_prebuild_stale("pb-a").await.unwrap();
         let p = s.prebuild("pb-a").await.unwrap().unwrap();
         assert_eq!(
-            (p.status.as_str(), p.stale, p.size_bytes),
-            ("ready", true, Some(42))
+            (p.status, p.stale, p.size_bytes),
+            (PrebuildStatus::Ready, true, Some(42))
         );
+        // A finished build does not move again.
+        assert!(matches!(
+            s.prebuild_failed("pb-a", "late").await,
+            Err(StoreError::PrebuildTransition {
+                from: Some(PrebuildStatus::Ready),
+                to: PrebuildStatus::Failed,
+                ..
+            })
+        ));
         s.prebuild_failed("pb-b", "boom").await.unwrap();
         assert_eq!(
             s.prebuilds(Some("other")).await.unwrap()[0]

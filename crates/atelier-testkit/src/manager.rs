@@ -371,11 +371,16 @@ impl Server {
         list(&self.data_dir.path().join("sandboxes"))
     }
 
-    /// Rows in the resource journal, as `kind locator` lines.
+    /// Rows in the resource journal, as `kind locator` lines (but those of a
+    /// prebuild that is still building).
     pub fn journal(&self) -> Vec<String> {
+        // Rows of a prebuild that is still building belong to that build.
         let out = Command::new("sqlite3")
             .arg(self.data_dir.path().join("atelier.db"))
-            .arg("SELECT kind || ' ' || locator FROM resources ORDER BY id")
+            .arg(
+                "SELECT kind || ' ' || locator FROM resources WHERE sandbox_id NOT IN \
+                 (SELECT 'prebuild:' || id FROM prebuilds WHERE status = 'building') ORDER BY id",
+            )
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout)

@@ -40,11 +40,7 @@ pub struct PrebuildView {
 
 fn view((p, stale): (atelier_store::PrebuildRecord, bool)) -> PrebuildView {
     PrebuildView {
-        status: if p.status == "ready" && stale {
-            "stale".into()
-        } else {
-            p.status.clone()
-        },
+        status: p.status.shown(stale).to_owned(),
         commits: serde_json::from_str(&p.commits).unwrap_or_default(),
         id: p.id,
         workspace: p.workspace,
@@ -167,7 +163,7 @@ fn async_stream(
                 loop {
                     let building = matches!(
                         mgr.store().prebuild(&id).await,
-                        Ok(Some(p)) if p.status == "building"
+                        Ok(Some(p)) if p.status == atelier_core::PrebuildStatus::Building
                     );
                     let data = read_from(&mgr.prebuild_log_path(&id), offset);
                     if !data.is_empty() {

@@ -9,7 +9,8 @@ use atelier_store::SandboxRecord;
 use tokio::sync::OwnedMutexGuard;
 
 use crate::Error;
-use crate::manager::{Manager, RunningVm, kill_vmms};
+use crate::manager::Manager;
+use crate::vms::{RunningVm, kill_vmms};
 
 /// How long a guest that acknowledged the power-off may take to do it.
 const POWER_OFF_WAIT: Duration = Duration::from_secs(15);

@@ -1,0 +1,110 @@
+//! The narrow handle over sandboxes that other services build on. A service that
+//! needs sandboxes (tasks first) holds a [`Sandboxes`], never the manager: it can
+//! create one from a workspace, run commands and open byte streams in it, pause,
+//! resume, stop and delete it, and nothing else. How sandboxes run stays behind
+//! it: today local QEMU VMs; another runtime (e.g. Kubernetes pods with Kata
+//! Containers) would answer the same calls (see docs/architecture.md).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use atelier_agent_proto::{ExecOutput, ExecRequest, GuestStream, ProtoError};
+use atelier_core::SandboxSpec;
+use atelier_store::SandboxRecord;
+
+use crate::Error;
+use crate::manager::Manager;
+
+/// Sandboxes, as other services see them.
+#[derive(Debug, Clone)]
+pub struct Sandboxes {
+    mgr: Arc<Manager>,
+}
+
+impl Sandboxes {
+    pub(crate) fn new(mgr: Arc<Manager>) -> Sandboxes {
+        Sandboxes { mgr }
+    }
+
+    /// Creates a sandbox and returns once it runs (or its create failed and was
+    /// cleaned up).
+    pub async fn create(&self, spec: SandboxSpec) -> Result<SandboxRecord, Error> {
+        self.mgr.create(spec, true).await
+    }
+
+    /// A live sandbox by id or name.
+    pub async fn get(&self, id_or_name: &str) -> Result<SandboxRecord, Error> {
+        self.mgr.get(id_or_name).await
+    }
+
+    /// Stops a running sandbox (its disk is kept).
+    pub async fn stop(&self, id_or_name: &str) -> Result<SandboxRecord, Error> {
+        self.mgr.stop(id_or_name).await
+    }
+
+    /// Boots a stopped sandbox again and returns once it runs.
+    pub async fn start(&self, id_or_name: &str) -> Result<SandboxRecord, Error> {
+        self.mgr.start(id_or_name, true).await
+    }
+
+    /// Saves a running sandbox's memory to disk and frees its CPU and RAM.
+    pub async fn pause(&self, id_or_name: &str) -> Result<SandboxRecord, Error> {
+        self.mgr.pause(id_or_name).await
+    }
+
+    /// Resumes a paused sandbox exactly where it was.
+    pub async fn resume(&self, id_or_name: &str) -> Result<SandboxRecord, Error> {
+        self.mgr.resume(id_or_name).await
+    }
+
+    /// Deletes a sandbox and everything it holds on the host.
+    pub async fn delete(&self, id_or_name: &str) -> Result<SandboxRecord, Error> {
+        self.mgr.delete(id_or_name).await
+    }
+
+    /// Runs a command to completion in a running sandbox. The guest kills it at the
+    /// request's timeout (an hour when it has none); the host gives up a little
+    /// after that too.
+    pub async fn exec(&self, id_or_name: &str, req: ExecRequest) -> Result<ExecOutput, Error> {
+        let (_, agent) = self.mgr.agent(id_or_name).await?;
+        let req = match req.timeout_ms {
+            Some(_) => req,
+            None => req.timeout(Duration::from_secs(3600)),
+        };
+        let limit = Duration::from_millis(req.timeout_ms.unwrap_or(0)) + agent.timeout();
+        let run = async { agent.exec(req).await?.wait().await };
+        tokio::time::timeout(limit, run)
+            .await
+            .unwrap_or(Err(ProtoError::Timeout {
+                op: "exec",
+                after: limit,
+            }))
+            .map_err(Manager::agent_error)
+    }
+
+    /// Writes a file in a running sandbox.
+    pub async fn write_file(
+        &self,
+        id_or_name: &str,
+        path: &str,
+        mode: u32,
+        data: &[u8],
+    ) -> Result<(), Error> {
+        let (_, agent) = self.mgr.agent(id_or_name).await?;
+        agent
+            .write_file(path, mode, data)
+            .await
+            .map(|_| ())
+            .map_err(Manager::agent_error)
+    }
+
+    /// Opens a byte stream to `127.0.0.1:port` inside a running sandbox.
+    pub async fn stream(&self, id_or_name: &str, port: u16) -> Result<GuestStream, Error> {
+        self.mgr.guest_stream(id_or_name, port).await
+    }
+
+    /// The event bus every sandbox change is published on.
+    pub fn events(&self) -> &Arc<crate::events::EventBus> {
+        self.mgr.events()
+    }
+}
