@@ -58,6 +58,21 @@ fn is_error_body(resp: &serde_json::Value) -> bool {
 }
 
 #[test]
+fn operation_ids_are_unique() {
+    let doc = document();
+    let mut seen = std::collections::HashMap::new();
+    for (method, path, op) in operations(&doc) {
+        let id = op["operationId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{method} {path} has no operationId"))
+            .to_owned();
+        if let Some(other) = seen.insert(id.clone(), format!("{method} {path}")) {
+            panic!("operationId {id} names both {other} and {method} {path}");
+        }
+    }
+}
+
+#[test]
 fn every_route_documents_the_errors_it_can_give() {
     let doc = document();
     for (method, path, op) in operations(&doc) {

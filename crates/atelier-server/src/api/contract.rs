@@ -124,8 +124,8 @@ pub(super) fn error_description(status: &str) -> Option<&'static str> {
     })
 }
 
-/// Adds to every operation under `/api/v1` the error responses every handler there
-/// can give: 401 (the token middleware runs first), 500 (the store can fail), and
+/// Makes every operation id under `/api/v1` unique (`{tag}_{handler}`) and adds to
+/// every operation there the error responses every handler there can give: 401 (the token middleware runs first), 500 (the store can fail), and
 /// 400 when it extracts a query or a JSON body (`ApiQuery`/`ApiJson` reject with
 /// 400). Gives every error response without its own text the shared description.
 pub(super) struct ErrorResponses;
@@ -137,6 +137,16 @@ impl utoipa::Modify for ErrorResponses {
                 continue;
             }
             for op in operations_mut(item) {
+                // Handlers are named per module (`list`, `show`, `logs`); the
+                // document needs ids unique across the API (generated clients name
+                // their functions after them): `{tag}_{handler}`.
+                if let (Some(tag), Some(id)) =
+                    (op.tags.as_ref().and_then(|t| t.first()), &op.operation_id)
+                    && id != tag
+                    && !id.starts_with(&format!("{tag}_"))
+                {
+                    op.operation_id = Some(format!("{tag}_{id}"));
+                }
                 let has_query = op
                     .parameters
                     .iter()
