@@ -203,7 +203,6 @@ pub async fn run(g: &Global, args: ServeArgs) -> anyhow::Result<u8> {
             path.display()
         );
     }
-    let hashes = store.token_hashes().await?;
     // The plain listener comes first: ACME HTTP-01 validation reaches it.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
@@ -231,7 +230,6 @@ pub async fn run(g: &Global, args: ServeArgs) -> anyhow::Result<u8> {
     };
     let state = AppState {
         mgr: Arc::clone(&mgr),
-        token_hashes: Arc::new(hashes),
         swagger_dir: Some(args.swagger_dir.clone()),
         proxy: Some(Arc::new(ProxyState::new(&args.domain, args.sandbox_port))),
         ca_pem: tls.as_ref().and_then(|t| t.1.clone()).map(Arc::new),
@@ -245,21 +243,24 @@ pub async fn run(g: &Global, args: ServeArgs) -> anyhow::Result<u8> {
             .with_context(|| format!("cannot listen on {addr}"))?;
         let app = router(state.clone()).layer(axum::Extension(Tls));
         tracing::info!(listen = %addr, "serving HTTPS");
-        servers.spawn(atelier_proxy::serve_tls(l, config, app, stopped()));
+        servers.spawn(atelier_proxy::serve(
+            l,
+            Some(config),
+            app,
+            atelier_proxy::ConnLimits::default(),
+            stopped(),
+        ));
     }
     tracing::info!(listen = %args.listen, data_dir = %g.data_dir.display(), "atelier manager ready");
     let stop = stopped();
-    servers.spawn(async move {
-        if let Err(e) = axum::serve(
-            listener,
-            router(state).into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stop)
-        .await
-        {
-            tracing::error!(error = %e, "http server");
-        }
-    });
+    // Header-read and idle timeouts and a connection cap on both listeners.
+    servers.spawn(atelier_proxy::serve(
+        listener,
+        None,
+        router(state),
+        atelier_proxy::ConnLimits::default(),
+        stop,
+    ));
     // Under systemd (Type=notify) the unit becomes active only now, with the
     // listeners bound; elsewhere NOTIFY_SOCKET is unset and this does nothing.
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
