@@ -117,6 +117,32 @@ pub struct ServeArgs {
     /// Extra root certificates (PEM) to trust for the ACME server (a private CA).
     #[arg(long, env = "ATELIER_ACME_ROOT")]
     pub acme_root: Vec<PathBuf>,
+    /// Connections each listener serves at once; more wait in the accept queue.
+    #[arg(long, env = "ATELIER_MAX_CONNECTIONS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
+    /// Seconds a client has to send a request's headers (also how long a kept-alive
+    /// HTTP/1 connection may wait for its next request).
+    #[arg(long, env = "ATELIER_HEADER_TIMEOUT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_timeout_secs: u64,
+    /// Seconds without a byte moving after which a connection is asked to close
+    /// (and dropped after as long again).
+    #[arg(long, env = "ATELIER_IDLE_TIMEOUT_SECS", default_value_t = 900,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub idle_timeout_secs: u64,
+}
+
+impl ServeArgs {
+    /// The connection limits of every listener.
+    fn limits(&self) -> atelier_proxy::ConnLimits {
+        atelier_proxy::ConnLimits {
+            header_read_timeout: Duration::from_secs(self.header_timeout_secs),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+            ..atelier_proxy::ConnLimits::default()
+        }
+    }
 }
 
 /// Runs the manager.
@@ -247,7 +273,7 @@ pub async fn run(g: &Global, args: ServeArgs) -> anyhow::Result<u8> {
             l,
             Some(config),
             app,
-            atelier_proxy::ConnLimits::default(),
+            args.limits(),
             stopped(),
         ));
     }
@@ -258,7 +284,7 @@ pub async fn run(g: &Global, args: ServeArgs) -> anyhow::Result<u8> {
         listener,
         None,
         router(state),
-        atelier_proxy::ConnLimits::default(),
+        args.limits(),
         stop,
     ));
     // Under systemd (Type=notify) the unit becomes active only now, with the
