@@ -24,11 +24,17 @@ struct Env {
     addr: SocketAddr,
     mgr: Arc<Manager>,
     token: String,
+    /// The local CA's PEM when serving TLS.
+    ca_pem: Option<String>,
     _data: tempfile::TempDir,
 }
 
 impl Env {
     async fn start() -> Env {
+        Self::start_with(false).await
+    }
+
+    async fn start_with(tls: bool) -> Env {
         let data = tempfile::tempdir().unwrap();
         let mut cfg = ManagerConfig::new(data.path());
         cfg.storage = BackendChoice::Qcow2;
@@ -53,9 +59,20 @@ impl Env {
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let (config, ca_pem, app) = if tls {
+            let ca =
+                Arc::new(atelier_proxy::LocalCa::load_or_create(&data.path().join("tls")).unwrap());
+            let pem = ca.ca_pem();
+            let resolver = atelier_proxy::CertResolver::local(ca, &["localhost"]).unwrap();
+            let config = atelier_proxy::server_config(Arc::new(resolver)).unwrap();
+            let app = app.layer(axum::Extension(atelier_server::api::proxy::Tls));
+            (Some(config), Some(pem), app)
+        } else {
+            (None, None, app)
+        };
         tokio::spawn(atelier_proxy::serve(
             listener,
-            None,
+            config,
             app,
             ConnLimits::default(),
             std::future::pending(),
@@ -64,6 +81,7 @@ impl Env {
             addr,
             mgr,
             token,
+            ca_pem,
             _data: data,
         }
     }
@@ -566,4 +584,64 @@ async fn logout_and_revocation_take_effect_at_once() {
     assert_eq!(tokens.as_array().unwrap().len(), 1);
     assert_eq!(tokens[0]["name"], "admin");
     drop(env.mgr.clone());
+}
+
+#[tokio::test]
+async fn over_tls_the_cookie_is_host_prefixed_and_secure() {
+    let env = Env::start_with(true).await;
+    let port = env.addr.port();
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(env.ca_pem.as_ref().unwrap().as_bytes()).unwrap(),
+        )
+        .resolve(A, env.addr)
+        .resolve(B, env.addr)
+        .build()
+        .unwrap();
+    let r = client
+        .get(format!(
+            "https://{A}:{port}/echo?atelier_token={}",
+            env.token
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 307);
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(set.starts_with("__Host-atelier_session="), "{set}");
+    assert!(set.contains("; Secure") && set.contains("Path=/"), "{set}");
+    let cookie = cookie_of(r.headers());
+    let r = client
+        .get(format!("https://{A}:{port}/echo"))
+        .header("cookie", &cookie)
+        .header("sec-fetch-site", "same-origin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let echo = r.text().await.unwrap();
+    assert!(!echo.contains("atelier_session"), "{echo}");
+    let r = client
+        .get(format!("https://{B}:{port}/echo"))
+        .header("cookie", &cookie)
+        .header("sec-fetch-site", "same-origin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // Over TLS too (HTTP/2 here, where the upgrade headers do not exist), a
+    // request with A's cookie and B's Origin, without Fetch Metadata, is refused.
+    let r = client
+        .get(format!("https://{A}:{port}/ws"))
+        .header("cookie", &cookie)
+        .header("origin", format!("https://{B}:{port}"))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
 }
