@@ -38,9 +38,14 @@ pub struct Global {
         default_value = "http://127.0.0.1:7070"
     )]
     pub url: String,
-    /// API token (else ~/.config/atelier/token, else DATA_DIR/admin-token).
-    #[arg(long, global = true, env = "ATELIER_TOKEN", hide_env_values = true)]
+    /// API token, from the environment only (ATELIER_TOKEN): a command-line argument
+    /// would show in /proc/*/cmdline.
+    #[arg(skip = std::env::var("ATELIER_TOKEN").ok())]
     pub token: Option<String>,
+    /// File holding the API token (else ~/.config/atelier/token, else
+    /// DATA_DIR/admin-token).
+    #[arg(long, global = true, env = "ATELIER_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     /// The manager's data directory (read only: for its token, VMM processes, prebuilds).
     #[arg(
         long,
@@ -61,6 +66,10 @@ impl atelier_client::Endpoint for Global {
 
     fn token(&self) -> Option<&str> {
         self.token.as_deref()
+    }
+
+    fn token_file(&self) -> Option<&Path> {
+        self.token_file.as_deref()
     }
 
     fn data_dir(&self) -> &Path {

@@ -11,8 +11,13 @@ use serde::Deserialize;
 pub trait Endpoint {
     /// The manager's base URL.
     fn url(&self) -> &str;
-    /// A token given explicitly (`--token`/`ATELIER_TOKEN`).
+    /// A token given through the environment (`ATELIER_TOKEN`); never a command-line
+    /// argument, which any local user could read in `/proc/*/cmdline`.
     fn token(&self) -> Option<&str>;
+    /// A file holding the token (`--token-file`/`ATELIER_TOKEN_FILE`).
+    fn token_file(&self) -> Option<&Path> {
+        None
+    }
     /// The manager's data dir, whose `admin-token` is the last place looked in.
     fn data_dir(&self) -> &Path;
 }
@@ -58,16 +63,23 @@ pub struct Client {
     token: Option<String>,
 }
 
-/// Where the token comes from, in order: --token/ATELIER_TOKEN, the user's config,
-/// the data dir's admin token (readable by root on the manager's host).
+/// The user's saved token (`atelier login` writes it).
+pub fn user_token_file() -> Option<std::path::PathBuf> {
+    std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".config/atelier/token"))
+}
+
+/// Where the token comes from, in order: ATELIER_TOKEN, --token-file /
+/// ATELIER_TOKEN_FILE, the user's saved token, the data dir's admin token (readable
+/// by root on the manager's host).
 pub fn find_token(g: &impl Endpoint) -> Option<String> {
-    if let Some(t) = g.token() {
-        return Some(t.trim().to_owned());
+    if let Some(t) = g.token().map(str::trim).filter(|t| !t.is_empty()) {
+        return Some(t.to_owned());
     }
-    let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
-    let candidates = home
-        .map(|h| h.join(".config/atelier/token"))
+    let candidates = g
+        .token_file()
+        .map(Path::to_path_buf)
         .into_iter()
+        .chain(user_token_file())
         .chain(std::iter::once(g.data_dir().join("admin-token")));
     for p in candidates {
         if let Ok(t) = std::fs::read_to_string(&p) {
@@ -130,7 +142,7 @@ impl Client {
         let message = if kind == ErrorKind::Unauthorized && self.token.is_none() {
             kind = ErrorKind::Unauthorized;
             format!(
-                "{message}; no token found in ATELIER_TOKEN, ~/.config/atelier/token or the data dir's admin-token"
+                "{message}; no token found in ATELIER_TOKEN, ATELIER_TOKEN_FILE, ~/.config/atelier/token (`atelier login`) or the data dir's admin-token"
             )
         } else {
             message

@@ -57,8 +57,20 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Drops the cookie `name` from every `Cookie` header and merges the rest into one header
-/// (HTTP/2 clients may split cookies; HTTP/1.1 upstreams expect a single line).
+/// Whether a cookie called `cookie` is the cookie `name`, or its `__Host-` or
+/// `__Secure-` prefixed form (prefixes compared without case, as browsers do).
+fn is_cookie(cookie: &str, name: &str) -> bool {
+    let lower = cookie.to_ascii_lowercase();
+    let bare = lower
+        .strip_prefix("__host-")
+        .or_else(|| lower.strip_prefix("__secure-"))
+        .map_or(cookie, |rest| &cookie[cookie.len() - rest.len()..]);
+    bare == name
+}
+
+/// Drops the cookie `name` (and its `__Host-`/`__Secure-` forms) from every `Cookie`
+/// header and merges the rest into one header (HTTP/2 clients may split cookies;
+/// HTTP/1.1 upstreams expect a single line).
 pub(crate) fn strip_cookie(headers: &mut HeaderMap, name: &str) {
     let kept: Vec<String> = headers
         .get_all(header::COOKIE)
@@ -67,7 +79,12 @@ pub(crate) fn strip_cookie(headers: &mut HeaderMap, name: &str) {
         .flat_map(|v| v.split(';'))
         .map(str::trim)
         .filter(|pair| !pair.is_empty())
-        .filter(|pair| pair.split('=').next().map(str::trim) != Some(name))
+        .filter(|pair| {
+            !pair
+                .split('=')
+                .next()
+                .is_some_and(|n| is_cookie(n.trim(), name))
+        })
         .map(str::to_owned)
         .collect();
     headers.remove(header::COOKIE);
@@ -78,20 +95,28 @@ pub(crate) fn strip_cookie(headers: &mut HeaderMap, name: &str) {
     }
 }
 
-/// Drops `Set-Cookie` headers that would set the cookie `name`, so an upstream cannot
-/// plant (or overwrite) the manager's session cookie on a shared parent domain.
+/// The name of the cookie a `Set-Cookie` value sets, if the value is well formed:
+/// visible ASCII, `name=value` first, a name made of RFC 6265 token characters.
+fn set_cookie_name(value: &HeaderValue) -> Option<&str> {
+    let s = value.to_str().ok()?;
+    if s.bytes().any(|b| b.is_ascii_control()) {
+        return None;
+    }
+    let (pair, _) = s.split_once(';').unwrap_or((s, ""));
+    let (name, _) = pair.split_once('=')?;
+    let name = name.trim();
+    let token = |b: u8| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b);
+    (!name.is_empty() && name.bytes().all(token)).then_some(name)
+}
+
+/// Drops `Set-Cookie` headers that would set the cookie `name` (in any prefixed
+/// form), so an upstream cannot plant or overwrite the manager's session cookie,
+/// and every `Set-Cookie` it cannot parse (a browser might read it differently).
 pub(crate) fn strip_set_cookie(headers: &mut HeaderMap, name: &str) {
     let kept: Vec<HeaderValue> = headers
         .get_all(header::SET_COOKIE)
         .iter()
-        .filter(|v| {
-            let cookie_name = v
-                .to_str()
-                .ok()
-                .and_then(|s| s.split(['=', ';']).next())
-                .map(str::trim);
-            cookie_name != Some(name)
-        })
+        .filter(|v| set_cookie_name(v).is_some_and(|n| !is_cookie(n, name)))
         .cloned()
         .collect();
     headers.remove(header::SET_COOKIE);
@@ -174,6 +199,13 @@ mod tests {
         strip_cookie(&mut h, "atelier_session");
         assert!(!h.contains_key("cookie"));
 
+        let mut h = map(&[(
+            "cookie",
+            "__Host-atelier_session=s; __secure-atelier_session=s; k=1",
+        )]);
+        strip_cookie(&mut h, "atelier_session");
+        assert_eq!(h["cookie"], "k=1");
+
         let mut h = map(&[("cookie", "atelier_session_x=keep; xatelier_session=keep")]);
         strip_cookie(&mut h, "atelier_session");
         assert_eq!(h["cookie"], "atelier_session_x=keep; xatelier_session=keep");
@@ -188,6 +220,26 @@ mod tests {
         strip_set_cookie(&mut h, "atelier_session");
         let left: Vec<_> = h.get_all("set-cookie").iter().collect();
         assert_eq!(left, ["app=1; Path=/"]);
+
+        let mut h = map(&[
+            ("set-cookie", "__Host-atelier_session=evil; Path=/; Secure"),
+            ("set-cookie", "__SECURE-atelier_session=evil; Secure"),
+            ("set-cookie", " atelier_session =evil"),
+            ("set-cookie", "no-equals-sign"),
+            ("set-cookie", "=value-without-name"),
+            ("set-cookie", "bad name=1"),
+            ("set-cookie", "a(b=1"),
+            ("set-cookie", "ok=1; Domain=example.com"),
+            ("set-cookie", "atelier_session_x=kept"),
+        ]);
+        h.append(
+            "set-cookie",
+            HeaderValue::from_bytes(b"x=\xff\xfe").unwrap(),
+        );
+        h.append("set-cookie", HeaderValue::from_bytes(b"y=1\tz").unwrap());
+        strip_set_cookie(&mut h, "atelier_session");
+        let left: Vec<_> = h.get_all("set-cookie").iter().collect();
+        assert_eq!(left, ["ok=1; Domain=example.com", "atelier_session_x=kept"]);
     }
 
     #[test]

@@ -23,5 +23,5 @@ pub use acme::{
 pub use error::ProxyError;
 pub use forward::{BoxError, ForwardOpts, Forwarder, Scheme};
 pub use route::{Route, parse_host};
-pub use serve::{AcmeChallenges, redirect_to_https, serve_tls};
+pub use serve::{AcmeChallenges, ConnLimits, redirect_to_https, serve, serve_tls};
 pub use tls::{CA_CERT_FILE, CA_KEY_FILE, CertResolver, LocalCa, server_config};

@@ -16,6 +16,8 @@ mod prebuilds;
 pub use prebuilds::PrebuildRecord;
 mod workspaces;
 pub use workspaces::{SecretRecord, WorkspaceRecord};
+mod sessions;
+pub use sessions::{NewSession, SessionRecord, TokenRecord};
 
 /// A change the store committed, reported to its observer (the manager's event
 /// bus) right after the commit, in commit order for each sandbox.
@@ -882,44 +884,6 @@ impl Store {
             .execute(&self.pool)
             .await
             .map_err(q("delete dev commands"))?;
-        Ok(())
-    }
-
-    /// Stores a browser session (hash of the cookie value) valid until `expires_at`.
-    pub async fn insert_session(
-        &self,
-        sha256_hex: &str,
-        expires_at: i64,
-    ) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO sessions (sha256, created_at, expires_at) VALUES (?, ?, ?)")
-            .bind(sha256_hex)
-            .bind(now_ms())
-            .bind(expires_at)
-            .execute(&self.pool)
-            .await
-            .map_err(q("insert session"))?;
-        Ok(())
-    }
-
-    /// Whether a session hash is known and unexpired.
-    pub async fn session_valid(&self, sha256_hex: &str) -> Result<bool, StoreError> {
-        let row = sqlx::query("SELECT 1 FROM sessions WHERE sha256 = ? AND expires_at > ?")
-            .bind(sha256_hex)
-            .bind(now_ms())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(q("check session"))?;
-        Ok(row.is_some())
-    }
-
-    /// Removes a session (logout) and every expired one.
-    pub async fn delete_session(&self, sha256_hex: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM sessions WHERE sha256 = ? OR expires_at <= ?")
-            .bind(sha256_hex)
-            .bind(now_ms())
-            .execute(&self.pool)
-            .await
-            .map_err(q("delete session"))?;
         Ok(())
     }
 }

@@ -130,15 +130,26 @@ async fn gather_handler(State(st): State<UpstreamState>) -> &'static str {
     "gathered"
 }
 
+/// Tries to plant the manager's session cookie (plain and `__Host-` forms) and
+/// sends `Set-Cookie` values a browser might parse differently from a proxy; only
+/// `app=1; Path=/` is well formed and harmless. (`AppendHeaders`: a plain array
+/// would insert, keeping only the last.)
 async fn set_cookie() -> impl IntoResponse {
     (
-        [
+        axum::response::AppendHeaders([
             (
                 header::SET_COOKIE,
                 "atelier_session=planted; Domain=localhost",
             ),
+            (
+                header::SET_COOKIE,
+                "__Host-atelier_session=planted; Path=/; Secure",
+            ),
             (header::SET_COOKIE, "app=1; Path=/"),
-        ],
+            (header::SET_COOKIE, "no-equals-sign; Path=/"),
+            (header::SET_COOKIE, "bad name=1"),
+            (header::SET_COOKIE, "=nameless"),
+        ]),
         "ok",
     )
 }

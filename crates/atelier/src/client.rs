@@ -14,6 +14,10 @@ impl atelier_client::Endpoint for Global {
         self.token.as_deref()
     }
 
+    fn token_file(&self) -> Option<&std::path::Path> {
+        self.token_file.as_deref()
+    }
+
     fn data_dir(&self) -> &std::path::Path {
         &self.data_dir
     }

@@ -51,6 +51,9 @@ pub fn exec(g: &Global, subcommand: &str, fwd: Forward) -> anyhow::Result<u8> {
     if let Some(t) = &g.token {
         cmd.env("ATELIER_TOKEN", t);
     }
+    if let Some(f) = &g.token_file {
+        cmd.env("ATELIER_TOKEN_FILE", f);
+    }
     if g.json {
         cmd.arg("--json");
     }

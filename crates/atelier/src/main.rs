@@ -3,6 +3,7 @@
 //! builds, `doctor`). The logic lives in the library crates; the benchmarks live in
 //! the `atelier-bench` binary (`atelier bench` forwards to it).
 
+mod auth;
 mod client;
 mod commands;
 mod dev;
@@ -40,9 +41,14 @@ pub struct Global {
         default_value = "http://127.0.0.1:7070"
     )]
     pub url: String,
-    /// API token (else ~/.config/atelier/token, else DATA_DIR/admin-token).
-    #[arg(long, global = true, env = "ATELIER_TOKEN", hide_env_values = true)]
+    /// API token, from the environment only (ATELIER_TOKEN): a command-line argument
+    /// would show in /proc/*/cmdline.
+    #[arg(skip = std::env::var("ATELIER_TOKEN").ok())]
     pub token: Option<String>,
+    /// File holding the API token (else ~/.config/atelier/token, else
+    /// DATA_DIR/admin-token).
+    #[arg(long, global = true, env = "ATELIER_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     /// Data directory (database, images, disks, sandboxes).
     #[arg(
         long,
@@ -80,6 +86,16 @@ enum Command {
     /// Secrets that workspaces reference (stored encrypted; values are never shown).
     #[command(subcommand)]
     Secret(workspace::SecretCmd),
+    /// Save an API token (read from standard input) to ~/.config/atelier/token.
+    Login(auth::LoginArgs),
+    /// Forget the saved token (~/.config/atelier/token).
+    Logout(auth::LogoutArgs),
+    /// Browser sessions: list and revoke.
+    #[command(subcommand)]
+    Session(auth::SessionCmd),
+    /// API tokens: list, create, revoke.
+    #[command(subcommand)]
+    Token(auth::TokenCmd),
     /// TLS helpers: print the local CA to trust.
     #[command(subcommand)]
     Tls(commands::TlsCmd),
@@ -145,6 +161,10 @@ fn main() -> ExitCode {
             Command::Workspace(cmd) => workspace::workspace(&cli.global, cmd).await,
             Command::Prebuild(cmd) => prebuild::run(&cli.global, cmd).await,
             Command::Secret(cmd) => workspace::secret(&cli.global, cmd).await,
+            Command::Login(args) => auth::login(&cli.global, args).await,
+            Command::Logout(args) => auth::logout(&cli.global, args).await,
+            Command::Session(cmd) => auth::session(&cli.global, cmd).await,
+            Command::Token(cmd) => auth::token(&cli.global, cmd).await,
             Command::Tls(cmd) => commands::tls(&cli.global, cmd).await,
             Command::Image(cmd) => commands::image(&cli.global, cmd).await,
             Command::Events(args) => events::run(&cli.global, args).await,

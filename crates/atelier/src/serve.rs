@@ -117,6 +117,32 @@ pub struct ServeArgs {
     /// Extra root certificates (PEM) to trust for the ACME server (a private CA).
     #[arg(long, env = "ATELIER_ACME_ROOT")]
     pub acme_root: Vec<PathBuf>,
+    /// Connections each listener serves at once; more wait in the accept queue.
+    #[arg(long, env = "ATELIER_MAX_CONNECTIONS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
+    /// Seconds a client has to send a request's headers (also how long a kept-alive
+    /// HTTP/1 connection may wait for its next request).
+    #[arg(long, env = "ATELIER_HEADER_TIMEOUT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_timeout_secs: u64,
+    /// Seconds without a byte moving after which a connection is asked to close
+    /// (and dropped after as long again).
+    #[arg(long, env = "ATELIER_IDLE_TIMEOUT_SECS", default_value_t = 900,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub idle_timeout_secs: u64,
+}
+
+impl ServeArgs {
+    /// The connection limits of every listener.
+    fn limits(&self) -> atelier_proxy::ConnLimits {
+        atelier_proxy::ConnLimits {
+            header_read_timeout: Duration::from_secs(self.header_timeout_secs),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+            ..atelier_proxy::ConnLimits::default()
+        }
+    }
 }
 
 /// Runs the manager.
@@ -203,7 +229,6 @@ pub async fn run(g: &Global, args: ServeArgs) -> anyhow::Result<u8> {
             path.display()
         );
     }
-    let hashes = store.token_hashes().await?;
     // The plain listener comes first: ACME HTTP-01 validation reaches it.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
@@ -231,7 +256,6 @@ pub async fn run(g: &Global, args: ServeArgs) -> anyhow::Result<u8> {
     };
     let state = AppState {
         mgr: Arc::clone(&mgr),
-        token_hashes: Arc::new(hashes),
         swagger_dir: Some(args.swagger_dir.clone()),
         proxy: Some(Arc::new(ProxyState::new(&args.domain, args.sandbox_port))),
         ca_pem: tls.as_ref().and_then(|t| t.1.clone()).map(Arc::new),
@@ -245,21 +269,24 @@ pub async fn run(g: &Global, args: ServeArgs) -> anyhow::Result<u8> {
             .with_context(|| format!("cannot listen on {addr}"))?;
         let app = router(state.clone()).layer(axum::Extension(Tls));
         tracing::info!(listen = %addr, "serving HTTPS");
-        servers.spawn(atelier_proxy::serve_tls(l, config, app, stopped()));
+        servers.spawn(atelier_proxy::serve(
+            l,
+            Some(config),
+            app,
+            args.limits(),
+            stopped(),
+        ));
     }
     tracing::info!(listen = %args.listen, data_dir = %g.data_dir.display(), "atelier manager ready");
     let stop = stopped();
-    servers.spawn(async move {
-        if let Err(e) = axum::serve(
-            listener,
-            router(state).into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stop)
-        .await
-        {
-            tracing::error!(error = %e, "http server");
-        }
-    });
+    // Header-read and idle timeouts and a connection cap on both listeners.
+    servers.spawn(atelier_proxy::serve(
+        listener,
+        None,
+        router(state),
+        args.limits(),
+        stop,
+    ));
     // Under systemd (Type=notify) the unit becomes active only now, with the
     // listeners bound; elsewhere NOTIFY_SOCKET is unset and this does nothing.
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {

@@ -123,7 +123,7 @@ async fn dev_command_urls_with_auth_websocket_tls_and_load() {
     assert!(r.status().is_redirection());
     assert_eq!(
         r.headers()["location"],
-        "/__atelier/login?next=/page%3Fq%3D1"
+        format!("http://localhost/__atelier/authorize?host={host}&next=/page%3Fq%3D1")
     );
     let r = c
         .get(url("/"))
@@ -149,10 +149,23 @@ async fn dev_command_urls_with_auth_websocket_tls_and_load() {
     assert!(h.get("authorization").is_none(), "{h}");
     assert_eq!(h["cookie"], "theirs=1");
     assert_eq!(h["x-forwarded-host"], host);
-    // The token in the query works and is stripped too.
+    // A token in the query is swapped for this host's cookie by a redirect that
+    // drops it; the guest never sees it.
     let r = c
         .get(url(&format!("/headers?a=1&atelier_token={}", srv.token)))
         .header("Host", &host)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 307);
+    assert_eq!(r.headers()["location"], "/headers?a=1");
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(!cookie.contains("Domain="), "{cookie}");
+    let r = c
+        .get(url("/headers?a=1"))
+        .header("Host", &host)
+        .header("Cookie", cookie.split(';').next().unwrap())
+        .header("Sec-Fetch-Site", "none")
         .send()
         .await
         .unwrap();
@@ -160,31 +173,60 @@ async fn dev_command_urls_with_auth_websocket_tls_and_load() {
     let echo: serde_json::Value = r.json().await.unwrap();
     assert_eq!(echo["path"], "/headers?a=1");
 
-    // Browser login: a bad token is refused, a good one sets a session cookie for
-    // the wildcard domain that then opens the route.
+    // Browser sign-in happens on the manager's origin only; a one-time code then
+    // opens this one host with a host-only cookie.
     let r = c
-        .post(url("/__atelier/login"))
-        .header("Host", &host)
+        .post(url("/login"))
         .form(&[("token", "atl_nope"), ("next", "/")])
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
     let r = c
-        .post(url("/__atelier/login"))
-        .header("Host", &host)
-        .form(&[("token", srv.token.as_str()), ("next", "/headers")])
+        .post(url("/login"))
+        .form(&[("token", srv.token.as_str()), ("next", "/")])
         .send()
         .await
         .unwrap();
     assert!(r.status().is_redirection(), "{}", r.status());
-    assert_eq!(r.headers()["location"], "/headers");
     let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
     assert!(
-        cookie.contains("HttpOnly") && cookie.contains("Domain=localhost"),
+        cookie.contains("HttpOnly") && !cookie.contains("Domain="),
         "{cookie}"
     );
-    let session = cookie.split(';').next().unwrap().to_owned();
+    let manager = cookie.split(';').next().unwrap().to_owned();
+    let r = c
+        .get(url("/"))
+        .header("Host", &host)
+        .header("Cookie", &manager)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "the manager's cookie opens no sandbox");
+    let r = c
+        .get(url(&format!("/__atelier/authorize?host={host}&next=/")))
+        .header("Cookie", &manager)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_redirection(), "{}", r.status());
+    let loc = r.headers()["location"].to_str().unwrap().to_owned();
+    let code_path = &loc[loc.find("/__atelier/session").unwrap()..];
+    let r = c
+        .get(url(code_path))
+        .header("Host", &host)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_redirection(), "{}", r.status());
+    assert_eq!(r.headers()["location"], "/");
+    let session = r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
     let r = c
         .get(url("/"))
         .header("Host", &host)
@@ -194,25 +236,6 @@ async fn dev_command_urls_with_auth_websocket_tls_and_load() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "hello from the dev server\n");
-
-    // The manager's own host has the same login; its cookie opens sandbox hosts.
-    let r = c
-        .post(url("/login"))
-        .form(&[("token", srv.token.as_str()), ("next", "/")])
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_redirection(), "{}", r.status());
-    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
-    assert!(cookie.contains("Domain=localhost"), "{cookie}");
-    let r = c
-        .get(url("/"))
-        .header("Host", &host)
-        .header("Cookie", cookie.split(';').next().unwrap())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
 
     // Large bodies stream through intact, both ways.
     let n = 32 << 20;

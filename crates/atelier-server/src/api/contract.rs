@@ -233,6 +233,7 @@ impl utoipa::Modify for Constraints {
             });
         }
         object(doc, "ForkBody", &["name"], name);
+        object(doc, "TokenCreateBody", &["name"], name);
         egress_allow(doc);
         object(doc, "DomainPattern", &[], |o| {
             o.pattern = Some(DOMAIN_PATTERN.to_owned());

@@ -9,6 +9,7 @@ pub mod proxy;
 pub mod pty;
 mod sandboxes;
 mod secrets;
+mod sessions;
 mod system;
 mod workspaces;
 
@@ -25,7 +26,6 @@ use serde::Serialize;
 use utoipa::OpenApi;
 
 use crate::Error;
-use crate::auth::{constant_time_eq, hash_token};
 use crate::manager::Manager;
 use contract::{Constraints, ErrorResponses};
 
@@ -33,6 +33,7 @@ pub use dev::{DevStartBody, DevView};
 pub use prebuilds::PrebuildView;
 pub use sandboxes::{ExecBody, ExecEventView, SandboxView};
 pub use secrets::SecretView;
+pub use sessions::{CreatedTokenView, SessionView, TokenCreateBody, TokenView};
 pub use system::StatusView;
 pub use workspaces::WorkspaceView;
 
@@ -41,8 +42,6 @@ pub use workspaces::WorkspaceView;
 pub struct AppState {
     /// The sandbox service.
     pub mgr: Arc<Manager>,
-    /// SHA-256 hashes of valid API tokens.
-    pub token_hashes: Arc<Vec<String>>,
     /// Where Swagger UI's static files are (npm `swagger-ui-dist`), if installed.
     pub swagger_dir: Option<std::path::PathBuf>,
     /// Host-routed proxy to sandboxes and dev commands; None serves only the API.
@@ -193,17 +192,19 @@ async fn require_token(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let ok = presented.is_some_and(|t| {
-        let h = hash_token(t);
-        st.token_hashes
-            .iter()
-            .fold(false, |acc, known| acc | constant_time_eq(known, &h))
-    });
+    // Read from the store on every request: a revoked token fails at once.
+    let ok = match presented {
+        Some(t) => match proxy::token_id(&st, t).await {
+            Ok(id) => id.is_some(),
+            Err(e) => return ApiError(e).into_response(),
+        },
+        None => false,
+    };
     if !ok {
         let message = if presented.is_none() {
-            "missing API token: send `Authorization: Bearer <token>` (the CLI reads ATELIER_TOKEN)"
+            "missing API token: send `Authorization: Bearer <token>` (the CLI reads ATELIER_TOKEN or a token file)"
         } else {
-            "invalid API token"
+            "invalid API token (revoked, or never issued)"
         };
         return ApiError(Error::new(ErrorKind::Unauthorized, message)).into_response();
     }
@@ -237,6 +238,8 @@ mod tests {
         secrets::list, secrets::put, secrets::delete,
         prebuilds::create, prebuilds::list, prebuilds::show, prebuilds::logs,
         events::events,
+        sessions::list_sessions, sessions::revoke_session, sessions::revoke_all_sessions,
+        sessions::list_tokens, sessions::create_token, sessions::revoke_token,
     ),
     components(schemas(ApiErrorBody, atelier_core::event::Event, atelier_core::event::EventKind)),
     modifiers(&BearerAuth, &ErrorResponses, &Constraints),
@@ -304,6 +307,22 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/secrets/{name}",
             axum::routing::put(secrets::put).delete(secrets::delete),
+        )
+        .route(
+            "/sessions",
+            get(sessions::list_sessions).delete(sessions::revoke_all_sessions),
+        )
+        .route(
+            "/sessions/{id}",
+            axum::routing::delete(sessions::revoke_session),
+        )
+        .route(
+            "/tokens",
+            get(sessions::list_tokens).post(sessions::create_token),
+        )
+        .route(
+            "/tokens/{id}",
+            axum::routing::delete(sessions::revoke_token),
         )
         .route("/tls/ca", get(dev::ca))
         .route("/events", get(events::events))
