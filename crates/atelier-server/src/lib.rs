@@ -10,6 +10,7 @@ pub mod auth;
 pub mod dev;
 mod error;
 pub mod events;
+pub mod guest_limits;
 pub mod guest_stream;
 mod halt;
 pub mod manager;
