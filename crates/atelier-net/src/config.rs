@@ -16,8 +16,9 @@ pub struct NetConfig {
     pub subnet: Ipv4Net,
     /// Resolvers the DNS forwarder asks (default: the host's /etc/resolv.conf).
     pub dns_upstreams: Vec<SocketAddr>,
-    /// Destinations guests may not open connections to (unless an allow-list names
-    /// them): private, loopback, link-local, CGNAT and multicast ranges by default.
+    /// Destinations guests may not open connections to, even through an allow-listed
+    /// name (see `allow_blocked_answers`): private, loopback, link-local, CGNAT and
+    /// multicast ranges by default.
     pub blocked: Vec<Ipv4Net>,
     /// Let an allow-listed name resolve to an address in `blocked` (or to the host's
     /// own addresses) and open the firewall for it. Off by default: a guest whose

@@ -71,8 +71,8 @@ pub struct ServeArgs {
     /// host's /etc/resolv.conf).
     #[arg(long, env = "ATELIER_DNS_UPSTREAM", value_delimiter = ',')]
     pub dns_upstream: Vec<String>,
-    /// Destination ranges guests may not connect to unless an allow-list names
-    /// them (comma-separated CIDRs; default: private, loopback, link-local, CGNAT,
+    /// Destination ranges guests may not connect to, even through an allow-listed
+    /// name (comma-separated CIDRs; default: private, loopback, link-local, CGNAT,
     /// multicast).
     #[arg(long, env = "ATELIER_BLOCKED", value_delimiter = ',')]
     pub blocked: Vec<ipnet::Ipv4Net>,
