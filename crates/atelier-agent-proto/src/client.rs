@@ -10,6 +10,18 @@
 //! ([`DEFAULT_TIMEOUT`], see [`AgentClient::set_timeout`]). Streams (exec, pty,
 //! file reads) get that deadline for their start (the first event); once started
 //! they live as long as the command does.
+//!
+//! Limits on what the agent can send (the guest is untrusted; see
+//! `docs/security.md`): every queue the agent can fill is bounded. A request's reply
+//! queue holds at most [`REPLY_QUEUE`] messages (stream data is also bounded by the
+//! credit window); the control queue to the agent at most [`CONTROL_QUEUE`] frames.
+//! A protocol violation closes the connection ([`ProtoError::Disconnected`] with a
+//! reason starting `protocol violation`): a repeated once-only event (`Started`,
+//! `StreamOpened`, `StreamEof`), a stream event for a request that is no stream,
+//! credit beyond the window, an agent that does not read its control channel, or a
+//! flood of rejected frames, skipped garbage or Hellos (see [`crate::limits`]). Overrunning
+//! one stream's window or queue fails only that stream. Guest-supplied text is logged
+//! truncated and rate-limited per connection.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -30,7 +42,10 @@ use tokio_util::sync::{PollSemaphore, PollSender};
 
 use crate::dev::{DevSpec, DevStatus};
 use crate::error::ProtoError;
-use crate::frame::{FrameReader, SYNC_PREAMBLE_LEN, encode_frame};
+use crate::frame::{FrameDecoder, SYNC_PREAMBLE_LEN, encode_frame};
+use crate::limits::{
+    DECODE_ERROR_BUDGET, GARBAGE_BUDGET, HELLO_BUDGET, LOG_TEXT_MAX, Limits, truncate_text,
+};
 use crate::message::{
     ErrorKind, ExecEvent, ExecRequest, GuestMessage, Hello, HostMessage, Metrics, PtyEvent,
     PtyRequest,
@@ -45,6 +60,14 @@ type Reply = Result<GuestMessage, ProtoError>;
 
 /// Frames queued for the writer; bounded so bulk uploads wait for the socket.
 const DATA_QUEUE: usize = 32;
+
+/// Messages queued for one request and not yet taken by its consumer. Stream data is
+/// also bounded by the credit window; this bounds a flood of tiny frames.
+pub const REPLY_QUEUE: usize = 4096;
+
+/// Control frames (credits, cancels, kills) queued for the agent. Only an agent that
+/// stops reading its port while sending fills it: a protocol violation.
+pub const CONTROL_QUEUE: usize = 4096;
 
 /// Default deadline of a request to the agent (see [`AgentClient::set_timeout`]).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -83,10 +106,11 @@ struct Status {
 /// `Pending::seen` bits: stream events allowed once per stream.
 const SEEN_OPENED: u8 = 1;
 const SEEN_EOF: u8 = 2;
+const SEEN_STARTED: u8 = 4;
 
 struct Pending {
     op: &'static str,
-    tx: mpsc::UnboundedSender<Reply>,
+    tx: mpsc::Sender<Reply>,
     /// Stream bytes received and not yet consumed (guest->host flow control).
     inbound: Option<Arc<AtomicU64>>,
     /// Highest value `inbound` reached.
@@ -105,8 +129,12 @@ struct State {
 
 struct Inner {
     data_tx: mpsc::Sender<Vec<u8>>,
-    ctl_tx: mpsc::UnboundedSender<Vec<u8>>,
+    ctl_tx: mpsc::Sender<Vec<u8>>,
     state: Mutex<State>,
+    /// Names the connection in logs (the socket path, which holds the sandbox id).
+    label: String,
+    /// Floods the connection tolerates before it is closed, and the log limiter.
+    limits: Mutex<Limits>,
     status: watch::Sender<Status>,
     /// The dev commands' statuses as the agent last pushed them.
     dev: watch::Sender<Option<Vec<crate::DevStatus>>>,
@@ -119,7 +147,7 @@ struct Inner {
 
 struct Registration {
     id: u64,
-    rx: mpsc::UnboundedReceiver<Reply>,
+    rx: mpsc::Receiver<Reply>,
     inbound: Arc<AtomicU64>,
     peak: Arc<AtomicU64>,
     credit: Arc<Semaphore>,
@@ -163,7 +191,36 @@ impl Inner {
 
     fn send_ctl(&self, msg: &HostMessage) -> Result<(), ProtoError> {
         let frame = encode_frame(msg)?;
-        self.ctl_tx.send(frame).map_err(|_| self.disconnected())
+        match self.ctl_tx.try_send(frame) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.violation(format!(
+                    "the agent does not read its control channel ({CONTROL_QUEUE} frames queued)"
+                ));
+                Err(self.disconnected())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(self.disconnected()),
+        }
+    }
+
+    /// Closes the connection for a protocol violation by the agent.
+    fn violation(&self, what: String) {
+        self.close(format!("protocol violation: {what}"));
+    }
+
+    /// Logs a warning about something the agent sent, rate-limited per connection,
+    /// with guest-supplied text cut to [`LOG_TEXT_MAX`] characters.
+    fn guest_warn(&self, what: &str, detail: &str) {
+        let suppressed = match self.limits().log.admit(Instant::now()) {
+            Some(suppressed) => suppressed,
+            None => return,
+        };
+        let detail = truncate_text(detail, LOG_TEXT_MAX);
+        tracing::warn!(peer = %self.label, suppressed, detail = %detail, "{what}");
+    }
+
+    fn limits(&self) -> MutexGuard<'_, Limits> {
+        self.limits.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn send_data(&self, msg: &HostMessage) -> Result<(), ProtoError> {
@@ -183,7 +240,8 @@ impl Inner {
         inbound: bool,
         credit: bool,
     ) -> Result<Registration, ProtoError> {
-        let (tx, rx) = mpsc::unbounded_channel();
+        // One slot more than REPLY_QUEUE: room for the error that fails an overrun stream.
+        let (tx, rx) = mpsc::channel(REPLY_QUEUE + 1);
         let inbound_ctr = Arc::new(AtomicU64::new(0));
         let peak = Arc::new(AtomicU64::new(0));
         let sem = Arc::new(Semaphore::new(STREAM_WINDOW as usize));
@@ -230,7 +288,7 @@ impl Inner {
             if let Some(c) = &p.credit {
                 c.close();
             }
-            let _ = p.tx.send(Err(make(p.op)));
+            let _ = p.tx.try_send(Err(make(p.op)));
         }
     }
 
@@ -240,7 +298,7 @@ impl Inner {
             if state.closed.is_some() {
                 return;
             }
-            tracing::warn!(%reason, "agent connection closed");
+            tracing::warn!(peer = %self.label, %reason, "agent connection closed");
             state.closed = Some(reason.clone());
         }
         self.fail_all(|_| ProtoError::Disconnected {
@@ -250,6 +308,13 @@ impl Inner {
     }
 
     fn on_hello(&self, hello: Hello) {
+        if !self.limits().hellos.take(1, Instant::now()) {
+            self.violation(format!(
+                "more than {} Hellos in a row (a flood)",
+                HELLO_BUDGET.burst
+            ));
+            return;
+        }
         let mut restarted = false;
         self.status.send_modify(|s| {
             let first = match &s.hello {
@@ -267,6 +332,7 @@ impl Inner {
             s.hello = Some(hello.clone());
         });
         tracing::info!(
+            peer = %self.label,
             pid = hello.pid,
             version = hello.version,
             restarted,
@@ -278,22 +344,27 @@ impl Inner {
         }
     }
 
-    fn deliver(&self, id: u64, msg: GuestMessage, terminal: bool) {
-        let mut state = self.lock();
-        let pending = if terminal {
-            state.pending.remove(&id)
-        } else {
-            None
-        };
-        let entry = pending.as_ref().or_else(|| state.pending.get(&id));
-        let Some(entry) = entry else {
+    /// Delivers a request's final message (the request is done with it).
+    fn deliver(&self, id: u64, msg: GuestMessage) {
+        let Some(entry) = self.lock().pending.remove(&id) else {
             tracing::debug!(id, "reply for unknown request dropped");
             return;
         };
-        if terminal && let Some(c) = &entry.credit {
+        if let Some(c) = &entry.credit {
             c.close();
         }
-        let _ = entry.tx.send(Ok(msg));
+        // The queue always has a slot left for the last message (see `queue`).
+        let _ = entry.tx.try_send(Ok(msg));
+    }
+
+    /// Queues a non-final message for a request; false when its queue is full (only
+    /// the slot reserved for the final message is left).
+    fn queue(entry: &Pending, msg: GuestMessage) -> bool {
+        if entry.tx.capacity() <= 1 && !entry.tx.is_closed() {
+            return false;
+        }
+        let _ = entry.tx.try_send(Ok(msg));
+        true
     }
 
     fn on_data(&self, id: u64, len: usize, msg: GuestMessage) {
@@ -309,21 +380,24 @@ impl Inner {
             }
             None => false,
         };
-        if within {
-            let _ = entry.tx.send(Ok(msg));
+        if within && Self::queue(entry, msg) {
             return;
         }
         if let Some(entry) = state.pending.remove(&id) {
             drop(state);
+            if let Some(c) = &entry.credit {
+                c.close();
+            }
             let _ = entry
                 .tx
-                .send(Err(ProtoError::FlowControl { op: entry.op, id }));
+                .try_send(Err(ProtoError::FlowControl { op: entry.op, id }));
             let _ = self.send_ctl(&HostMessage::Cancel { id });
         }
     }
 
-    /// Delivers a stream event that may come once per stream (`bit`); a repeat is a
-    /// protocol violation that fails the stream (so a guest cannot fill its queue).
+    /// Delivers a stream event that may come once per stream (`bit`); a repeat, or
+    /// the event for a request that is no stream, is a protocol violation that closes
+    /// the connection (so a guest cannot fill a queue with them).
     fn deliver_once(&self, id: u64, bit: u8, msg: GuestMessage) {
         let mut state = self.lock();
         let Some(entry) = state.pending.get_mut(&id) else {
@@ -332,21 +406,14 @@ impl Inner {
         };
         if entry.inbound.is_some() && entry.seen & bit == 0 {
             entry.seen |= bit;
-            let _ = entry.tx.send(Ok(msg));
+            // A fresh stream's queue cannot be full of once-only events.
+            let _ = entry.tx.try_send(Ok(msg));
             return;
         }
-        if let Some(entry) = state.pending.remove(&id) {
-            drop(state);
-            if let Some(c) = &entry.credit {
-                c.close();
-            }
-            let _ = entry.tx.send(Err(ProtoError::StreamBroken {
-                op: entry.op,
-                id,
-                detail: format!("protocol violation: unexpected {msg:?}"),
-            }));
-            let _ = self.send_ctl(&HostMessage::Cancel { id });
-        }
+        let op = entry.op;
+        drop(state);
+        let what = truncate_text(&format!("{msg:?}"), LOG_TEXT_MAX);
+        self.violation(format!("unexpected {what} for {op} request {id}"));
     }
 
     fn on_capabilities(&self, caps: Vec<String>) {
@@ -354,9 +421,28 @@ impl Inner {
         self.status.send_modify(|s| s.caps = Some(caps));
     }
 
+    /// Credit returned by the agent for data it consumed. The agent can only return
+    /// what the host sent, so credit that would raise the available window above
+    /// [`STREAM_WINDOW`] is a protocol violation (and would otherwise overflow the
+    /// semaphore).
     fn on_credit(&self, id: u64, bytes: u32) {
-        if let Some(c) = self.lock().pending.get(&id).and_then(|p| p.credit.as_ref()) {
-            c.add_permits(bytes as usize);
+        let excess = {
+            let state = self.lock();
+            let Some(c) = state.pending.get(&id).and_then(|p| p.credit.as_ref()) else {
+                return;
+            };
+            let available = c.available_permits() as u64;
+            if available + u64::from(bytes) > u64::from(STREAM_WINDOW) {
+                Some(available)
+            } else {
+                c.add_permits(bytes as usize);
+                None
+            }
+        };
+        if let Some(available) = excess {
+            self.violation(format!(
+                "credit of {bytes} bytes for request {id} exceeds the window ({available} of {STREAM_WINDOW} already available)"
+            ));
         }
     }
 
@@ -369,23 +455,26 @@ impl Inner {
                 kind,
                 message,
             } => {
-                tracing::warn!(?kind, %message, "agent reported an error outside any request");
+                self.guest_warn(
+                    "agent reported an error outside any request",
+                    &format!("{kind:?}: {message}"),
+                );
             }
             GuestMessage::Exec { id, ref event } => match event {
                 ExecEvent::Stdout(d) | ExecEvent::Stderr(d) => {
                     let len = d.len();
                     self.on_data(id, len, msg)
                 }
-                ExecEvent::Started { .. } => self.deliver(id, msg, false),
-                ExecEvent::Exit { .. } => self.deliver(id, msg, true),
+                ExecEvent::Started { .. } => self.deliver_once(id, SEEN_STARTED, msg),
+                ExecEvent::Exit { .. } => self.deliver(id, msg),
             },
             GuestMessage::Pty { id, ref event } => match event {
                 PtyEvent::Output(d) => {
                     let len = d.len();
                     self.on_data(id, len, msg)
                 }
-                PtyEvent::Started { .. } => self.deliver(id, msg, false),
-                PtyEvent::Exit { .. } => self.deliver(id, msg, true),
+                PtyEvent::Started { .. } => self.deliver_once(id, SEEN_STARTED, msg),
+                PtyEvent::Exit { .. } => self.deliver(id, msg),
             },
             GuestMessage::FileChunk { id, ref data }
             | GuestMessage::DevLog { id, ref data }
@@ -406,28 +495,65 @@ impl Inner {
             | GuestMessage::WriteDone { id, .. }
             | GuestMessage::Metrics { id, .. }
             | GuestMessage::Done { id }
-            | GuestMessage::Error { id, .. } => self.deliver(id, msg, true),
+            | GuestMessage::Error { id, .. } => self.deliver(id, msg),
         }
     }
 }
 
-async fn reader_task<R: AsyncRead + Unpin>(inner: Arc<Inner>, reader: R) {
-    let mut frames = FrameReader::new(reader);
+async fn reader_task<R: AsyncRead + Unpin>(inner: Arc<Inner>, mut reader: R) {
+    let mut decoder = FrameDecoder::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut skipped = 0u64;
+    // Ends with the connection (closed elsewhere, e.g. for a violation while sending),
+    // so the socket is released.
+    let mut status = inner.status.subscribe();
     loop {
-        match frames.next::<GuestMessage>().await {
-            Ok(Some(Ok(msg))) => inner.dispatch(msg),
-            Ok(Some(Err(e))) => {
-                inner.decode_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "rejected a frame from the agent");
-            }
-            Ok(None) => {
+        let read = tokio::select! {
+            r = reader.read(&mut buf) => r,
+            _ = status.wait_for(|s| s.closed.is_some()) => return,
+        };
+        let n = match read {
+            Ok(0) => {
                 inner.close("agent socket reached end of stream".into());
                 return;
             }
+            Ok(n) => n,
             Err(e) => {
                 inner.close(format!("reading from agent socket: {e}"));
                 return;
             }
+        };
+        decoder.push(&buf[..n]);
+        while let Some(frame) = decoder.next_frame::<GuestMessage>() {
+            match frame {
+                Ok(msg) => inner.dispatch(msg),
+                Err(e) => {
+                    inner.decode_errors.fetch_add(1, Ordering::Relaxed);
+                    inner.guest_warn("rejected a frame from the agent", &e.to_string());
+                    if !inner.limits().decode_errors.take(1, Instant::now()) {
+                        inner.violation(format!(
+                            "more than {} rejected frames in a row (a flood of garbage)",
+                            DECODE_ERROR_BUDGET.burst
+                        ));
+                    }
+                }
+            }
+            if inner.lock().closed.is_some() {
+                return;
+            }
+        }
+        // Bytes skipped while looking for a frame: garbage, or a restart's preamble.
+        let now_skipped = decoder.skipped_bytes();
+        let delta = now_skipped - skipped;
+        skipped = now_skipped;
+        if delta > 0 && !inner.limits().garbage.take(delta, Instant::now()) {
+            inner.violation(format!(
+                "more than {} bytes of garbage in a row (no frame)",
+                GARBAGE_BUDGET.burst
+            ));
+        }
+        if inner.lock().closed.is_some() {
+            return;
         }
     }
 }
@@ -435,17 +561,25 @@ async fn reader_task<R: AsyncRead + Unpin>(inner: Arc<Inner>, reader: R) {
 async fn writer_task<W: AsyncWrite + Unpin>(
     inner: Arc<Inner>,
     mut writer: W,
-    mut ctl_rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut ctl_rx: mpsc::Receiver<Vec<u8>>,
     mut data_rx: mpsc::Receiver<Vec<u8>>,
 ) {
+    // Ends with the connection, so a connection closed for a violation drops the socket.
+    let mut status = inner.status.subscribe();
     loop {
         let frame = tokio::select! {
             biased;
+            _ = status.wait_for(|s| s.closed.is_some()) => return,
             Some(f) = ctl_rx.recv() => f,
             Some(f) = data_rx.recv() => f,
             else => return,
         };
-        if let Err(e) = writer.write_all(&frame).await {
+        // A write blocked on an agent that does not read ends with the connection too.
+        let written = tokio::select! {
+            r = writer.write_all(&frame) => r,
+            _ = status.wait_for(|s| s.closed.is_some()) => return,
+        };
+        if let Err(e) = written {
             inner.close(format!("writing to agent socket: {e}"));
             return;
         }
@@ -482,7 +616,10 @@ impl AgentClient {
                 path: path.to_owned(),
                 source,
             })?;
-        Ok(Self::from_stream(stream))
+        Ok(Self::from_stream_labeled(
+            stream,
+            &path.display().to_string(),
+        ))
     }
 
     /// Runs the protocol over any byte stream (vsock, tests). Must be called inside a
@@ -491,13 +628,23 @@ impl AgentClient {
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
+        Self::from_stream_labeled(stream, "stream")
+    }
+
+    /// [`from_stream`](Self::from_stream) with `label` naming the connection in logs.
+    pub fn from_stream_labeled<S>(stream: S, label: &str) -> AgentClient
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
         let (reader, writer) = tokio::io::split(stream);
         let (data_tx, data_rx) = mpsc::channel(DATA_QUEUE);
-        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_QUEUE);
         let inner = Arc::new(Inner {
             data_tx,
             ctl_tx,
             state: Mutex::new(State::default()),
+            label: label.to_owned(),
+            limits: Mutex::new(Limits::new(Instant::now())),
             status: watch::Sender::new(Status::default()),
             dev: watch::Sender::new(None),
             restarts: AtomicU64::new(0),
@@ -506,7 +653,7 @@ impl AgentClient {
             timeout_ms: AtomicU64::new(DEFAULT_TIMEOUT.as_millis() as u64),
         });
         // Flush any torn frame a previous host left in the agent's decoder, then say hello.
-        let _ = inner.ctl_tx.send(vec![0; SYNC_PREAMBLE_LEN]);
+        let _ = inner.ctl_tx.try_send(vec![0; SYNC_PREAMBLE_LEN]);
         let _ = inner.send_ctl(&HostMessage::Hello {
             version: PROTOCOL_VERSION,
         });
@@ -1059,7 +1206,7 @@ async fn read_full(
 /// A running command. Events arrive in order; `Exit` is last.
 pub struct ExecHandle {
     id: u64,
-    rx: mpsc::UnboundedReceiver<Reply>,
+    rx: mpsc::Receiver<Reply>,
     inbound: Arc<AtomicU64>,
     stdin: Option<ExecStdin>,
     /// Until the first event: when it must have come, and the timeout that made it.
@@ -1086,6 +1233,30 @@ pub struct ExecOutput {
     pub signal: Option<i32>,
     /// Killed because of its timeout.
     pub timed_out: bool,
+    /// Bytes dropped from the front of `stdout` and `stderr` to keep each within the
+    /// limit of [`ExecHandle::wait_tail`] (0: the output is complete).
+    pub dropped: u64,
+}
+
+/// Most bytes of stdout (and of stderr) [`ExecHandle::wait`] keeps: the tail.
+pub const EXEC_OUTPUT_MAX: usize = 16 << 20;
+
+/// Appends `data` to `buf`, keeping only the last `max` bytes; returns bytes dropped.
+fn append_tail(buf: &mut Vec<u8>, data: &[u8], max: usize) -> u64 {
+    buf.extend_from_slice(data);
+    // Trim in batches (at twice the limit) so appending stays amortised linear.
+    if buf.len() > max.saturating_mul(2).max(1) {
+        let cut = buf.len() - max;
+        buf.drain(..cut);
+        return cut as u64;
+    }
+    0
+}
+
+fn trim_tail(buf: &mut Vec<u8>, max: usize) -> u64 {
+    let cut = buf.len().saturating_sub(max);
+    buf.drain(..cut);
+    cut as u64
 }
 
 impl ExecOutput {
@@ -1163,8 +1334,16 @@ impl ExecHandle {
         })
     }
 
-    /// Collects all output until exit (closes stdin first if it was not taken).
-    pub async fn wait(mut self) -> Result<ExecOutput, ProtoError> {
+    /// Collects the output until exit (closes stdin first if it was not taken): the
+    /// last [`EXEC_OUTPUT_MAX`] bytes of stdout and of stderr (see
+    /// [`ExecOutput::dropped`]).
+    pub async fn wait(self) -> Result<ExecOutput, ProtoError> {
+        self.wait_tail(EXEC_OUTPUT_MAX).await
+    }
+
+    /// [`wait`](Self::wait) keeping the last `max` bytes of stdout and of stderr: a
+    /// command cannot make the caller hold more than that, however much it prints.
+    pub async fn wait_tail(mut self, max: usize) -> Result<ExecOutput, ProtoError> {
         if let Some(stdin) = self.stdin.take() {
             stdin.close().await?;
         }
@@ -1172,13 +1351,15 @@ impl ExecHandle {
         while let Some(event) = self.next_event().await {
             match event? {
                 ExecEvent::Started { pid } => out.pid = pid,
-                ExecEvent::Stdout(d) => out.stdout.extend(d),
-                ExecEvent::Stderr(d) => out.stderr.extend(d),
+                ExecEvent::Stdout(d) => out.dropped += append_tail(&mut out.stdout, &d, max),
+                ExecEvent::Stderr(d) => out.dropped += append_tail(&mut out.stderr, &d, max),
                 ExecEvent::Exit {
                     code,
                     signal,
                     timed_out,
                 } => {
+                    out.dropped += trim_tail(&mut out.stdout, max);
+                    out.dropped += trim_tail(&mut out.stderr, max);
                     out.code = code;
                     out.signal = signal;
                     out.timed_out = timed_out;
@@ -1258,7 +1439,7 @@ impl Drop for ExecStdin {
 /// Chunks of a file being read from the guest; ends after the agent's end marker.
 pub struct ReadFileStream {
     id: u64,
-    rx: mpsc::UnboundedReceiver<Reply>,
+    rx: mpsc::Receiver<Reply>,
     inbound: Arc<AtomicU64>,
     received: u64,
     first: Option<GuestMessage>,
@@ -1337,7 +1518,7 @@ impl Stream for ReadFileStream {
 /// cancels the stream in the agent.
 pub struct DevLogStream {
     id: u64,
-    rx: mpsc::UnboundedReceiver<Reply>,
+    rx: mpsc::Receiver<Reply>,
     inbound: Arc<AtomicU64>,
     done: bool,
     guard: PendingGuard,
@@ -1463,7 +1644,7 @@ impl PtySession {
 pub struct PtyReader {
     id: u64,
     pid: u32,
-    rx: mpsc::UnboundedReceiver<Reply>,
+    rx: mpsc::Receiver<Reply>,
     inbound: Arc<AtomicU64>,
     first: Option<PtyEvent>,
     done: bool,
@@ -1706,7 +1887,7 @@ const CREDIT_BATCH: usize = 32 * 1024;
 pub struct GuestStream {
     id: u64,
     addr: SocketAddr,
-    rx: mpsc::UnboundedReceiver<Reply>,
+    rx: mpsc::Receiver<Reply>,
     /// Bytes received and not yet credited back (buffered here).
     inbound: Arc<AtomicU64>,
     peak: Arc<AtomicU64>,

@@ -159,6 +159,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// The underlying reader (bytes read from it bypass the decoder).
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.reader
+    }
+
     /// The decoder's statistics.
     pub fn decoder(&self) -> &FrameDecoder {
         &self.decoder

@@ -53,12 +53,14 @@ pub mod client;
 pub mod dev;
 pub mod error;
 pub mod frame;
+pub mod limits;
 pub mod message;
 pub mod net;
 
 pub use client::{
-    AgentClient, DEFAULT_TIMEOUT, DevLogStream, ExecHandle, ExecOutput, ExecStdin, GuestStream,
-    PtyReader, PtySession, PtyWriter, ReadFileStream,
+    AgentClient, CONTROL_QUEUE, DEFAULT_TIMEOUT, DevLogStream, EXEC_OUTPUT_MAX, ExecHandle,
+    ExecOutput, ExecStdin, GuestStream, PtyReader, PtySession, PtyWriter, REPLY_QUEUE,
+    ReadFileStream,
 };
 pub use dev::{
     DEV_NAME_MAX, DEV_NAME_PATTERN, DevSpec, DevState, DevStatus, RestartPolicy, valid_dev_name,

@@ -4,9 +4,11 @@
 use std::time::Duration;
 
 use atelier_agent_proto::frame::{FRAME_MAGIC, FrameReader};
+use atelier_agent_proto::limits::{DECODE_ERROR_BUDGET, GARBAGE_BUDGET, HELLO_BUDGET};
 use atelier_agent_proto::{
-    AgentClient, CAP_TCP_STREAM, ExecEvent, ExecRequest, GuestMessage, Hello, HostMessage,
-    MAX_FRAME_LEN, PROTOCOL_VERSION, ProtoError, STREAM_WINDOW, encode_frame,
+    AgentClient, CAP_TCP_STREAM, CONTROL_QUEUE, ExecEvent, ExecHandle, ExecRequest, GuestMessage,
+    Hello, HostMessage, MAX_FRAME_LEN, PROTOCOL_VERSION, ProtoError, REPLY_QUEUE, STREAM_WINDOW,
+    encode_frame,
 };
 use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::UnixStream;
@@ -21,6 +23,11 @@ struct FakeGuest {
 impl FakeGuest {
     async fn send(&mut self, msg: &GuestMessage) {
         self.raw(&encode_frame(msg).expect("encode")).await;
+    }
+
+    /// The raw read half, for reading bytes without decoding.
+    fn reader_mut(&mut self) -> &mut ReadHalf<UnixStream> {
+        self.reader.get_mut()
     }
 
     async fn raw(&mut self, bytes: &[u8]) {
@@ -484,4 +491,176 @@ async fn exec_started_in_time_runs_past_the_deadline() {
         matches!(ev, Some(Ok(ExecEvent::Exit { code: Some(0), .. }))),
         "{ev:?}"
     );
+}
+
+/// Waits until the client reports the connection closed, and returns why.
+async fn closed_reason(client: &AgentClient) -> String {
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        match client.wait_ready(T).await {
+            Err(ProtoError::Disconnected { reason }) => {
+                assert!(!client.is_connected());
+                return reason;
+            }
+            other => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "connection still open: {other:?}"
+                );
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+}
+
+async fn started_exec(client: &AgentClient, guest: &mut FakeGuest) -> (ExecHandle, u64) {
+    guest.announce(1).await;
+    client.wait_ready(T).await.expect("ready");
+    let exec = client.exec(ExecRequest::new(["yes"])).await.expect("exec");
+    let HostMessage::Exec { id, .. } = guest.recv().await else {
+        panic!("expected exec")
+    };
+    guest
+        .send(&GuestMessage::Exec {
+            id,
+            event: ExecEvent::Started { pid: 5 },
+        })
+        .await;
+    (exec, id)
+}
+
+#[tokio::test]
+async fn repeated_started_closes_the_connection() {
+    let (client, mut guest) = pair();
+    let (mut exec, id) = started_exec(&client, &mut guest).await;
+    assert!(matches!(
+        exec.next_event().await,
+        Some(Ok(ExecEvent::Started { pid: 5 }))
+    ));
+    guest
+        .send(&GuestMessage::Exec {
+            id,
+            event: ExecEvent::Started { pid: 5 },
+        })
+        .await;
+    let reason = closed_reason(&client).await;
+    assert!(reason.contains("protocol violation"), "{reason}");
+    assert!(reason.contains("Started"), "{reason}");
+    let err = exec.next_event().await.expect("event").expect_err("closed");
+    assert!(matches!(err, ProtoError::Disconnected { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn flood_of_tiny_frames_fails_only_that_stream() {
+    let (client, mut guest) = pair();
+    let (mut exec, id) = started_exec(&client, &mut guest).await;
+    // Tiny frames stay far inside the byte window but would queue one message each.
+    for _ in 0..REPLY_QUEUE + 100 {
+        guest
+            .send(&GuestMessage::Exec {
+                id,
+                event: ExecEvent::Stdout(vec![b'y']),
+            })
+            .await;
+    }
+    assert_eq!(guest.recv().await, HostMessage::Cancel { id });
+    let mut events = 0;
+    let err = loop {
+        match exec.next_event().await.expect("event") {
+            Ok(_) => events += 1,
+            Err(e) => break e,
+        }
+    };
+    assert!(events <= REPLY_QUEUE, "{events} events queued");
+    assert!(matches!(err, ProtoError::FlowControl { .. }), "{err:?}");
+    assert!(client.is_connected());
+}
+
+#[tokio::test]
+async fn garbage_flood_closes_the_connection() {
+    let (client, mut guest) = pair();
+    guest.announce(1).await;
+    client.wait_ready(T).await.expect("ready");
+    // One restart preamble's worth of zeros is fine ...
+    guest
+        .raw(&vec![0u8; atelier_agent_proto::frame::SYNC_PREAMBLE_LEN])
+        .await;
+    guest.announce(1).await;
+    client.wait_ready(T).await.expect("still ready");
+    // ... a sustained flood of bytes that never form a frame is not.
+    let noise: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8 | 1).collect();
+    let budget = GARBAGE_BUDGET.burst as usize;
+    for _ in 0..(2 * budget / noise.len()) {
+        if !client.is_connected() {
+            break;
+        }
+        // The client may close the socket mid-flood; a write must never hang.
+        let written = tokio::time::timeout(T, guest.writer.write_all(&noise))
+            .await
+            .expect("the client keeps reading or closes");
+        if written.is_err() {
+            break;
+        }
+    }
+    let reason = closed_reason(&client).await;
+    assert!(reason.contains("garbage"), "{reason}");
+}
+
+#[tokio::test]
+async fn flood_of_bad_frames_and_hellos_closes_the_connection() {
+    let (client, mut guest) = pair();
+    guest.announce(1).await;
+    client.wait_ready(T).await.expect("ready");
+    let mut bad = FRAME_MAGIC.to_vec();
+    bad.extend(u32::MAX.to_le_bytes());
+    for _ in 0..=DECODE_ERROR_BUDGET.burst {
+        guest.raw(&bad).await;
+    }
+    let reason = closed_reason(&client).await;
+    assert!(reason.contains("rejected frames"), "{reason}");
+
+    let (client, mut guest) = pair();
+    for _ in 0..=HELLO_BUDGET.burst {
+        guest.send(&hello(1)).await;
+    }
+    let reason = closed_reason(&client).await;
+    assert!(reason.contains("Hellos"), "{reason}");
+}
+
+#[tokio::test]
+async fn agent_that_stops_reading_is_disconnected() {
+    let (client, mut guest) = pair();
+    let (exec, _id) = started_exec(&client, &mut guest).await;
+    // From here on the fake never reads: once the socket buffer is full, control
+    // frames (here kills) pile up in the bounded control queue, and overflowing it
+    // closes the connection instead of growing.
+    let mut sent = 0usize;
+    let err = loop {
+        match exec.kill(15) {
+            Ok(()) => sent += 1,
+            Err(e) => break e,
+        }
+        assert!(sent < 1_000_000, "control queue never filled");
+        if sent.is_multiple_of(256) {
+            // Let the writer task move frames into the socket buffer.
+            tokio::task::yield_now().await;
+        }
+    };
+    assert!(matches!(err, ProtoError::Disconnected { .. }), "{err:?}");
+    let reason = closed_reason(&client).await;
+    assert!(reason.contains("control channel"), "{reason}");
+    assert!(sent >= CONTROL_QUEUE, "only {sent} queued");
+    // The writer, blocked on the full socket, let go of it: the guest sees the close.
+    let mut buf = vec![0u8; 1 << 20];
+    let eof = tokio::time::timeout(T, async {
+        loop {
+            match tokio::io::AsyncReadExt::read(guest.reader_mut(), &mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(eof.is_ok(), "socket still open after the violation");
+    drop(exec);
 }

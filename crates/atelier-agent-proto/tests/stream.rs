@@ -421,7 +421,29 @@ async fn hostile_stream_frames_for_unknown_ids_and_repeats_are_harmless() {
             .await;
     }
     guest.pong(&client).await;
-    // A stream event for a request that is no stream fails only that request.
+    assert!(client.is_connected());
+}
+
+/// Waits until the client reports the connection closed, and returns why.
+async fn closed_reason(client: &AgentClient) -> String {
+    let err = tokio::time::timeout(T, async {
+        loop {
+            match client.wait_ready(T).await {
+                Err(e) => break e,
+                Ok(_) => tokio::task::yield_now().await,
+            }
+        }
+    })
+    .await
+    .expect("connection closed in time");
+    assert!(!client.is_connected());
+    err.to_string()
+}
+
+#[tokio::test]
+async fn stream_event_for_a_request_that_is_no_stream_closes_the_connection() {
+    let (client, mut guest) = pair();
+    ready_current(&client, &mut guest).await;
     let metrics = tokio::spawn({
         let client = client.clone();
         async move { client.metrics().await }
@@ -430,7 +452,19 @@ async fn hostile_stream_frames_for_unknown_ids_and_repeats_are_harmless() {
         panic!("expected Metrics")
     };
     guest.send(&GuestMessage::StreamEof { id }).await;
-    // A repeated StreamOpened / StreamEof fails the stream (bounded queues).
+    let err = tokio::time::timeout(T, metrics)
+        .await
+        .expect("metrics done")
+        .expect("join")
+        .expect_err("violation");
+    assert!(err.to_string().contains("protocol violation"), "{err}");
+    assert!(closed_reason(&client).await.contains("protocol violation"));
+}
+
+#[tokio::test]
+async fn repeated_stream_opened_closes_the_connection() {
+    let (client, mut guest) = pair();
+    ready_current(&client, &mut guest).await;
     let opener = tokio::spawn({
         let client = client.clone();
         async move { client.open_stream(3, T).await }
@@ -444,24 +478,26 @@ async fn hostile_stream_frames_for_unknown_ids_and_repeats_are_harmless() {
     let mut buf = [0u8; 16];
     let err = stream.read(&mut buf).await.expect_err("violation");
     assert!(err.to_string().contains("protocol violation"), "{err}");
-    // Excess credit for a live stream does not panic either.
+    assert!(closed_reason(&client).await.contains("StreamOpened"));
+}
+
+#[tokio::test]
+async fn excess_credit_closes_the_connection_without_panicking() {
+    let (client, mut guest) = pair();
+    ready_current(&client, &mut guest).await;
+    let opener = tokio::spawn({
+        let client = client.clone();
+        async move { client.open_stream(3, T).await }
+    });
+    let HostMessage::StreamOpen { id: sid, .. } = guest.recv().await else {
+        panic!("expected StreamOpen")
+    };
+    guest.send(&GuestMessage::StreamOpened { id: sid }).await;
+    let _stream = opener.await.expect("join").expect("open");
+    // Nothing was sent yet, so any credit is more than the window.
     guest
-        .send(&GuestMessage::Credit {
-            id: sid,
-            bytes: u32::MAX,
-        })
+        .send(&GuestMessage::Credit { id: sid, bytes: 1 })
         .await;
-    guest.pong(&client).await;
-    assert!(client.is_connected());
-    // The metrics request got no valid answer and is still pending: answer it now.
-    guest
-        .send(&GuestMessage::Error {
-            id,
-            kind: ErrorKind::Internal,
-            message: "late".into(),
-        })
-        .await;
-    let _ = tokio::time::timeout(T, metrics)
-        .await
-        .expect("metrics done");
+    let reason = closed_reason(&client).await;
+    assert!(reason.contains("exceeds the window"), "{reason}");
 }

@@ -16,9 +16,15 @@ pub struct NetConfig {
     pub subnet: Ipv4Net,
     /// Resolvers the DNS forwarder asks (default: the host's /etc/resolv.conf).
     pub dns_upstreams: Vec<SocketAddr>,
-    /// Destinations guests may not open connections to (unless an allow-list names
-    /// them): private, loopback, link-local, CGNAT and multicast ranges by default.
+    /// Destinations guests may not open connections to, even through an allow-listed
+    /// name (see `allow_blocked_answers`): private, loopback, link-local, CGNAT and
+    /// multicast ranges by default.
     pub blocked: Vec<Ipv4Net>,
+    /// Let an allow-listed name resolve to an address in `blocked` (or to the host's
+    /// own addresses) and open the firewall for it. Off by default: a guest whose
+    /// allow-list names e.g. an internal host would otherwise reach private ranges or
+    /// the metadata address 169.254.169.254 through DNS (`--egress-allow-private-answers`).
+    pub allow_blocked_answers: bool,
 }
 
 /// Ranges blocked by default: everything that is not the public internet.
@@ -46,6 +52,7 @@ impl NetConfig {
                 .iter()
                 .filter_map(|c| c.parse().ok())
                 .collect(),
+            allow_blocked_answers: false,
         }
     }
 
@@ -77,6 +84,22 @@ impl NetConfig {
             )));
         }
         Ok(())
+    }
+
+    /// Ranges the DNS forwarder keeps out of allow-list answers: the blocked ranges,
+    /// the gateway and `host_addrs` (the host's own addresses), each unless already
+    /// covered; nothing when [`allow_blocked_answers`](Self::allow_blocked_answers).
+    pub fn blocked_answers(&self, host_addrs: &[Ipv4Addr]) -> Vec<Ipv4Net> {
+        if self.allow_blocked_answers {
+            return Vec::new();
+        }
+        let mut ranges = self.blocked.clone();
+        for a in std::iter::once(self.gateway()).chain(host_addrs.iter().copied()) {
+            if !ranges.iter().any(|r| r.contains(&a)) {
+                ranges.push(Ipv4Net::from(a));
+            }
+        }
+        ranges
     }
 
     /// The bridge's own address: gateway and DNS server of the guests.

@@ -16,18 +16,29 @@
 //!
 //! Everything the guest sends is untrusted: sizes are bounded, unparsable packets are
 //! dropped, in-flight work is capped, and packets are never logged.
+//!
+//! Limits per guest (see `docs/security.md`): each guest address has its own quota of
+//! queries in flight ([`MAX_IN_FLIGHT_PER_GUEST`]) and a query rate
+//! ([`GUEST_QUERY_BURST`], [`GUEST_QUERY_RATE`]); over quota, UDP queries are dropped
+//! and TCP connections closed, so one looping guest cannot take the forwarder (or the
+//! firewall updates behind it) from the others. An allow-listed name whose answer lies
+//! in a blocked range ([`DnsForwarder::with_blocked_answers`]: private ranges,
+//! 169.254.0.0/16 and its metadata address, loopback, the host's own addresses) has
+//! those addresses removed from the answer and the firewall is not opened for them.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, Instant};
 
 use atelier_core::EgressPolicy;
 use futures::future::BoxFuture;
 use hickory_proto::op::{Header, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{RData, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+use ipnet::Ipv4Net;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
@@ -60,6 +71,14 @@ pub const MAX_ALLOW_TTL: Duration = Duration::from_secs(3600);
 /// How long [`EgressHooks::allow`] may take before the query is answered `SERVFAIL`,
 /// so a stuck firewall update cannot pin a query slot forever.
 pub const ALLOW_HOOK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Queries of one guest address being worked on at once.
+pub const MAX_IN_FLIGHT_PER_GUEST: usize = 16;
+/// Queries one guest address may send in a burst ...
+pub const GUEST_QUERY_BURST: u32 = 200;
+/// ... and per second after that.
+pub const GUEST_QUERY_RATE: u32 = 50;
+/// Guest addresses whose quota state is kept; idle ones are pruned beyond this.
+const MAX_TRACKED_GUESTS: usize = 4096;
 
 /// Smallest DNS message: the 12-byte header.
 const HEADER_LEN: usize = 12;
@@ -97,6 +116,8 @@ pub struct DnsForwarder {
     upstreams: Vec<SocketAddr>,
     hooks: Arc<dyn EgressHooks>,
     upstream_timeout: Duration,
+    blocked_answers: Vec<Ipv4Net>,
+    quota: QuotaConfig,
 }
 
 impl DnsForwarder {
@@ -123,7 +144,30 @@ impl DnsForwarder {
             upstreams,
             hooks,
             upstream_timeout: UPSTREAM_TIMEOUT,
+            blocked_answers: Vec::new(),
+            quota: QuotaConfig::default(),
         })
+    }
+
+    /// Addresses in these ranges are removed from the answers for allow-list guests
+    /// and never handed to [`EgressHooks::allow`]: an allow-listed name pointing at a
+    /// private range, the metadata address 169.254.169.254 or the host itself stays
+    /// blocked. The manager passes its blocked ranges and its own addresses, or
+    /// nothing when the operator opted in to such answers.
+    pub fn with_blocked_answers(mut self, ranges: Vec<Ipv4Net>) -> Self {
+        self.blocked_answers = ranges;
+        self
+    }
+
+    /// Replaces the per-guest quota ([`MAX_IN_FLIGHT_PER_GUEST`],
+    /// [`GUEST_QUERY_BURST`], [`GUEST_QUERY_RATE`]); for tests and tuning.
+    pub fn with_guest_quota(mut self, in_flight: usize, burst: u32, per_sec: u32) -> Self {
+        self.quota = QuotaConfig {
+            in_flight,
+            burst,
+            per_sec,
+        };
+        self
     }
 
     /// Replaces [`UPSTREAM_TIMEOUT`] (per upstream and transport); for tests and slow
@@ -145,6 +189,8 @@ impl DnsForwarder {
             upstreams: self.upstreams,
             hooks: self.hooks,
             upstream_timeout: self.upstream_timeout,
+            blocked_answers: self.blocked_answers,
+            quotas: Arc::new(Quotas::new(self.quota)),
         });
         let udp = Arc::new(self.udp);
         let tcp = self.tcp;
@@ -163,6 +209,10 @@ impl DnsForwarder {
                             debug!(%from, "dropping oversized DNS datagram");
                             continue;
                         }
+                        let Some(guest) = inner.quotas.admit(from.ip()) else {
+                            debug!(%from, "dropping DNS query: guest over its quota");
+                            continue;
+                        };
                         let Ok(permit) = in_flight.clone().try_acquire_owned() else {
                             debug!(%from, "dropping DNS query: too many in flight");
                             continue;
@@ -171,6 +221,7 @@ impl DnsForwarder {
                         let (inner, udp) = (inner.clone(), udp.clone());
                         tasks.spawn(async move {
                             let _permit = permit;
+                            let _guest = guest;
                             if let Some(reply) = inner.handle(&packet, from, Transport::Udp).await
                                 && let Err(e) = udp.send_to(&reply, from).await
                             {
@@ -289,6 +340,123 @@ struct Inner {
     upstreams: Vec<SocketAddr>,
     hooks: Arc<dyn EgressHooks>,
     upstream_timeout: Duration,
+    blocked_answers: Vec<Ipv4Net>,
+    quotas: Arc<Quotas>,
+}
+
+/// The per-guest quota.
+#[derive(Debug, Clone, Copy)]
+struct QuotaConfig {
+    in_flight: usize,
+    burst: u32,
+    per_sec: u32,
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        Self {
+            in_flight: MAX_IN_FLIGHT_PER_GUEST,
+            burst: GUEST_QUERY_BURST,
+            per_sec: GUEST_QUERY_RATE,
+        }
+    }
+}
+
+/// Quota state of one guest address.
+#[derive(Debug)]
+struct GuestQuota {
+    in_flight: usize,
+    /// Query tokens, in thousandths (refilled continuously).
+    tokens_milli: u64,
+    last: Instant,
+}
+
+/// Per-guest quotas: queries in flight and a token-bucket rate.
+struct Quotas {
+    cfg: QuotaConfig,
+    guests: StdMutex<HashMap<IpAddr, GuestQuota>>,
+}
+
+/// A query admitted under its guest's quota; gives the in-flight slot back on drop.
+struct QuotaSlot<'a> {
+    quotas: &'a Quotas,
+    ip: IpAddr,
+}
+
+impl Quotas {
+    fn new(cfg: QuotaConfig) -> Self {
+        Self {
+            cfg,
+            guests: StdMutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, GuestQuota>> {
+        self.guests.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes one query of `ip`'s quota; `None` when it is spent (too many in flight
+    /// or too fast).
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<OwnedQuotaSlot> {
+        self.take(ip).then(|| OwnedQuotaSlot {
+            quotas: Arc::clone(self),
+            ip,
+        })
+    }
+
+    fn take(&self, ip: IpAddr) -> bool {
+        let now = Instant::now();
+        let full = u64::from(self.cfg.burst) * 1000;
+        let mut guests = self.lock();
+        if guests.len() >= MAX_TRACKED_GUESTS && !guests.contains_key(&ip) {
+            // Forget idle guests whose bucket has refilled: they are indistinguishable
+            // from new ones.
+            let per_sec = u64::from(self.cfg.per_sec.max(1));
+            guests.retain(|_, g| {
+                let idle_ms = now.saturating_duration_since(g.last).as_millis() as u64;
+                g.in_flight > 0 || g.tokens_milli + idle_ms.saturating_mul(per_sec) < full
+            });
+        }
+        let g = guests.entry(ip).or_insert(GuestQuota {
+            in_flight: 0,
+            tokens_milli: full,
+            last: now,
+        });
+        let elapsed_ms = now.saturating_duration_since(g.last).as_millis() as u64;
+        g.tokens_milli =
+            (g.tokens_milli + elapsed_ms.saturating_mul(u64::from(self.cfg.per_sec))).min(full);
+        g.last = now;
+        if g.in_flight >= self.cfg.in_flight || g.tokens_milli < 1000 {
+            return false;
+        }
+        g.tokens_milli -= 1000;
+        g.in_flight += 1;
+        true
+    }
+
+    fn release(&self, ip: IpAddr) {
+        if let Some(g) = self.lock().get_mut(&ip) {
+            g.in_flight = g.in_flight.saturating_sub(1);
+        }
+    }
+}
+
+/// [`QuotaSlot`] for a spawned task.
+struct OwnedQuotaSlot {
+    quotas: Arc<Quotas>,
+    ip: IpAddr,
+}
+
+impl Drop for OwnedQuotaSlot {
+    fn drop(&mut self) {
+        self.quotas.release(self.ip);
+    }
+}
+
+impl Drop for QuotaSlot<'_> {
+    fn drop(&mut self) {
+        self.quotas.release(self.ip);
+    }
 }
 
 /// Why one upstream gave no usable answer (logged at debug, never shown to guests).
@@ -379,8 +547,18 @@ impl Inner {
     /// Opens the firewall for the A records of an allowed answer, then returns the
     /// answer (TTLs capped at [`MAX_ALLOW_TTL`]); `None` if the hook failed.
     async fn release(&self, client: Ipv4Addr, name: &str, mut answer: Answer) -> Option<Answer> {
+        let mut rewrite = false;
+        if strip_blocked(&mut answer.message, &self.blocked_answers) {
+            debug!(%client, %name, "removed answers in blocked ranges");
+            rewrite = true;
+        }
         let addrs = allowed_addresses(&answer.message);
         if addrs.is_empty() {
+            if rewrite {
+                let id = answer.message.id();
+                answer.wire = answer.message.to_vec().ok()?;
+                set_id(&mut answer.wire, id);
+            }
             return Some(answer);
         }
         match timeout(ALLOW_HOOK_TIMEOUT, self.hooks.allow(client, addrs)).await {
@@ -394,7 +572,7 @@ impl Inner {
                 return None;
             }
         }
-        if cap_a_ttls(&mut answer.message) {
+        if cap_a_ttls(&mut answer.message) || rewrite {
             let id = answer.message.id();
             answer.wire = answer.message.to_vec().ok()?;
             set_id(&mut answer.wire, id);
@@ -461,12 +639,21 @@ impl Inner {
             let Ok(Ok(packet)) = timeout(TCP_IDLE_TIMEOUT, read_framed(&mut stream)).await else {
                 return;
             };
+            if !self.quotas.take(peer.ip()) {
+                debug!(%peer, "closing DNS TCP connection: guest over its quota");
+                return;
+            }
+            let slot = QuotaSlot {
+                quotas: &self.quotas,
+                ip: peer.ip(),
+            };
             let Ok(permit) = in_flight.clone().try_acquire_owned() else {
                 debug!(%peer, "closing DNS TCP connection: too many queries in flight");
                 return;
             };
             let reply = self.handle(&packet, peer, Transport::Tcp).await;
             drop(permit);
+            drop(slot);
             let Some(reply) = reply else {
                 return;
             };
@@ -591,6 +778,27 @@ fn allowed_addresses(answer: &Message) -> Vec<(Ipv4Addr, Duration)> {
             _ => None,
         })
         .collect()
+}
+
+/// Removes A records whose address lies in one of `blocked`; true when any was.
+fn strip_blocked(message: &mut Message, blocked: &[Ipv4Net]) -> bool {
+    if blocked.is_empty() {
+        return false;
+    }
+    let is_blocked = |r: &hickory_proto::rr::Record| match r.data() {
+        RData::A(a) => blocked.iter().any(|n| n.contains(&a.0)),
+        _ => false,
+    };
+    if !message.answers().iter().any(is_blocked) {
+        return false;
+    }
+    let kept: Vec<_> = message
+        .take_answers()
+        .into_iter()
+        .filter(|r| !is_blocked(r))
+        .collect();
+    message.insert_answers(kept);
+    true
 }
 
 /// A DNS TTL as the lifetime of a firewall entry.

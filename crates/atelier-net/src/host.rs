@@ -129,6 +129,25 @@ impl Links {
         Ok(index)
     }
 
+    /// Every IPv4 address configured on this host (all interfaces), for keeping DNS
+    /// answers that point at the host itself out of guests' allow-lists.
+    pub async fn host_addresses(&self) -> Result<Vec<Ipv4Addr>, NetError> {
+        use rtnetlink::packet_route::address::AddressAttribute;
+        let mut out = Vec::new();
+        let mut stream = self.handle.address().get().execute();
+        while let Some(msg) = stream.try_next().await.map_err(nl("list host addresses"))? {
+            for attr in msg.attributes {
+                if let AddressAttribute::Address(IpAddr::V4(a))
+                | AddressAttribute::Local(IpAddr::V4(a)) = attr
+                    && !out.contains(&a)
+                {
+                    out.push(a);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Attaches a TAP (made by the VMM; waited for up to 5 s) to the bridge as an
     /// isolated port and brings it up.
     pub async fn attach(&self, tap: &str) -> Result<(), NetError> {

@@ -4,11 +4,14 @@
 
 mod config;
 pub mod dns;
+pub mod egress;
 mod host;
 mod nft;
 
 pub use config::{DEFAULT_BLOCKED, NetConfig, mac_for, tap_name};
+pub use egress::AllowBatcher;
 pub use host::Links;
+pub use ipnet::Ipv4Net;
 pub use nft::Firewall;
 
 /// What went wrong setting up the network.

@@ -190,15 +190,25 @@ impl Firewall {
         ip: Ipv4Addr,
         dests: &[(Ipv4Addr, Duration)],
     ) -> Result<(), NetError> {
-        if dests.is_empty() {
+        let entries: Vec<_> = dests.iter().map(|(d, ttl)| (ip, *d, *ttl)).collect();
+        self.allow_many(&entries).await
+    }
+
+    /// Lets each guest open connections to its destination for (at least) the given
+    /// time, all in one `nft` run (see [`crate::egress::AllowBatcher`]).
+    pub async fn allow_many(
+        &self,
+        entries: &[(Ipv4Addr, Ipv4Addr, Duration)],
+    ) -> Result<(), NetError> {
+        if entries.is_empty() {
             return Ok(());
         }
-        let cmds = dests
+        let cmds = entries
             .iter()
-            .map(|(d, ttl)| {
-                // Resolvers and clients cache answers; keep the door open at least
-                // ten minutes so a cached address still connects.
-                let secs = ttl.as_secs().max(600);
+            .map(|(ip, d, ttl)| {
+                // Resolvers and clients cache answers; keep the door open long enough
+                // that a cached address still connects.
+                let secs = crate::egress::firewall_timeout(*ttl).as_secs();
                 json!({"add": self.element("inet", "allowed", json!({"elem": {"val": {"concat": [ip.to_string(), d.to_string()]}, "timeout": secs}}))})
             })
             .collect();

@@ -129,12 +129,17 @@ fn local(port: u16) -> SocketAddr {
 }
 
 async fn setup() -> Setup {
+    setup_with(|f| f).await
+}
+
+/// [`setup`] with the forwarder configured by `configure` before it starts.
+async fn setup_with(configure: impl FnOnce(DnsForwarder) -> DnsForwarder) -> Setup {
     let upstream = static_dns().await;
     let hooks = Arc::new(hooks());
     let forwarder = DnsForwarder::bind(local(0), vec![upstream.local_addr()], hooks.clone())
         .await
-        .unwrap()
-        .spawn();
+        .unwrap();
+    let forwarder = configure(forwarder).spawn();
     Setup {
         upstream,
         hooks,
@@ -623,4 +628,96 @@ async fn static_dns_answers_directly() {
     assert_eq!(r.response_code(), ResponseCode::NoError);
     assert!(r.answers().is_empty());
     assert_eq!(dns.queries(), 4);
+}
+
+#[tokio::test]
+async fn allow_listed_names_never_open_blocked_ranges() {
+    // github.com points into a blocked range, alias.test's chain half into one.
+    let blocked = vec![
+        "127.0.1.1/32".parse().unwrap(),
+        "127.0.1.5/32".parse().unwrap(),
+    ];
+    let s = setup_with(|f| f.with_blocked_answers(blocked)).await;
+    let r = udp(LISTED, s.addr(), &query("github.com", RecordType::A)).await;
+    assert_eq!(r.response_code(), ResponseCode::NoError);
+    assert!(addresses(&r).is_empty(), "{:?}", addresses(&r));
+    let r = tcp(LISTED, s.addr(), &query("alias.test", RecordType::A)).await;
+    assert_eq!(addresses(&r), vec![CDN_1]);
+    assert_eq!(s.hooks.allowed(), vec![(LISTED, vec![(CDN_1, ttl())])]);
+    // Allow-all guests are not filtered: the firewall's blocked set covers them.
+    let r = udp(OPEN, s.addr(), &query("github.com", RecordType::A)).await;
+    assert_eq!(addresses(&r), vec![GITHUB]);
+}
+
+#[tokio::test]
+async fn default_blocked_ranges_cover_metadata_private_and_the_host() {
+    let mut cfg = atelier_net::NetConfig::new();
+    let host = Ipv4Addr::new(203, 0, 113, 7);
+    let ranges = cfg.blocked_answers(&[host]);
+    for a in [
+        Ipv4Addr::new(169, 254, 169, 254),
+        Ipv4Addr::new(10, 1, 2, 3),
+        Ipv4Addr::new(192, 168, 1, 1),
+        Ipv4Addr::new(172, 16, 0, 1),
+        Ipv4Addr::LOCALHOST,
+        cfg.gateway(),
+        host,
+    ] {
+        assert!(ranges.iter().any(|r| r.contains(&a)), "{a} not blocked");
+    }
+    assert!(
+        !ranges
+            .iter()
+            .any(|r| r.contains(&Ipv4Addr::new(1, 1, 1, 1)))
+    );
+    cfg.allow_blocked_answers = true;
+    assert!(cfg.blocked_answers(&[host]).is_empty());
+}
+
+#[tokio::test]
+async fn a_looping_guest_is_held_to_its_quota_and_others_still_resolve() {
+    // Burst of 5, then 1 query a second; 2 in flight.
+    let s = setup_with(|f| f.with_guest_quota(2, 5, 1)).await;
+    let socket = UdpSocket::bind((OPEN, 0)).await.unwrap();
+    let mut sent = Vec::new();
+    for _ in 0..40 {
+        let q = query("github.com", RecordType::A);
+        socket
+            .send_to(&q.to_vec().unwrap(), s.addr())
+            .await
+            .unwrap();
+        sent.push(q.id());
+    }
+    let mut answered = 0;
+    let mut buf = vec![0u8; 4096];
+    while let Ok(Ok((len, _))) = tokio::time::timeout(SHORT, socket.recv_from(&mut buf)).await {
+        let m = Message::from_vec(&buf[..len]).unwrap();
+        assert!(sent.contains(&m.id()));
+        answered += 1;
+    }
+    assert!(
+        (1..=7).contains(&answered),
+        "{answered} of 40 looped queries answered"
+    );
+    // Another guest has its own quota.
+    let r = udp(LISTED, s.addr(), &query("github.com", RecordType::A)).await;
+    assert_eq!(addresses(&r), vec![GITHUB]);
+    // TCP counts against the same quota: the looping guest's connection is closed.
+    let mut stream = tcp_connect(OPEN, s.addr()).await;
+    for _ in 0..10 {
+        tcp_send(&mut stream, &query("github.com", RecordType::A)).await;
+    }
+    let mut n = 0;
+    loop {
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_u16()).await;
+        match read.expect("the connection is answered or closed in time") {
+            Ok(len) => {
+                let mut b = vec![0u8; usize::from(len)];
+                stream.read_exact(&mut b).await.unwrap();
+                n += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    assert!(n < 10, "all {n} pipelined TCP queries answered over quota");
 }

@@ -12,6 +12,7 @@ pub mod dev;
 mod error;
 pub mod events;
 mod fault;
+pub mod guest_limits;
 pub mod guest_stream;
 pub mod journal;
 pub mod manager;

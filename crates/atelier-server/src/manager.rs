@@ -99,6 +99,7 @@ impl Manager {
 
     /// Starts the periodic reconcile and agent health loops.
     pub fn spawn_background(self: &Arc<Self>) {
+        crate::guest_limits::spawn_console_rotation(self);
         // Decide the accelerator now (cached after the first probe) so `status`
         // shows it before the first sandbox; without an image it waits for one.
         let me = Arc::clone(self);

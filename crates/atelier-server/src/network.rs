@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use atelier_core::{EgressPolicy, SandboxId};
 use atelier_net::dns::{DnsForwarder, DnsForwarderHandle, EgressHooks};
-use atelier_net::{Firewall, Links, NetConfig, NetError};
+use atelier_net::{AllowBatcher, Firewall, Links, NetConfig, NetError};
 use futures::future::BoxFuture;
 
 use crate::Error;
@@ -29,7 +29,8 @@ struct Policies(StdMutex<HashMap<Ipv4Addr, EgressPolicy>>);
 
 struct Hooks {
     policies: Arc<Policies>,
-    fw: Firewall,
+    /// Cached, batched firewall updates (no `nft` run per DNS answer).
+    allow: Arc<AllowBatcher>,
 }
 
 impl EgressHooks for Hooks {
@@ -43,8 +44,8 @@ impl EgressHooks for Hooks {
         client: Ipv4Addr,
         addrs: Vec<(Ipv4Addr, Duration)>,
     ) -> BoxFuture<'static, Result<(), String>> {
-        let fw = self.fw.clone();
-        Box::pin(async move { fw.allow(client, &addrs).await.map_err(|e| e.to_string()) })
+        let allow = Arc::clone(&self.allow);
+        Box::pin(async move { allow.allow(client, &addrs).await })
     }
 }
 
@@ -56,6 +57,7 @@ pub(crate) struct Network {
     policies: Arc<Policies>,
     /// Addresses of sandboxes that are online (their TAP is on the bridge).
     online: StdMutex<HashMap<SandboxId, Ipv4Addr>>,
+    allow: Arc<AllowBatcher>,
     _dns: Option<DnsForwarderHandle>,
 }
 
@@ -78,10 +80,12 @@ impl Network {
         let fw = Firewall::new(cfg);
         fw.install().await?;
         let policies = Arc::new(Policies::default());
+        let allow = Arc::new(AllowBatcher::spawn(Arc::new(fw.clone())));
         let hooks = Arc::new(Hooks {
             policies: Arc::clone(&policies),
-            fw: fw.clone(),
+            allow: Arc::clone(&allow),
         });
+        let blocked_answers = blocked_answers(cfg, &links).await;
         let listen = SocketAddr::from((cfg.gateway(), 53));
         let dns = if cfg.dns_upstreams.is_empty() {
             tracing::warn!(
@@ -95,7 +99,8 @@ impl Network {
                     Error::unavailable(format!(
                         "cannot serve DNS for guests on {listen}: {e} (is another DNS server bound to all addresses?)"
                     ))
-                })?;
+                })?
+                .with_blocked_answers(blocked_answers);
             Some(fwd.spawn())
         };
         tracing::info!(bridge = %cfg.bridge, subnet = %cfg.subnet, dns = %listen, "network ready");
@@ -105,6 +110,7 @@ impl Network {
             fw,
             policies,
             online: StdMutex::new(HashMap::new()),
+            allow,
             _dns: dns,
         })
     }
@@ -133,6 +139,7 @@ impl Network {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&ip);
+        self.allow.forget(ip);
         self.fw.forget(ip).await?;
         Ok(())
     }
@@ -172,4 +179,19 @@ impl Network {
             hostname: None,
         }
     }
+}
+
+/// Ranges DNS answers for allow-list guests must not open (see
+/// [`NetConfig::blocked_answers`]), with this host's addresses.
+async fn blocked_answers(cfg: &NetConfig, links: &Links) -> Vec<atelier_net::Ipv4Net> {
+    if cfg.allow_blocked_answers {
+        tracing::warn!(
+            "allow-listed names may resolve to blocked ranges (--egress-allow-private-answers)"
+        );
+    }
+    let own = links.host_addresses().await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot list the host's addresses for DNS filtering");
+        Vec::new()
+    });
+    cfg.blocked_answers(&own)
 }

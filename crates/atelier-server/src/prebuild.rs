@@ -12,7 +12,6 @@
 //! prebuild: they are injected at spawn.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +38,9 @@ fn new_id() -> String {
     format!("pb-{s}")
 }
 
+/// Most stdout of one build step kept for the caller (its tail).
+const RUN_OUTPUT_MAX: usize = 1 << 20;
+
 /// Longest build-log line published as one event; longer lines are cut.
 const MAX_EVENT_LINE: usize = 4096;
 
@@ -50,17 +52,24 @@ struct Log {
     prebuild: String,
     /// The unfinished last line (at most MAX_EVENT_LINE bytes kept).
     partial: Vec<u8>,
+    /// Bytes written to the file; beyond [`crate::guest_limits::BUILD_LOG_MAX`] the
+    /// file gets a marker and no more (the failure message carries the tail).
+    written: u64,
 }
 
 impl Log {
     fn line(&mut self, text: &str) {
-        let _ = writeln!(self.file, "{text}");
+        self.write_capped(format!("{text}\n").as_bytes());
         self.bytes_to_events(text.as_bytes());
         self.bytes_to_events(b"\n");
     }
     fn bytes(&mut self, b: &[u8]) {
-        let _ = self.file.write_all(b);
+        self.write_capped(b);
         self.bytes_to_events(b);
+    }
+    fn write_capped(&mut self, b: &[u8]) {
+        let w = crate::guest_limits::capped_write(&mut self.file, self.written, b);
+        self.written += w;
     }
     fn bytes_to_events(&mut self, mut b: &[u8]) {
         while let Some(nl) = b.iter().position(|&c| c == b'\n') {
@@ -124,7 +133,7 @@ async fn run_logged(
         match ev.map_err(Manager::agent_error)? {
             ExecEvent::Stdout(b) => {
                 log.bytes(&b);
-                out.extend_from_slice(&b);
+                crate::guest_limits::append_tail(&mut out, &b, RUN_OUTPUT_MAX);
                 tail.extend_from_slice(&b);
             }
             ExecEvent::Stderr(b) => {
@@ -297,6 +306,7 @@ impl Manager {
             bus: Arc::clone(self.events()),
             prebuild: id.to_owned(),
             partial: Vec::new(),
+            written: 0,
         };
         let image = self.image(&spec.image)?;
         let accel = self.accel(&image).await.accel;

@@ -6,6 +6,7 @@
 //! This crate starts and stops VMM processes and nothing else: it does not know
 //! about sandboxes, the store or the agent protocol.
 
+pub mod console;
 pub mod probe;
 pub mod process;
 pub mod qemu;

@@ -71,11 +71,16 @@ pub struct ServeArgs {
     /// host's /etc/resolv.conf).
     #[arg(long, env = "ATELIER_DNS_UPSTREAM", value_delimiter = ',')]
     pub dns_upstream: Vec<String>,
-    /// Destination ranges guests may not connect to unless an allow-list names
-    /// them (comma-separated CIDRs; default: private, loopback, link-local, CGNAT,
+    /// Destination ranges guests may not connect to, even through an allow-listed
+    /// name (comma-separated CIDRs; default: private, loopback, link-local, CGNAT,
     /// multicast).
     #[arg(long, env = "ATELIER_BLOCKED", value_delimiter = ',')]
     pub blocked: Vec<ipnet::Ipv4Net>,
+    /// Let allow-listed names resolve to blocked ranges and the host's own addresses
+    /// (e.g. an internal registry); off by default, so an allow-listed name pointing
+    /// at 169.254.169.254 or a private address stays blocked.
+    #[arg(long, env = "ATELIER_EGRESS_ALLOW_PRIVATE_ANSWERS")]
+    pub egress_allow_private_answers: bool,
     /// Wildcard domain of sandbox URLs: `sandbox-{id}.DOMAIN`, `dev-{name}-{id}.DOMAIN`.
     #[arg(long, env = "ATELIER_DOMAIN", default_value = "localhost")]
     pub domain: String,
@@ -191,6 +196,7 @@ pub async fn run(g: &Global, args: ServeArgs) -> anyhow::Result<u8> {
         if !args.blocked.is_empty() {
             n.blocked = args.blocked.clone();
         }
+        n.allow_blocked_answers = args.egress_allow_private_answers;
         Some(n)
     };
     cfg.urls = match args.https_listen {

@@ -54,6 +54,11 @@ fn egress_policies_nat_deny_and_allow_list() {
                 ("allowed.test".into(), a),
                 ("other.test".into(), b),
                 ("api.pkg.test".into(), b),
+                // A listed name pointing at the cloud metadata address.
+                (
+                    "meta.pkg.test".into(),
+                    std::net::Ipv4Addr::new(169, 254, 169, 254),
+                ),
             ],
             vec![("cdn.pkg.test".into(), "other.test".into())],
         ))
@@ -112,6 +117,14 @@ fn egress_policies_nat_deny_and_allow_list() {
         Some(pubnet.ip_b.as_str())
     );
     assert!(fetch(&srv, "listed", "api.pkg.test", 8080, "/hello.txt").contains("public-ok"));
+    // A listed name whose answer lies in a blocked range stays blocked: the address
+    // is removed from the answer and never reaches the firewall's allowed set.
+    assert_eq!(resolves(&srv, "listed", "meta.pkg.test"), None);
+    let elements = srv.net.elements();
+    assert!(
+        !elements.iter().any(|e| e.contains("169.254.169.254")),
+        "{elements:?}"
+    );
 
     // Everything is reclaimed with the sandboxes.
     for n in ["open", "closed", "listed"] {

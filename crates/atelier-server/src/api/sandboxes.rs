@@ -621,18 +621,15 @@ pub async fn logs(
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<LogsQuery>,
 ) -> ApiResult<Response> {
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
     let rec = st.mgr.get(&id).await?;
     let path = st.mgr.sandbox_dir(&rec.id).join("console.log");
     let tail = q.tail_bytes.unwrap_or(1 << 20).min(64 << 20);
-    let mut buf = Vec::new();
-    if let Ok(mut f) = tokio::fs::File::open(&path).await {
-        let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
-        let _ = f
-            .seek(std::io::SeekFrom::Start(len.saturating_sub(tail)))
-            .await;
-        let _ = f.take(tail).read_to_end(&mut buf).await;
-    }
+    // The log is capped and rotated; its tail may reach into the rotated part.
+    let buf = tokio::task::spawn_blocking(move || atelier_vmm::console::read_tail(&path, tail))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], buf).into_response())
 }
 

@@ -214,6 +214,11 @@ impl VmRegistry {
         }
     }
 
+    /// Ids of the sandboxes with a running VM.
+    pub(crate) fn ids(&self) -> Vec<SandboxId> {
+        lock(&self.running).keys().cloned().collect()
+    }
+
     /// Whether a running sandbox was restored from a memory snapshot.
     pub(crate) fn restored(&self, id: &SandboxId) -> Option<bool> {
         self.get(id).map(|vm| vm.restored)
