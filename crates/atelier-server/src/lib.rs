@@ -12,11 +12,13 @@ mod error;
 pub mod events;
 pub mod guest_stream;
 mod halt;
+mod host_files;
 pub mod manager;
 mod network;
 pub mod prebuild;
 mod reconcile;
 pub mod secrets;
+pub mod shares;
 mod templates;
 mod workspaces;
 

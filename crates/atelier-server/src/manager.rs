@@ -15,8 +15,7 @@ use atelier_storage::{BackendChoice, Pool};
 use atelier_store::{ResourceRecord, SandboxRecord, Store, now_ms};
 use atelier_vmm::qemu::Qemu;
 use atelier_vmm::{
-    Accel, AccelChoice, Hypervisor, MemoryBacking, Nic, ProbeOutcome, RunPaths, Share, VmConfig,
-    VmProcess,
+    Accel, AccelChoice, Hypervisor, MemoryBacking, Nic, ProbeOutcome, RunPaths, VmConfig, VmProcess,
 };
 use tokio::sync::{Mutex, OnceCell, OwnedMutexGuard};
 
@@ -61,6 +60,9 @@ pub struct ManagerConfig {
     pub agent_timeout: Duration,
     /// Default deadline of a QMP command to a VMM.
     pub qmp_timeout: Duration,
+    /// Host folders (and everything under them) sandboxes may share
+    /// (`--share-root`); default [`crate::shares::DEFAULT_SHARE_ROOTS`].
+    pub share_roots: Vec<PathBuf>,
 }
 
 /// The public side of the proxy: `{scheme}://sandbox-{id}.{domain}{:port}/`.
@@ -104,6 +106,10 @@ impl ManagerConfig {
                 scheme: "http".into(),
                 port: Some(7777),
             },
+            share_roots: crate::shares::DEFAULT_SHARE_ROOTS
+                .iter()
+                .map(PathBuf::from)
+                .collect(),
         }
     }
 
@@ -183,6 +189,7 @@ impl Manager {
     /// Opens the data directory (database, pool), reconciles the journal with the
     /// host, and returns the manager. Call [`Manager::spawn_background`] after.
     pub async fn open(cfg: ManagerConfig) -> Result<Arc<Manager>, Error> {
+        crate::host_files::secure_data_dir(&cfg.data_dir)?;
         for d in [cfg.data_dir.clone(), cfg.images_dir(), cfg.sandboxes_dir()] {
             std::fs::create_dir_all(&d)
                 .map_err(|e| Error::internal(format!("cannot create {}: {e}", d.display())))?;
@@ -197,6 +204,7 @@ impl Manager {
         let pool = tokio::task::spawn_blocking(move || Pool::open(&dd, storage))
             .await
             .map_err(|e| Error::internal(e.to_string()))??;
+        crate::host_files::narrow(&cfg.data_dir.join("pool"));
         let qemu = Qemu::new(cfg.qemu_binary.clone()).with_qmp_timeout(cfg.qmp_timeout);
         let qemu_version = qemu
             .version()
@@ -426,6 +434,7 @@ impl Manager {
             }
             None => None,
         };
+        crate::shares::check_spec(&self.cfg, &mut spec)?;
         spec.validate()?;
         let image = self.image(&spec.image)?;
         let now = now_ms();
@@ -738,21 +747,7 @@ impl Manager {
             rec.vcpus,
             accel,
         );
-        cfg.shares = rec
-            .mounts
-            .iter()
-            .enumerate()
-            .map(|(i, m)| Share {
-                tag: format!("atl{i}"),
-                path: PathBuf::from(&m.source),
-                read_only: m.read_only,
-            })
-            .collect();
-        // Dropping to our own user is no drop (and QEMU refuses it).
-        cfg.run_as = rec
-            .mount_owner
-            .filter(|o| o.uid != rustix::process::geteuid().as_raw())
-            .map(|o| (o.uid, o.gid));
+        (cfg.shares, cfg.run_as) = crate::shares::vm_shares(&self.cfg, rec)?;
         if let Some(net) = &self.net {
             let (first, last) = net.cfg.guest_range();
             let ip = self.store.lease_ip(&rec.id, first, last, RES_IP).await?;
@@ -1211,6 +1206,7 @@ impl Manager {
             return Ok(rec);
         }
         let vm = self.running_vm(&rec, "paused")?;
+        crate::shares::refuse_migration(&rec, "paused")?;
         self.store
             .begin(&rec.id, atelier_core::SandboxOp::Pause, "pause")
             .await?;
@@ -1294,6 +1290,7 @@ impl Manager {
         atelier_core::validate_name(name)?;
         let (_src_guard, src) = self.locked(id_or_name).await?;
         let vm = self.running_vm(&src, "forked")?;
+        crate::shares::refuse_migration(&src, "forked")?;
         let image = self.image(&src.image)?;
         let now = now_ms();
         let rec = SandboxRecord {
