@@ -623,4 +623,80 @@ mod tests {
         let (r, ()) = tokio::join!(qmp.execute("cont", None), server);
         r.unwrap();
     }
+
+    async fn send_all(s: &UnixStream, mut b: &[u8]) {
+        while !b.is_empty() {
+            s.writable().await.unwrap();
+            match s.try_write(b) {
+                Ok(n) => b = &b[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    /// Reads one line from `s`, taking any descriptors sent with it.
+    async fn recv_line(s: &UnixStream) -> (Value, Vec<OwnedFd>) {
+        use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
+        let mut line = Vec::new();
+        let mut fds = Vec::new();
+        while !line.ends_with(b"\n") {
+            s.readable().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let got = s.try_io(Interest::READABLE, || {
+                let mut space =
+                    [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+                let mut anc = RecvAncillaryBuffer::new(&mut space);
+                let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+                let r = recvmsg(s, &mut iov, &mut anc, RecvFlags::empty())
+                    .map_err(std::io::Error::from)?;
+                for msg in anc.drain() {
+                    if let RecvAncillaryMessage::ScmRights(rights) = msg {
+                        fds.extend(rights);
+                    }
+                }
+                Ok(r.bytes)
+            });
+            match got {
+                Ok(n) => line.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        (serde_json::from_slice(&line).unwrap(), fds)
+    }
+
+    #[tokio::test]
+    async fn pass_fd_hands_the_file_over_with_the_getfd_command() {
+        use std::os::unix::fs::MetadataExt;
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state");
+        let file = std::fs::File::create(&path).unwrap();
+        let server = async {
+            let greet = b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n";
+            send_all(&theirs, greet).await;
+            let (caps, none) = recv_line(&theirs).await;
+            assert!(none.is_empty());
+            let reply = format!("{{\"return\": {{}}, \"id\": {}}}\n", caps["id"]);
+            send_all(&theirs, reply.as_bytes()).await;
+            let (cmd, fds) = recv_line(&theirs).await;
+            assert_eq!(cmd["execute"], "getfd");
+            assert_eq!(cmd["arguments"]["fdname"], "st");
+            assert_eq!(fds.len(), 1, "one descriptor with the command");
+            let got = std::fs::File::from(fds.into_iter().next().unwrap());
+            let want = std::fs::metadata(&path).unwrap();
+            assert_eq!(got.metadata().unwrap().ino(), want.ino());
+            let reply = format!("{{\"return\": {{}}, \"id\": {}}}\n", cmd["id"]);
+            send_all(&theirs, reply.as_bytes()).await;
+        };
+        let client = async {
+            let qmp = Qmp::over(ours, Path::new("/run/x/qmp.sock"), Duration::from_secs(10))
+                .await
+                .unwrap();
+            qmp.pass_fd("st", file.into()).await
+        };
+        let (r, ()) = tokio::join!(client, server);
+        r.unwrap();
+    }
 }
