@@ -218,9 +218,14 @@ fn check_options(cfg: &VmConfig) -> Result<(), VmmError> {
             )));
         }
     }
-    if cfg.run_as.is_some_and(|(uid, _)| uid == 0) && !cfg.shares.is_empty() {
+    // A guest reaches the host through a share: its VMM must not be root.
+    let root = match cfg.run_as {
+        Some((uid, _)) => uid == 0,
+        None => rustix::process::geteuid().is_root(),
+    };
+    if root && !cfg.shares.is_empty() {
         return Err(VmmError::Invalid(
-            "the vmm of a vm with shared folders must not run as root (uid 0)".into(),
+            "the vmm of a vm with shared folders must not run as root (uid 0); run it as the folders' owner".into(),
         ));
     }
     Ok(())
@@ -462,5 +467,61 @@ async fn save(vm: &VmProcess, state: &Path, ignore: bool) -> Result<(), VmmError
             ));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::Share;
+
+    fn cfg_with_share(path: &str, run_as: Option<(u32, u32)>) -> VmConfig {
+        VmConfig {
+            name: "sb-1".into(),
+            run_dir: PathBuf::from("/run/atl/sb-1"),
+            kernel: PathBuf::from("/k"),
+            initrd: PathBuf::from("/i"),
+            cmdline: String::new(),
+            disk: PathBuf::from("/d.img"),
+            disk_format: "raw".into(),
+            vcpus: 1,
+            memory_mib: 512,
+            accel: Accel::Tcg,
+            memory: MemoryBacking::Anonymous,
+            incoming: None,
+            shares: vec![Share {
+                tag: "atl0".into(),
+                path: PathBuf::from(path),
+                read_only: false,
+            }],
+            run_as,
+            nic: None,
+        }
+    }
+
+    #[test]
+    fn shares_use_the_mapped_model_and_an_unprivileged_vmm() {
+        let cfg = cfg_with_share("/home/u/p", Some((1000, 1000)));
+        let a = Qemu::args(&cfg);
+        assert!(
+            a.iter()
+                .any(|x| x == "local,id=fs0,path=/home/u/p,security_model=mapped-xattr"),
+            "{a:?}"
+        );
+        assert!(
+            a.windows(2)
+                .any(|w| w[0] == "-run-with" && w[1] == "user=1000:1000")
+        );
+        check_options(&cfg).unwrap();
+
+        let e = check_options(&cfg_with_share("/home/u/a,b", Some((1000, 1000)))).unwrap_err();
+        assert!(e.to_string().contains("','"), "{e}");
+        let e = check_options(&cfg_with_share("/home/u/p", Some((0, 0)))).unwrap_err();
+        assert!(e.to_string().contains("must not run as root"), "{e}");
+        if rustix::process::geteuid().is_root() {
+            assert!(check_options(&cfg_with_share("/home/u/p", None)).is_err());
+        }
     }
 }
