@@ -125,7 +125,8 @@ pub struct ServeArgs {
     #[arg(
         long = "share-root",
         env = "ATELIER_SHARE_ROOTS",
-        value_delimiter = ','
+        value_delimiter = ',',
+        value_name = "DIR"
     )]
     pub share_roots: Vec<PathBuf>,
 }
