@@ -31,6 +31,9 @@ pub struct ManagerConfig {
     pub agent_timeout: Duration,
     /// Default deadline of a QMP command to a VMM.
     pub qmp_timeout: Duration,
+    /// Host folders (and everything under them) sandboxes may share
+    /// (`--share-root`); default [`crate::shares::DEFAULT_SHARE_ROOTS`].
+    pub share_roots: Vec<PathBuf>,
 }
 
 /// The public side of the proxy: `{scheme}://sandbox-{id}.{domain}{:port}/`.
@@ -74,6 +77,10 @@ impl ManagerConfig {
                 scheme: "http".into(),
                 port: Some(7777),
             },
+            share_roots: crate::shares::DEFAULT_SHARE_ROOTS
+                .iter()
+                .map(PathBuf::from)
+                .collect(),
         }
     }
 

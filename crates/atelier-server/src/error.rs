@@ -143,6 +143,7 @@ impl From<atelier_vmm::VmmError> for Error {
             atelier_vmm::VmmError::Timeout(..) | atelier_vmm::VmmError::QmpClosed { .. } => {
                 Error::unavailable(e.to_string()).with_source(e)
             }
+            atelier_vmm::VmmError::Invalid(m) => Error::invalid(m.clone()).with_source(e),
             _ => Error::internal(e.to_string()).with_source(e),
         }
     }

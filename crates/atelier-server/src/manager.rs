@@ -59,6 +59,7 @@ impl Manager {
     /// Opens the data directory (database, pool), reconciles the journal with the
     /// host, and returns the manager. Call [`Manager::spawn_background`] after.
     pub async fn open(cfg: ManagerConfig) -> Result<Arc<Manager>, Error> {
+        crate::host_files::secure_data_dir(&cfg.data_dir)?;
         for d in [cfg.data_dir.clone(), cfg.images_dir(), cfg.sandboxes_dir()] {
             std::fs::create_dir_all(&d)
                 .map_err(|e| Error::internal(format!("cannot create {}: {e}", d.display())))?;
@@ -73,6 +74,7 @@ impl Manager {
         let pool = tokio::task::spawn_blocking(move || Pool::open(&dd, storage))
             .await
             .map_err(|e| Error::internal(e.to_string()))??;
+        crate::host_files::narrow(&cfg.data_dir.join("pool"));
         let vms = VmRegistry::new(&cfg).await;
         let net = match &cfg.network {
             Some(n) => Some(Arc::new(crate::network::Network::open(n).await?)),

@@ -248,6 +248,9 @@ impl Server {
             // Never a resolver off this machine; tests that resolve names run their own.
             .env("ATELIER_DNS_UPSTREAM", "127.0.0.1:9")
             .env("ATELIER_SUBNET", &self.net.subnet)
+            // Tests share folders they make under /var/tmp (owned by an unprivileged
+            // user: the VMM runs as the folder's owner, never as root).
+            .env("ATELIER_SHARE_ROOTS", "/var/tmp")
             .env_remove("ATELIER_TOKEN")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -387,6 +390,45 @@ impl Server {
             .lines()
             .map(str::to_owned)
             .collect()
+    }
+
+    /// Asserts that no other uid can read anything the manager keeps: the data dir
+    /// is 0700 and no file, directory or socket under it has group or other
+    /// permission bits (symlinks, whose bits mean nothing, are skipped).
+    pub fn assert_data_dir_private(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        let root = self.data_dir.path();
+        let mode = std::fs::metadata(root).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o700, "data dir {} is {mode:o}", root.display());
+        let mut open = Vec::new();
+        let mut stack = vec![root.to_owned()];
+        let mut seen = 0;
+        while let Some(p) = stack.pop() {
+            let Ok(meta) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
+            if meta.file_type().is_symlink() {
+                continue;
+            }
+            seen += 1;
+            let mode = meta.permissions().mode();
+            if mode & 0o077 != 0 {
+                open.push(format!("{} {:o}", p.display(), mode & 0o7777));
+            }
+            if meta.is_dir() {
+                stack.extend(std::fs::read_dir(&p).unwrap().flatten().map(|e| e.path()));
+            }
+        }
+        assert!(
+            seen > 5,
+            "walked only {seen} entries under {}",
+            root.display()
+        );
+        assert!(
+            open.is_empty(),
+            "readable by other uids under the data dir:\n{}",
+            open.join("\n")
+        );
     }
 
     /// Asserts nothing is left on the host for sandboxes that no longer exist:

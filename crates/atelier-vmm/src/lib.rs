@@ -77,6 +77,9 @@ pub enum VmmError {
     /// and the VM's run directory).
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, String),
+    /// The VM configuration asks for something unsafe or unrepresentable.
+    #[error("invalid vm configuration: {0}")]
+    Invalid(String),
 }
 
 /// Everything needed to boot one VM.

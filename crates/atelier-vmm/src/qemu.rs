@@ -3,6 +3,7 @@
 //! agent's virtio-serial port on unix sockets inside the run directory.
 
 use std::fs;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -178,10 +179,15 @@ impl Qemu {
             ]);
         }
         for (i, sh) in cfg.shares.iter().enumerate() {
-            // security_model=none: files are created as the VMM's user and guest chown
-            // requests are ignored; symlinks are stored as links and resolved inside the
-            // guest, never on the host.
-            let mut fsdev = format!("local,id=fs{i},path={},security_model=none", s(&sh.path));
+            // security_model=mapped-xattr: the guest's owners, modes, device nodes and
+            // symlinks are stored in `user.virtfs.*` extended attributes and never
+            // applied on the host (a setuid bit or `mknod` in the guest leaves a plain
+            // 0600 file owned by the VMM's user). Symlinks the guest makes are files
+            // holding the target, resolved inside the guest only.
+            let mut fsdev = format!(
+                "local,id=fs{i},path={},security_model=mapped-xattr",
+                s(&sh.path)
+            );
             if sh.read_only {
                 fsdev.push_str(",readonly=on");
             }
@@ -201,6 +207,30 @@ impl Qemu {
     }
 }
 
+/// Refuses what QEMU would misread: a `,` in a path ends the option value (QEMU
+/// needs it doubled), so a share path with one could add options of its own.
+fn check_options(cfg: &VmConfig) -> Result<(), VmmError> {
+    for sh in &cfg.shares {
+        if sh.path.to_string_lossy().contains(',') {
+            return Err(VmmError::Invalid(format!(
+                "shared folder {} has a ',' in its path, which qemu's option parser treats as a separator; rename it",
+                sh.path.display()
+            )));
+        }
+    }
+    // A guest reaches the host through a share: its VMM must not be root.
+    let root = match cfg.run_as {
+        Some((uid, _)) => uid == 0,
+        None => rustix::process::geteuid().is_root(),
+    };
+    if root && !cfg.shares.is_empty() {
+        return Err(VmmError::Invalid(
+            "the vmm of a vm with shared folders must not run as root (uid 0); run it as the folders' owner".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn tail(path: &Path, max: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let start = text.len().saturating_sub(max);
@@ -218,6 +248,7 @@ impl Hypervisor for Qemu {
 
     async fn launch(&self, cfg: &VmConfig) -> Result<VmProcess, VmmError> {
         let paths = RunPaths::new(&cfg.run_dir);
+        check_options(cfg)?;
         for stale in [&paths.qmp, &paths.agent, &paths.pidfile] {
             let _ = fs::remove_file(stale);
         }
@@ -306,6 +337,9 @@ impl Hypervisor for Qemu {
     }
 }
 
+/// The name under which a state file's descriptor is passed to QEMU (`getfd`).
+const STATE_FD: &str = "atelier-state";
+
 /// How long a migration to or from a file may take.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -323,7 +357,16 @@ pub async fn restore_incoming(qmp: &Qmp, inc: &crate::Incoming) -> Result<(), Vm
         Some(ignore_shared(inc.ignore_shared)),
     )
     .await?;
-    let uri = format!("file:{}", state.display());
+    // The manager opens the file and hands QEMU the descriptor: a VMM that dropped
+    // its privileges (sandboxes with shared folders) cannot open paths in the
+    // manager's private data dir, and needs not.
+    let file = fs::File::open(state).map_err(|source| VmmError::Fs {
+        op: "open",
+        path: state.to_owned(),
+        source,
+    })?;
+    qmp.pass_fd(STATE_FD, file.into()).await?;
+    let uri = format!("fd:{STATE_FD}");
     // QEMU loads incoming state in its main loop: the monitor may not answer until
     // the whole file is read, so these get the migration's deadline.
     let mig = |cmd: &'static str, args| qmp.execute_timeout(cmd, args, MIGRATION_TIMEOUT);
@@ -381,7 +424,21 @@ async fn save(vm: &VmProcess, state: &Path, ignore: bool) -> Result<(), VmmError
     qmp.execute("migrate-set-capabilities", Some(ignore_shared(ignore)))
         .await?;
     qmp.execute("stop", None).await?;
-    let uri = format!("file:{}", state.display());
+    // Opened here (private to the manager: mode 0600) and passed as a descriptor,
+    // so a VMM running as an unprivileged user needs no access to the data dir.
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(state)
+        .map_err(|source| VmmError::Fs {
+            op: "create",
+            path: state.to_owned(),
+            source,
+        })?;
+    qmp.pass_fd(STATE_FD, file.into()).await?;
+    let uri = format!("fd:{STATE_FD}");
     qmp.execute("migrate", Some(serde_json::json!({ "uri": uri })))
         .await?;
     let start = Instant::now();
@@ -410,5 +467,61 @@ async fn save(vm: &VmProcess, state: &Path, ignore: bool) -> Result<(), VmmError
             ));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::Share;
+
+    fn cfg_with_share(path: &str, run_as: Option<(u32, u32)>) -> VmConfig {
+        VmConfig {
+            name: "sb-1".into(),
+            run_dir: PathBuf::from("/run/atl/sb-1"),
+            kernel: PathBuf::from("/k"),
+            initrd: PathBuf::from("/i"),
+            cmdline: String::new(),
+            disk: PathBuf::from("/d.img"),
+            disk_format: "raw".into(),
+            vcpus: 1,
+            memory_mib: 512,
+            accel: Accel::Tcg,
+            memory: MemoryBacking::Anonymous,
+            incoming: None,
+            shares: vec![Share {
+                tag: "atl0".into(),
+                path: PathBuf::from(path),
+                read_only: false,
+            }],
+            run_as,
+            nic: None,
+        }
+    }
+
+    #[test]
+    fn shares_use_the_mapped_model_and_an_unprivileged_vmm() {
+        let cfg = cfg_with_share("/home/u/p", Some((1000, 1000)));
+        let a = Qemu::args(&cfg);
+        assert!(
+            a.iter()
+                .any(|x| x == "local,id=fs0,path=/home/u/p,security_model=mapped-xattr"),
+            "{a:?}"
+        );
+        assert!(
+            a.windows(2)
+                .any(|w| w[0] == "-run-with" && w[1] == "user=1000:1000")
+        );
+        check_options(&cfg).unwrap();
+
+        let e = check_options(&cfg_with_share("/home/u/a,b", Some((1000, 1000)))).unwrap_err();
+        assert!(e.to_string().contains("','"), "{e}");
+        let e = check_options(&cfg_with_share("/home/u/p", Some((0, 0)))).unwrap_err();
+        assert!(e.to_string().contains("must not run as root"), "{e}");
+        if rustix::process::geteuid().is_root() {
+            assert!(check_options(&cfg_with_share("/home/u/p", None)).is_err());
+        }
     }
 }

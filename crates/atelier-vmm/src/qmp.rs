@@ -10,14 +10,16 @@
 //! given per call.
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::UnixStream;
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -28,6 +30,13 @@ const MAX_LINE: usize = 1 << 20;
 
 /// Default deadline of one QMP command (see [`Qmp::connect_with_timeout`]).
 pub const DEFAULT_QMP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One command line for the writer task, with a file descriptor to pass along
+/// (`SCM_RIGHTS`) for commands such as `getfd`.
+struct Outgoing {
+    line: Vec<u8>,
+    fd: Option<OwnedFd>,
+}
 
 /// Commands queued for the writer task.
 const WRITE_QUEUE: usize = 16;
@@ -130,7 +139,7 @@ pub struct Qmp {
     socket: PathBuf,
     run_dir: PathBuf,
     shared: Arc<Shared>,
-    write_tx: mpsc::Sender<Vec<u8>>,
+    write_tx: mpsc::Sender<Outgoing>,
     next_id: AtomicU64,
     timeout: Duration,
     tasks: [JoinHandle<()>; 2],
@@ -175,12 +184,9 @@ impl Qmp {
 
     /// Runs the protocol over `stream`; `socket` names it in errors (its parent is
     /// the run directory).
-    async fn over<S>(stream: S, socket: &Path, timeout: Duration) -> Result<Qmp, VmmError>
-    where
-        S: AsyncRead + AsyncWrite + Send + 'static,
-    {
+    async fn over(stream: UnixStream, socket: &Path, timeout: Duration) -> Result<Qmp, VmmError> {
         let run_dir = socket.parent().unwrap_or(socket).to_owned();
-        let (r, w) = tokio::io::split(stream);
+        let (r, w) = stream.into_split();
         let mut reader = BufReader::new(r);
         let greeting = tokio::time::timeout(timeout, read_message(&mut reader))
             .await
@@ -252,6 +258,31 @@ impl Qmp {
         arguments: Option<Value>,
         timeout: Duration,
     ) -> Result<Value, VmmError> {
+        self.send_command(command, arguments, None, timeout).await
+    }
+
+    /// Hands QEMU an open file as `fdname` (QMP `getfd`, the descriptor passed with
+    /// `SCM_RIGHTS`), for a later `fd:NAME` migration URI. QEMU then reads or writes
+    /// the file through the descriptor, so a VMM that dropped its privileges needs
+    /// no access to the file's path.
+    pub async fn pass_fd(&self, fdname: &str, fd: OwnedFd) -> Result<(), VmmError> {
+        self.send_command(
+            "getfd",
+            Some(json!({ "fdname": fdname })),
+            Some(fd),
+            self.timeout,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn send_command(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: Option<OwnedFd>,
+        timeout: Duration,
+    ) -> Result<Value, VmmError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut msg = json!({ "execute": command, "id": id });
         if let Some(a) = arguments {
@@ -273,7 +304,7 @@ impl Qmp {
             id,
         };
         let exchange = async {
-            if self.write_tx.send(line).await.is_err() {
+            if self.write_tx.send(Outgoing { line, fd }).await.is_err() {
                 return Err(Failure::Closed("the writer stopped".into()));
             }
             rx.await
@@ -331,15 +362,54 @@ async fn reader_task<R: AsyncBufRead + Unpin>(shared: Arc<Shared>, mut reader: R
     }
 }
 
-async fn writer_task<W: AsyncWrite + Unpin>(
+async fn writer_task(
     shared: Arc<Shared>,
-    mut writer: W,
-    mut rx: mpsc::Receiver<Vec<u8>>,
+    mut writer: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Outgoing>,
 ) {
-    while let Some(line) = rx.recv().await {
-        if let Err(e) = writer.write_all(&line).await {
+    while let Some(out) = rx.recv().await {
+        let mut sent = 0;
+        if let Some(fd) = &out.fd {
+            match send_with_fd(writer.as_ref(), &out.line, fd).await {
+                Ok(n) => sent = n,
+                Err(e) => {
+                    shared.close(format!("passing a file to qemu over the qmp socket: {e}"));
+                    return;
+                }
+            }
+        }
+        if let Err(e) = writer.write_all(&out.line[sent..]).await {
             shared.close(format!("writing to the qmp socket: {e}"));
             return;
+        }
+    }
+}
+
+/// Sends the first part of `line` with `fd` attached (`SCM_RIGHTS`); returns how
+/// many bytes went (the rest is written plainly: QEMU takes the descriptor with the
+/// first byte of the command).
+async fn send_with_fd(stream: &UnixStream, line: &[u8], fd: &OwnedFd) -> std::io::Result<usize> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
+    use std::os::fd::AsFd;
+    loop {
+        stream.writable().await?;
+        let r = stream.try_io(Interest::WRITABLE, || {
+            let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+            let mut ancillary = SendAncillaryBuffer::new(&mut space);
+            let fds = [fd.as_fd()];
+            ancillary.push(SendAncillaryMessage::ScmRights(&fds));
+            sendmsg(
+                stream,
+                &[std::io::IoSlice::new(line)],
+                &mut ancillary,
+                SendFlags::NOSIGNAL,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match r {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
         }
     }
 }
@@ -551,6 +621,82 @@ mod tests {
             fake.send(json!({"return": {}, "id": id})).await;
         };
         let (r, ()) = tokio::join!(qmp.execute("cont", None), server);
+        r.unwrap();
+    }
+
+    async fn send_all(s: &UnixStream, mut b: &[u8]) {
+        while !b.is_empty() {
+            s.writable().await.unwrap();
+            match s.try_write(b) {
+                Ok(n) => b = &b[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    /// Reads one line from `s`, taking any descriptors sent with it.
+    async fn recv_line(s: &UnixStream) -> (Value, Vec<OwnedFd>) {
+        use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
+        let mut line = Vec::new();
+        let mut fds = Vec::new();
+        while !line.ends_with(b"\n") {
+            s.readable().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let got = s.try_io(Interest::READABLE, || {
+                let mut space =
+                    [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+                let mut anc = RecvAncillaryBuffer::new(&mut space);
+                let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+                let r = recvmsg(s, &mut iov, &mut anc, RecvFlags::empty())
+                    .map_err(std::io::Error::from)?;
+                for msg in anc.drain() {
+                    if let RecvAncillaryMessage::ScmRights(rights) = msg {
+                        fds.extend(rights);
+                    }
+                }
+                Ok(r.bytes)
+            });
+            match got {
+                Ok(n) => line.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        (serde_json::from_slice(&line).unwrap(), fds)
+    }
+
+    #[tokio::test]
+    async fn pass_fd_hands_the_file_over_with_the_getfd_command() {
+        use std::os::unix::fs::MetadataExt;
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state");
+        let file = std::fs::File::create(&path).unwrap();
+        let server = async {
+            let greet = b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n";
+            send_all(&theirs, greet).await;
+            let (caps, none) = recv_line(&theirs).await;
+            assert!(none.is_empty());
+            let reply = format!("{{\"return\": {{}}, \"id\": {}}}\n", caps["id"]);
+            send_all(&theirs, reply.as_bytes()).await;
+            let (cmd, fds) = recv_line(&theirs).await;
+            assert_eq!(cmd["execute"], "getfd");
+            assert_eq!(cmd["arguments"]["fdname"], "st");
+            assert_eq!(fds.len(), 1, "one descriptor with the command");
+            let got = std::fs::File::from(fds.into_iter().next().unwrap());
+            let want = std::fs::metadata(&path).unwrap();
+            assert_eq!(got.metadata().unwrap().ino(), want.ino());
+            let reply = format!("{{\"return\": {{}}, \"id\": {}}}\n", cmd["id"]);
+            send_all(&theirs, reply.as_bytes()).await;
+        };
+        let client = async {
+            let qmp = Qmp::over(ours, Path::new("/run/x/qmp.sock"), Duration::from_secs(10))
+                .await
+                .unwrap();
+            qmp.pass_fd("st", file.into()).await
+        };
+        let (r, ()) = tokio::join!(client, server);
         r.unwrap();
     }
 }

@@ -38,7 +38,9 @@ pub enum SandboxCmd {
         /// Return at once instead of waiting for the agent.
         #[arg(long)]
         no_wait: bool,
-        /// Share a host folder: HOST:GUEST[:ro] (repeatable); files the guest writes belong to you.
+        /// Share a host folder: HOST:GUEST[:ro] (repeatable). It must be under the manager's
+        /// share roots (default /home) and owned by a regular user: the VM runs as that
+        /// user, so files the guest writes belong to the folder's owner.
         #[arg(long = "mount")]
         mounts: Vec<String>,
         /// Boot the kernel even when a memory snapshot could be restored.

@@ -136,6 +136,18 @@ pub struct ServeArgs {
     #[arg(long, env = "ATELIER_IDLE_TIMEOUT_SECS", default_value_t = 900,
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub idle_timeout_secs: u64,
+    /// A host folder under which sandboxes may share folders (`--mount`);
+    /// repeatable (the environment variable takes a comma-separated list). Default:
+    /// /home. Anything outside the roots (after resolving symlinks and `..`), the
+    /// data dir, and folders owned by root are refused: the VM of a sandbox with
+    /// shares runs as the folders' owner, never as root.
+    #[arg(
+        long = "share-root",
+        env = "ATELIER_SHARE_ROOTS",
+        value_delimiter = ',',
+        value_name = "DIR"
+    )]
+    pub share_roots: Vec<PathBuf>,
 }
 
 impl ServeArgs {
@@ -176,6 +188,9 @@ pub async fn run(g: &Global, args: ServeArgs) -> anyhow::Result<u8> {
     cfg.prebuild_check_interval = Duration::from_secs(args.prebuild_check_secs.max(1));
     cfg.agent_timeout = Duration::from_secs(args.agent_timeout_secs);
     cfg.qmp_timeout = Duration::from_secs(args.qmp_timeout_secs);
+    if !args.share_roots.is_empty() {
+        cfg.share_roots = args.share_roots.clone();
+    }
     cfg.network = if args.no_network {
         None
     } else {

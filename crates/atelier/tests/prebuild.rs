@@ -245,6 +245,10 @@ fn prebuild_spawn_identity_secrets_and_stale_rebuild() {
         );
         std::thread::sleep(Duration::from_secs(1));
     }
+    // Files on the host: after a prebuild with secrets, spawns and a pause, nothing
+    // under the data dir is readable by another uid.
+    srv.ok(&["sandbox", "pause", "s2"]);
+    srv.assert_data_dir_private();
     // A commit newer than the prebuild is pulled at spawn.
     repo.push("v3\n");
     srv.ok(&["sandbox", "create", "--name", "s3", "--workspace", "demo"]);

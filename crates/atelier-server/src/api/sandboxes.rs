@@ -166,7 +166,7 @@ pub struct CreateBody {
     /// Host folders to share into the guest (virtio-9p).
     #[serde(default)]
     pub mounts: Vec<atelier_core::MountSpec>,
-    /// Host user that owns files the guest writes into mounts (default: the manager's).
+    /// Host user the VM of a sandbox with mounts runs as: the shared folders' owner (absent or root means that owner; another user is refused; never root).
     #[serde(default)]
     pub mount_owner: Option<atelier_core::Owner>,
     /// Boot the kernel even when a memory snapshot of this image could be restored.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use atelier_agent_proto::{AgentClient, Hello};
 use atelier_core::{SandboxId, SandboxSpec, SandboxState};
 use atelier_store::{SandboxRecord, now_ms};
-use atelier_vmm::{Accel, MemoryBacking, Nic, Share, VmConfig};
+use atelier_vmm::{Accel, MemoryBacking, Nic, VmConfig};
 
 use super::snapshot::write_memory_backing;
 use crate::Error;
@@ -123,6 +123,7 @@ impl Manager {
             }
             None => None,
         };
+        crate::shares::check_spec(&self.cfg, &mut spec)?;
         spec.validate()?;
         let image = self.image(&spec.image)?;
         let now = now_ms();
@@ -435,21 +436,7 @@ impl Manager {
             rec.vcpus,
             accel,
         );
-        cfg.shares = rec
-            .mounts
-            .iter()
-            .enumerate()
-            .map(|(i, m)| Share {
-                tag: format!("atl{i}"),
-                path: PathBuf::from(&m.source),
-                read_only: m.read_only,
-            })
-            .collect();
-        // Dropping to our own user is no drop (and QEMU refuses it).
-        cfg.run_as = rec
-            .mount_owner
-            .filter(|o| o.uid != rustix::process::geteuid().as_raw())
-            .map(|o| (o.uid, o.gid));
+        (cfg.shares, cfg.run_as) = crate::shares::vm_shares(&self.cfg, rec)?;
         if let Some(net) = &self.net {
             let (first, last) = net.cfg.guest_range();
             let ip = self

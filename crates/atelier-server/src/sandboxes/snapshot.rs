@@ -76,6 +76,7 @@ impl Manager {
             return Ok(rec);
         }
         let vm = self.running_vm(&rec, "paused")?;
+        crate::shares::refuse_migration(&rec, "paused")?;
         self.store
             .begin(&rec.id, atelier_core::SandboxOp::Pause, "pause")
             .await?;
@@ -164,6 +165,7 @@ impl Manager {
         atelier_core::validate_name(name)?;
         let (_src_guard, src) = self.locked(id_or_name).await?;
         let vm = self.running_vm(&src, "forked")?;
+        crate::shares::refuse_migration(&src, "forked")?;
         let image = self.image(&src.image)?;
         let now = now_ms();
         let rec = SandboxRecord {
