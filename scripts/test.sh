@@ -19,5 +19,13 @@ echo "==> minimal test image"
 cargo build --locked -p atelier
 target/debug/atelier --images-dir "$ATELIER_TEST_IMAGES_DIR" image build minimal \
   --agent "$agent" --cache-dir "$ATELIER_TEST_CACHE"
+echo "==> API fuzzer (schemathesis, pinned, in a venv of the test cache)"
+venv=$ATELIER_TEST_CACHE/venv
+if ! "$venv/bin/st" --version 2>/dev/null | grep -q 4.32.5; then
+  rm -rf "$venv"
+  python3 -m venv "$venv" 2>/dev/null || { apt-get install -y -q python3-venv && python3 -m venv "$venv"; }
+  "$venv/bin/pip" install --quiet "schemathesis==4.32.5"
+fi
+export ATELIER_SCHEMATHESIS=$venv/bin/st
 echo "==> tests"
 cargo nextest run --locked --workspace --no-fail-fast "$@"

@@ -126,7 +126,19 @@ impl ErrorKind {
             std::io::ErrorKind::NotFound => Self::NotFound,
             std::io::ErrorKind::PermissionDenied => Self::PermissionDenied,
             std::io::ErrorKind::AlreadyExists => Self::AlreadyExists,
-            std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData => Self::Invalid,
+            // What the caller asked for cannot be: a bad or too long path, a file
+            // where a directory is needed (or the reverse), a read-only or full
+            // target. The caller's to fix, not the agent's.
+            std::io::ErrorKind::InvalidInput
+            | std::io::ErrorKind::InvalidData
+            | std::io::ErrorKind::InvalidFilename
+            | std::io::ErrorKind::NotADirectory
+            | std::io::ErrorKind::IsADirectory
+            | std::io::ErrorKind::DirectoryNotEmpty
+            | std::io::ErrorKind::ReadOnlyFilesystem
+            | std::io::ErrorKind::FileTooLarge
+            | std::io::ErrorKind::TooManyLinks
+            | std::io::ErrorKind::CrossesDevices => Self::Invalid,
             std::io::ErrorKind::Unsupported => Self::Unsupported,
             std::io::ErrorKind::ConnectionRefused => Self::ConnectionRefused,
             std::io::ErrorKind::TimedOut => Self::TimedOut,
@@ -1170,6 +1182,21 @@ mod tests {
             guest_seen[i] = true;
         }
         assert!(guest_seen.iter().all(|s| *s));
+    }
+
+    #[test]
+    fn io_errors_the_caller_caused_are_invalid() {
+        use std::io::ErrorKind as Io;
+        for k in [
+            Io::InvalidFilename,
+            Io::NotADirectory,
+            Io::IsADirectory,
+            Io::ReadOnlyFilesystem,
+        ] {
+            assert_eq!(ErrorKind::from_io(k), ErrorKind::Invalid, "{k:?}");
+        }
+        assert_eq!(ErrorKind::from_io(Io::NotFound), ErrorKind::NotFound);
+        assert_eq!(ErrorKind::from_io(Io::Other), ErrorKind::Io);
     }
 
     #[test]

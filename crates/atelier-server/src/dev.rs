@@ -27,6 +27,17 @@ pub(crate) struct Routes(std::sync::Mutex<DevRoutes>);
 /// Most environment variables one dev command started through the API may set.
 pub const MAX_DEV_ENV: usize = 256;
 
+/// A name no dev command can have is one that does not exist: not found, without
+/// asking the guest.
+pub fn no_such_name(name: &str) -> Result<(), Error> {
+    if atelier_agent_proto::valid_dev_name(name) {
+        return Ok(());
+    }
+    Err(Error::not_found(format!(
+        "no dev command named {name:?} (names are 1-30 of a-z, 0-9 and '-', starting with a letter)"
+    )))
+}
+
 /// Checks a spec before it is stored or sent.
 pub fn validate_spec(spec: &DevSpec) -> Result<(), Error> {
     if !atelier_agent_proto::valid_dev_name(&spec.name) {
@@ -87,6 +98,7 @@ impl Manager {
     /// Stops a dev command and forgets it (its logs stay readable).
     pub async fn dev_stop(&self, id_or_name: &str, name: &str) -> Result<DevStatus, Error> {
         let (rec, agent) = self.agent(id_or_name).await?;
+        no_such_name(name)?;
         let known = self.store.delete_dev_command(&rec.id, name).await?;
         match agent.dev_stop(name).await {
             Err(e) if !known => return Err(Manager::agent_error(e)),

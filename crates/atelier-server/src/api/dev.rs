@@ -179,6 +179,7 @@ pub async fn logs(
     ApiQuery(q): ApiQuery<LogsQuery>,
 ) -> ApiResult<Response> {
     let (_rec, agent) = st.mgr.agent(&id).await?;
+    crate::dev::no_such_name(&name)?;
     let mut stream = agent
         .dev_logs(&name, q.follow, q.tail.unwrap_or(64 * 1024))
         .await
