@@ -117,6 +117,17 @@ impl Firewall {
             "type nat hook postrouting priority srcnat; policy accept;",
             &[format!("ip saddr {net} oifname != \"{br}\" masquerade")],
         ));
+        // Other local users of the host reach guests only through the proxy: a
+        // connection the host opens onto the bridge must come from the manager's
+        // user. (Packets without a socket, e.g. the kernel's own, do not match.)
+        s.push_str(&chain(
+            "output",
+            "type filter hook output priority filter; policy accept;",
+            &[format!(
+                "oifname \"{br}\" meta skuid != {} {admin}",
+                manager_uid()
+            )],
+        ));
         // Layer 2: a port may only send IPv4/ARP from the address leased to it.
         // (`meta ibrname` would name the bridge, but kernels without
         // nft_meta_bridge refuse it; a set of our TAPs works everywhere.)
@@ -317,6 +328,15 @@ fn members<'a>(
 }
 
 /// The per-address sets (deny, listed) that hold `ip`.
+/// The user this manager runs as (the owner of `/proc/self`, i.e. the effective
+/// uid); root when it cannot be read.
+fn manager_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(0)
+}
+
 fn addr_sets_holding(sets: &HashMap<String, Vec<Value>>, ip: &str) -> Vec<&'static str> {
     ADDR_SETS
         .into_iter()
@@ -373,6 +393,17 @@ async fn nft(args: &[&str], stdin: Option<&[u8]>) -> Result<Vec<u8>, NetError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_managers_user_reaches_guests_from_the_host() {
+        let mut cfg = NetConfig::new();
+        cfg.bridge = "atlx".into();
+        let r = Firewall::new(&cfg).ruleset();
+        assert!(r.contains(&format!(
+            "add rule inet atelier_atlx output oifname \"atlx\" meta skuid != {} reject",
+            manager_uid()
+        )));
+    }
 
     #[test]
     fn ruleset_names_bridge_subnet_and_gateway() {

@@ -983,9 +983,14 @@ async fn fetch_bundle(
             .kill_on_drop(true)
             .stdin(std::process::Stdio::null());
         if with_auth {
-            c.env("GIT_CONFIG_COUNT", "1")
+            // The header goes to every request git makes, so git must not follow a
+            // redirect (to another host, or a downgrade) with it: a redirect fails
+            // the fetch instead.
+            c.env("GIT_CONFIG_COUNT", "2")
                 .env("GIT_CONFIG_KEY_0", "http.extraHeader")
-                .env("GIT_CONFIG_VALUE_0", &header);
+                .env("GIT_CONFIG_VALUE_0", &header)
+                .env("GIT_CONFIG_KEY_1", "http.followRedirects")
+                .env("GIT_CONFIG_VALUE_1", "false");
         }
         c
     };
@@ -1041,4 +1046,79 @@ async fn fetch_bundle(
         )));
     }
     Ok(bundle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A redirecting server on one port and a server recording what it is sent on
+    /// another, both on loopback.
+    const REDIRECT_AND_RECORD: &str = r#"
+import http.server, sys, threading
+redir, coll, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+class R(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *a): pass
+    def do_GET(self):
+        self.send_response(301)
+        self.send_header("Location", f"http://127.0.0.1:{coll}{self.path}")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+class C(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *a): pass
+    def do_GET(self):
+        with open(out, "a") as f:
+            f.write(f"{self.path} {self.headers.get('Authorization')}\n")
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+c = http.server.ThreadingHTTPServer(("127.0.0.1", coll), C)
+threading.Thread(target=c.serve_forever, daemon=True).start()
+http.server.ThreadingHTTPServer(("127.0.0.1", redir), R).serve_forever()
+"#;
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port")
+    }
+
+    #[tokio::test]
+    async fn credentials_are_not_sent_along_a_redirect() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let record = dir.path().join("seen.txt");
+        let (redir, coll) = (free_port(), free_port());
+        let mut servers = tokio::process::Command::new("python3")
+            .args(["-c", REDIRECT_AND_RECORD])
+            .arg(redir.to_string())
+            .arg(coll.to_string())
+            .arg(&record)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python3");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", redir))
+            .await
+            .is_err()
+            || tokio::net::TcpStream::connect(("127.0.0.1", coll))
+                .await
+                .is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "test servers did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let url = format!("http://127.0.0.1:{redir}/demo.git");
+        let fetched = fetch_bundle(&url, "main", b"bot:s3cret-token", dir.path()).await;
+        let _ = servers.kill().await;
+        assert!(fetched.is_err(), "a redirected fetch must fail");
+        let seen = std::fs::read_to_string(&record).unwrap_or_default();
+        assert!(
+            !seen.contains("Basic"),
+            "the credentials followed the redirect: {seen}"
+        );
+    }
 }

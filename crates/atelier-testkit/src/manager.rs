@@ -374,14 +374,15 @@ impl Server {
         list(&self.data_dir.path().join("sandboxes"))
     }
 
-    /// Rows in the resource journal, as `kind locator` lines (but those of a
-    /// prebuild that is still building).
+    /// Rows in the resource journal, as `kind locator` lines, but those of builds
+    /// in flight: a memory-snapshot template (built in the background after a cold
+    /// boot; its rows exist only while it builds) or a prebuild still building.
     pub fn journal(&self) -> Vec<String> {
-        // Rows of a prebuild that is still building belong to that build.
         let out = Command::new("sqlite3")
             .arg(self.data_dir.path().join("atelier.db"))
             .arg(
-                "SELECT kind || ' ' || locator FROM resources WHERE sandbox_id NOT IN \
+                "SELECT kind || ' ' || locator FROM resources WHERE sandbox_id NOT LIKE 'template:%' \
+                 AND sandbox_id NOT IN \
                  (SELECT 'prebuild:' || id FROM prebuilds WHERE status = 'building') ORDER BY id",
             )
             .output()

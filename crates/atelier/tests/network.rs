@@ -172,7 +172,20 @@ fn sandboxes_cannot_reach_each_other_or_the_host() {
         );
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
-    // The host reaches b, a does not.
+    // The host reaches b, a does not; and on the host only the manager's user does:
+    // another local user is refused (it goes through the proxy instead).
+    let as_nobody = std::process::Command::new("runuser")
+        .args(["-u", "nobody", "--", "python3", "-c"])
+        .arg(format!(
+            "import socket; s=socket.socket(); s.settimeout(5); s.connect(('{ip_b}', 8000)); print('connected')"
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        !as_nobody.status.success(),
+        "another host user reached the guest: {}",
+        String::from_utf8_lossy(&as_nobody.stdout)
+    );
     let from_a = fetch(&srv, "a", &ip_b, 8000, "/");
     assert!(!from_a.contains("200 OK"), "a reached b: {from_a}");
     // The host's services are closed to guests, whichever host address they use...
