@@ -301,5 +301,10 @@ async fn copy_bidirectional_proxies_a_guest_http_server() {
         .expect("join")
         .expect("copy");
     assert!(up > 0 && down as usize == response.len(), "{up} {down}");
-    drop(server);
+    // Stopped and reaped before the agent goes: outside a VM nothing else would
+    // end it (dropping the handle only asks, and the harness kills the agent at
+    // once), and it used to outlive the test.
+    server.kill(9).expect("kill http.server");
+    let ended = tokio::time::timeout(DEADLINE, server.wait()).await;
+    assert!(ended.is_ok(), "http.server did not end");
 }
