@@ -271,12 +271,7 @@ impl Manager {
         spawn: Option<Arc<WorkspaceSpawn>>,
     ) -> Result<(), Error> {
         let rec = self.store.get_sandbox(id).await?;
-        let dir = self.sandbox_dir(id);
-        self.journal
-            .record(id, ResourceKind::Dir, &dir.display().to_string())
-            .await?;
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Error::internal(format!("cannot create {}: {e}", dir.display())))?;
+        let dir = self.make_sandbox_dir(id).await?;
 
         let accel = self.accel(image).await.accel;
         let template = if let Some(w) = &spawn {
@@ -391,6 +386,18 @@ impl Manager {
             self.ensure_template(image, &rec, accel);
         }
         Ok(())
+    }
+
+    /// Journals and makes a sandbox's directory (run files, console log, saved
+    /// state); returns it.
+    pub(crate) async fn make_sandbox_dir(&self, id: &SandboxId) -> Result<PathBuf, Error> {
+        let dir = self.sandbox_dir(id);
+        self.journal
+            .record(id, ResourceKind::Dir, dir.display().to_string())
+            .await?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::internal(format!("cannot create {}: {e}", dir.display())))?;
+        Ok(dir)
     }
 
     /// Clones a sandbox's root disk from `source` (a template's disk) or the image.

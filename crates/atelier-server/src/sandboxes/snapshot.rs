@@ -227,12 +227,7 @@ impl Manager {
         image: &atelier_image::Image,
     ) -> Result<(), Error> {
         let id = &rec.id;
-        let dir = self.sandbox_dir(id);
-        self.journal
-            .record(id, ResourceKind::Dir, &dir.display().to_string())
-            .await?;
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Error::internal(format!("cannot create {}: {e}", dir.display())))?;
+        let dir = self.make_sandbox_dir(id).await?;
         let disk = self.pool.disk_path(id.as_str());
         self.journal
             .record(id, ResourceKind::Disk, &disk.display().to_string())
