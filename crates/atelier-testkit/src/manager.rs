@@ -339,6 +339,30 @@ impl Server {
         self.cli().args(args).output().unwrap()
     }
 
+    /// Runs the CLI, failing the test if it has not returned within `limit` (the
+    /// CLI is killed first): for calls that must not hang on a hung guest.
+    pub fn run_bounded(&self, args: &[&str], limit: Duration) -> Output {
+        let child = self
+            .cli()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        match rx.recv_timeout(limit) {
+            Ok(out) => out.unwrap(),
+            Err(_) => {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                panic!("atelier {args:?} did not return within {limit:?}");
+            }
+        }
+    }
+
     /// Runs the CLI and asserts success, returning stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);

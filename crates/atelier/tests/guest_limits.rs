@@ -11,8 +11,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Output, Stdio};
-use std::sync::mpsc;
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use common::Server;
@@ -37,31 +36,6 @@ fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
-}
-
-/// Runs the CLI, failing the test if it has not returned within `limit`.
-fn run_bounded(srv: &Server, args: &[&str], limit: Duration) -> Output {
-    let child = srv
-        .cli()
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(out) => out.unwrap(),
-        Err(_) => {
-            let _ = std::process::Command::new("kill")
-                .args(["-9", &pid.to_string()])
-                .status();
-            panic!("atelier {args:?} did not return within {limit:?}");
-        }
-    }
 }
 
 /// The manager's pid: the `atelier serve` listening on this server's address.
@@ -98,11 +72,7 @@ fn rss_kib(pid: u32) -> u64 {
 /// Wall time of one `echo` exec in `name`.
 fn exec_latency(srv: &Server, name: &str) -> Duration {
     let start = Instant::now();
-    let out = run_bounded(
-        srv,
-        &["sandbox", "exec", name, "--", "echo", "alive"],
-        BOUND,
-    );
+    let out = srv.run_bounded(&["sandbox", "exec", name, "--", "echo", "alive"], BOUND);
     let took = start.elapsed();
     assert!(out.status.success(), "{name}: {}", text(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "alive");
@@ -186,8 +156,7 @@ fn hostile_guest_on_the_agent_port_is_disconnected_and_bounded() {
 
     // The flooder's own account, if its agent came back (the script ends by giving
     // the port back, and the supervisor restarts the worker).
-    let stats = run_bounded(
-        &srv,
+    let stats = srv.run_bounded(
         &[
             "sandbox",
             "exec",
@@ -223,7 +192,7 @@ fn hostile_guest_on_the_agent_port_is_disconnected_and_bounded() {
     );
 
     // The flooder is reported, not stuck: stop and rm still work; calm still answers.
-    let out = run_bounded(&srv, &["sandbox", "rm", "flood"], BOUND);
+    let out = srv.run_bounded(&["sandbox", "rm", "flood"], BOUND);
     assert!(out.status.success(), "{}", text(&out));
     exec_latency(&srv, "calm");
     assert_eq!(agent_state(&srv, "calm"), "ready");

@@ -33,31 +33,6 @@ fn text(o: &Output) -> String {
     )
 }
 
-/// Runs the CLI, failing the test if it has not returned within `limit`.
-fn run_bounded(srv: &Server, args: &[&str], limit: Duration) -> Output {
-    let child = srv
-        .cli()
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(out) => out.unwrap(),
-        Err(_) => {
-            let _ = std::process::Command::new("kill")
-                .args(["-9", &pid.to_string()])
-                .status();
-            panic!("atelier {args:?} did not return within {limit:?}");
-        }
-    }
-}
-
 /// Starts a CLI call in the background.
 fn spawn_cli(srv: &Server, args: &[&str]) -> Child {
     srv.cli()
@@ -96,11 +71,7 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 
 /// The other sandbox answers while `name` hangs.
 fn assert_answers(srv: &Server, name: &str) {
-    let out = run_bounded(
-        srv,
-        &["sandbox", "exec", name, "--", "echo", "alive"],
-        BOUND,
-    );
+    let out = srv.run_bounded(&["sandbox", "exec", name, "--", "echo", "alive"], BOUND);
     assert!(out.status.success(), "{name}: {}", text(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "alive");
 }
@@ -201,7 +172,7 @@ fn stopped_agent_times_out_requests_and_stop_and_rm_still_work() {
     let id_b = create(&srv, "b");
 
     let stopper = stop_agent_worker(&srv, "a");
-    let failed = run_bounded(&srv, &["sandbox", "exec", "a", "--", "true"], BOUND);
+    let failed = srv.run_bounded(&["sandbox", "exec", "a", "--", "true"], BOUND);
     let msg = text(&failed);
     assert_eq!(failed.status.code(), Some(7), "unavailable: {msg}");
     assert!(
@@ -230,7 +201,7 @@ fn stopped_agent_times_out_requests_and_stop_and_rm_still_work() {
     // Reading a file is bounded too.
     let dest = srv.data_dir.path().join("hostname.copy");
     let dest = dest.to_str().unwrap();
-    let out = run_bounded(&srv, &["sandbox", "cp", "a:/etc/hostname", dest], BOUND);
+    let out = srv.run_bounded(&["sandbox", "cp", "a:/etc/hostname", dest], BOUND);
     assert!(!out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("timed out"), "{}", text(&out));
     // The health check marks the guest unresponsive.
@@ -241,7 +212,7 @@ fn stopped_agent_times_out_requests_and_stop_and_rm_still_work() {
 
     // Stop cannot power off through the agent; QEMU quits instead. The sandbox is
     // stopped and the record (and the CLI) says how.
-    let out = run_bounded(&srv, &["--json", "sandbox", "stop", "a"], BOUND);
+    let out = srv.run_bounded(&["--json", "sandbox", "stop", "a"], BOUND);
     assert!(out.status.success(), "{}", text(&out));
     let s = json(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(s["state"], "stopped", "{s}");
@@ -263,13 +234,13 @@ fn stopped_agent_times_out_requests_and_stop_and_rm_still_work() {
 
     assert_answers(&srv, "b");
     // A stopped sandbox boots again with a working agent.
-    let out = run_bounded(&srv, &["sandbox", "start", "a"], Duration::from_secs(300));
+    let out = srv.run_bounded(&["sandbox", "start", "a"], Duration::from_secs(300));
     assert!(out.status.success(), "{}", text(&out));
     assert_answers(&srv, "a");
 
     // Hang it again and delete it outright, with no stop first.
     let stopper = stop_agent_worker(&srv, "a");
-    let out = run_bounded(&srv, &["sandbox", "rm", "a"], BOUND);
+    let out = srv.run_bounded(&["sandbox", "rm", "a"], BOUND);
     assert!(out.status.success(), "{}", text(&out));
     let hung = wait_bounded(stopper, "the stopping exec", BOUND);
     assert!(!hung.status.success(), "{}", text(&hung));
@@ -290,7 +261,7 @@ fn stopped_qemu_times_out_qmp_and_agent_requests_and_stop_and_rm_still_work() {
     stop_vmm(&srv, &id_a);
 
     // The agent behind a stopped QEMU does not answer.
-    let out = run_bounded(&srv, &["sandbox", "exec", "a", "--", "true"], BOUND);
+    let out = srv.run_bounded(&["sandbox", "exec", "a", "--", "true"], BOUND);
     let msg = text(&out);
     assert_eq!(out.status.code(), Some(7), "unavailable: {msg}");
     assert!(msg.contains("exec timed out after 5s"), "{msg}");
@@ -298,7 +269,7 @@ fn stopped_qemu_times_out_qmp_and_agent_requests_and_stop_and_rm_still_work() {
 
     // Pause talks to QEMU: a QMP timeout naming the command (its run dir goes to
     // the log, never into the response).
-    let out = run_bounded(&srv, &["sandbox", "pause", "a"], BOUND);
+    let out = srv.run_bounded(&["sandbox", "pause", "a"], BOUND);
     let msg = text(&out);
     assert_eq!(out.status.code(), Some(7), "unavailable: {msg}");
     assert!(
@@ -309,7 +280,7 @@ fn stopped_qemu_times_out_qmp_and_agent_requests_and_stop_and_rm_still_work() {
     assert_eq!(show(&srv, "a")["state"], "running");
 
     // Stop: agent power-off and QMP quit time out, SIGKILL ends the stopped QEMU.
-    let out = run_bounded(&srv, &["--json", "sandbox", "stop", "a"], BOUND);
+    let out = srv.run_bounded(&["--json", "sandbox", "stop", "a"], BOUND);
     assert!(out.status.success(), "{}", text(&out));
     let s = json(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(s["state"], "stopped", "{s}");
@@ -326,7 +297,7 @@ fn stopped_qemu_times_out_qmp_and_agent_requests_and_stop_and_rm_still_work() {
 
     // Delete a sandbox whose QEMU is stopped, with nothing else in flight.
     stop_vmm(&srv, &id_c);
-    let out = run_bounded(&srv, &["sandbox", "rm", "c"], BOUND);
+    let out = srv.run_bounded(&["sandbox", "rm", "c"], BOUND);
     assert!(out.status.success(), "{}", text(&out));
     assert_answers(&srv, "b");
 
@@ -355,7 +326,7 @@ fn delete_wins_over_operations_stuck_on_a_hung_vm() {
     // Neither blocks another sandbox.
     assert_answers(&srv, "b");
 
-    let out = run_bounded(&srv, &["sandbox", "rm", "a"], BOUND);
+    let out = srv.run_bounded(&["sandbox", "rm", "a"], BOUND);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(srv.run(&["sandbox", "show", "a"]).status.code(), Some(4));
     // The stuck calls end with the VM.
