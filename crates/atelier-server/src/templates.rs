@@ -346,26 +346,34 @@ pub(crate) async fn fix_identity(
     .await
 }
 
-/// Runs a command in the guest and fails with its stderr unless it exits 0. The
-/// agent kills it after 60 s; the host gives up on a guest that does not report
-/// that in time either.
-pub(crate) async fn exec_ok(agent: &AgentClient, argv: &[&str]) -> Result<(), Error> {
-    const LIMIT: Duration = Duration::from_secs(60);
-    let run = async {
-        agent
-            .exec(ExecRequest::new(argv.iter().copied()).timeout(LIMIT))
-            .await?
-            .wait()
-            .await
+/// Runs a command in the guest to its end. The guest kills it at the request's
+/// timeout (an hour when it has none); the host gives up that long plus the agent
+/// timeout after starting it.
+pub(crate) async fn run_to_end(
+    agent: &AgentClient,
+    req: ExecRequest,
+) -> Result<atelier_agent_proto::ExecOutput, Error> {
+    let req = match req.timeout_ms {
+        Some(_) => req,
+        None => req.timeout(Duration::from_secs(3600)),
     };
-    let host_limit = LIMIT + agent.timeout();
-    let out = tokio::time::timeout(host_limit, run)
+    let host_limit = Duration::from_millis(req.timeout_ms.unwrap_or(0)) + agent.timeout();
+    let run = async { agent.exec(req).await?.wait().await };
+    tokio::time::timeout(host_limit, run)
         .await
         .unwrap_or(Err(atelier_agent_proto::ProtoError::Timeout {
             op: "exec",
             after: host_limit,
         }))
-        .map_err(Manager::agent_error)?;
+        .map_err(Manager::agent_error)
+}
+
+/// Runs a command in the guest and fails with its stderr unless it exits 0. The
+/// agent kills it after 60 s; the host gives up on a guest that does not report
+/// that in time either.
+pub(crate) async fn exec_ok(agent: &AgentClient, argv: &[&str]) -> Result<(), Error> {
+    const LIMIT: Duration = Duration::from_secs(60);
+    let out = run_to_end(agent, ExecRequest::new(argv.iter().copied()).timeout(LIMIT)).await?;
     if !out.success() {
         return Err(Error::internal(format!(
             "{argv:?} failed in the guest: {}",

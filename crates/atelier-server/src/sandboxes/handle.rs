@@ -6,9 +6,8 @@
 //! Containers) would answer the same calls (see docs/architecture.md).
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use atelier_agent_proto::{ExecOutput, ExecRequest, GuestStream, ProtoError};
+use atelier_agent_proto::{ExecOutput, ExecRequest, GuestStream};
 use atelier_core::SandboxSpec;
 use atelier_store::SandboxRecord;
 
@@ -67,19 +66,7 @@ impl Sandboxes {
     /// after that too.
     pub async fn exec(&self, id_or_name: &str, req: ExecRequest) -> Result<ExecOutput, Error> {
         let (_, agent) = self.mgr.agent(id_or_name).await?;
-        let req = match req.timeout_ms {
-            Some(_) => req,
-            None => req.timeout(Duration::from_secs(3600)),
-        };
-        let limit = Duration::from_millis(req.timeout_ms.unwrap_or(0)) + agent.timeout();
-        let run = async { agent.exec(req).await?.wait().await };
-        tokio::time::timeout(limit, run)
-            .await
-            .unwrap_or(Err(ProtoError::Timeout {
-                op: "exec",
-                after: limit,
-            }))
-            .map_err(Manager::agent_error)
+        crate::templates::run_to_end(&agent, req).await
     }
 
     /// Writes a file in a running sandbox.
