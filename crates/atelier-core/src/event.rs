@@ -94,6 +94,44 @@ pub enum EventKind {
         /// Its URL.
         url: String,
     },
+    /// A task was created, changed state, or made progress (todos, usage, files).
+    #[serde(rename = "task.changed")]
+    TaskChanged {
+        /// Task id.
+        task: String,
+        /// Its workspace.
+        workspace: String,
+        /// Its title.
+        title: String,
+        /// Its state now.
+        state: crate::task::TaskState,
+        /// The state it left (absent when created; equal to `state` for progress).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<crate::task::TaskState>,
+        /// Todos done.
+        todos_done: i64,
+        /// Todos in all.
+        todos_total: i64,
+        /// Its sandbox is paused while it waits on a person.
+        parked: bool,
+        /// Why it failed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// An attention item (permission, question, stalled) was raised or resolved.
+    #[serde(rename = "attention.changed")]
+    AttentionChanged {
+        /// Item id.
+        item: String,
+        /// Its task.
+        task: String,
+        /// Permission, question or stalled.
+        kind: crate::task::AttentionKind,
+        /// Pending, answered or gone.
+        status: crate::task::AttentionStatus,
+        /// One line: the command, the path, the question.
+        title: String,
+    },
     /// A workspace definition was created, changed or deleted.
     #[serde(rename = "workspace.changed")]
     WorkspaceChanged {
@@ -115,6 +153,18 @@ impl EventKind {
             EventKind::PrebuildLog { .. } => "prebuild.log",
             EventKind::DevState { .. } => "dev.state",
             EventKind::WorkspaceChanged { .. } => "workspace.changed",
+            EventKind::TaskChanged { .. } => "task.changed",
+            EventKind::AttentionChanged { .. } => "attention.changed",
+        }
+    }
+
+    /// The task it concerns, if any (for `?task=` filters).
+    pub fn task(&self) -> Option<&str> {
+        match self {
+            EventKind::TaskChanged { task, .. } | EventKind::AttentionChanged { task, .. } => {
+                Some(task)
+            }
+            _ => None,
         }
     }
 
@@ -127,7 +177,9 @@ impl EventKind {
             | EventKind::DevState { sandbox, .. } => Some(sandbox),
             EventKind::PrebuildStatus { .. }
             | EventKind::PrebuildLog { .. }
-            | EventKind::WorkspaceChanged { .. } => None,
+            | EventKind::WorkspaceChanged { .. }
+            | EventKind::TaskChanged { .. }
+            | EventKind::AttentionChanged { .. } => None,
         }
     }
 }

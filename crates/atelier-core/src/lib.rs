@@ -7,6 +7,7 @@
 pub mod egress;
 mod error;
 pub mod event;
+pub mod task;
 mod prebuild;
 mod sandbox;
 pub mod workspace;

@@ -102,8 +102,12 @@ impl From<StoreError> for Error {
         let kind = match &e {
             StoreError::NameTaken(_)
             | StoreError::BadTransition { .. }
-            | StoreError::PrebuildTransition { .. } => ErrorKind::Conflict,
-            StoreError::SandboxNotFound(_) => ErrorKind::NotFound,
+            | StoreError::PrebuildTransition { .. }
+            | StoreError::TaskTransition { .. }
+            | StoreError::AttentionResolved { .. } => ErrorKind::Conflict,
+            StoreError::SandboxNotFound(_)
+            | StoreError::TaskNotFound(_)
+            | StoreError::AttentionNotFound(_) => ErrorKind::NotFound,
             StoreError::PoolExhausted => ErrorKind::ResourceExhausted,
             _ => ErrorKind::Internal,
         };

@@ -18,6 +18,8 @@ mod workspaces;
 pub use workspaces::{SecretRecord, WorkspaceRecord};
 mod sessions;
 pub use sessions::{NewSession, SessionRecord, TokenRecord};
+mod tasks;
+pub use tasks::{AttentionRecord, NewTask, TaskPatch, TaskRecord};
 
 /// A change the store committed, reported to its observer (the manager's event
 /// bus) right after the commit, in commit order for each sandbox.
@@ -43,6 +45,16 @@ pub enum Change {
         /// Its workspace.
         workspace: String,
     },
+    /// A task row was inserted (`from` None) or changed (`from` its state before;
+    /// the same state for a progress update).
+    Task {
+        /// The row after the change.
+        record: Box<TaskRecord>,
+        /// The state before.
+        from: Option<atelier_core::task::TaskState>,
+    },
+    /// An attention item was raised or resolved.
+    Attention(AttentionRecord),
     /// A workspace definition was stored (changed) or removed.
     Workspace {
         /// Workspace name.
@@ -123,6 +135,30 @@ pub enum StoreError {
         table: &'static str,
         /// What was wrong.
         detail: String,
+    },
+    /// No such task.
+    #[error("task {0} not found")]
+    TaskNotFound(String),
+    /// A task's state cannot move this way.
+    #[error("task {id} is {from}; it cannot become {to}")]
+    TaskTransition {
+        /// Task id.
+        id: String,
+        /// Its state now.
+        from: atelier_core::task::TaskState,
+        /// Requested state.
+        to: atelier_core::task::TaskState,
+    },
+    /// No such attention item.
+    #[error("attention item {0} not found")]
+    AttentionNotFound(String),
+    /// The item was already answered (or is gone).
+    #[error("attention item {id} is already {}", status.as_str())]
+    AttentionResolved {
+        /// Item id.
+        id: String,
+        /// What it is now.
+        status: atelier_core::task::AttentionStatus,
     },
 }
 

@@ -171,6 +171,37 @@ fn human(e: &Event) -> String {
                 if *deleted { "deleted" } else { "changed" }
             )
         }
+        EventKind::TaskChanged {
+            task,
+            title,
+            state,
+            from,
+            todos_done,
+            todos_total,
+            error,
+            ..
+        } => {
+            let head = match from {
+                None => format!("{task} created ({state}): {title}"),
+                Some(f) if f != state => format!("{task} {f} -> {state}: {title}"),
+                Some(_) => format!("{task} {state} todos {todos_done}/{todos_total}"),
+            };
+            match error {
+                Some(err) => format!("{head} ({err})"),
+                None => head,
+            }
+        }
+        EventKind::AttentionChanged {
+            item,
+            task,
+            kind,
+            status,
+            title,
+        } => format!(
+            "{item} of {task} {} {}: {title}",
+            kind.as_str(),
+            status.as_str()
+        ),
     };
     format!("{t} {:<17} {what}", e.kind.name())
 }

@@ -17,7 +17,7 @@ use crate::Error;
 use crate::events::Delivery;
 
 /// Every event type name, for `?types=` validation.
-pub const EVENT_TYPES: [&str; 7] = [
+pub const EVENT_TYPES: [&str; 9] = [
     "sandbox.created",
     "sandbox.state",
     "sandbox.deleted",
@@ -25,6 +25,8 @@ pub const EVENT_TYPES: [&str; 7] = [
     "prebuild.log",
     "dev.state",
     "workspace.changed",
+    "task.changed",
+    "attention.changed",
 ];
 
 /// Seconds between heartbeats (SSE comment lines) on an idle stream.
@@ -40,11 +42,13 @@ pub struct EventsQuery {
     pub types: Option<String>,
     /// Only events about this sandbox id (sandbox and dev events).
     pub sandbox: Option<String>,
+    /// Only events about this task id (task and attention events).
+    pub task: Option<String>,
     /// Resume after this event id (what `Last-Event-ID` does; the header wins).
     pub last_event_id: Option<u64>,
 }
 
-/// Live events: sandbox, prebuild, dev-command and workspace changes, as
+/// Live events: sandbox, prebuild, dev-command, workspace, task and attention changes, as
 /// Server-Sent Events. Each `event:` line names the type and each `data:` line is
 /// one JSON [`Event`]; `id:` lines carry the event id, so a reconnecting client's
 /// `Last-Event-ID` resumes exactly after what it saw. When the resume point is no
@@ -95,6 +99,7 @@ pub async fn events(
         ),
     };
     let sandbox = q.sandbox;
+    let task = q.task;
     let wanted = move |e: &Event| {
         let name = e.kind.name();
         let type_ok = types.as_ref().is_none_or(|ts| {
@@ -104,7 +109,8 @@ pub async fn events(
         let sandbox_ok = sandbox
             .as_deref()
             .is_none_or(|s| e.kind.sandbox() == Some(s));
-        type_ok && sandbox_ok
+        let task_ok = task.as_deref().is_none_or(|t| e.kind.task() == Some(t));
+        type_ok && sandbox_ok && task_ok
     };
     let stream = st.mgr.events().subscribe(after).filter_map(move |d| {
         let out = match d {
