@@ -7,6 +7,7 @@
 //!   git server in it ([`GitServer`]).
 //! - [`dns`]: [`StaticDns`], the tests' own authoritative DNS server.
 //! - [`model`]: a scripted OpenAI-compatible model server ([`ModelServer`]).
+//! - [`opencode`]: the real `opencode serve` on the host, offline ([`OpenCodeHost`]).
 //! - [`poll`]: [`poll_until`], waiting with a deadline and a message naming what was
 //!   awaited (tests never sleep to synchronise).
 //! - [`process`]: liveness and process groups from `/proc`.
@@ -17,6 +18,7 @@
 pub mod dns;
 pub mod manager;
 pub mod model;
+pub mod opencode;
 pub mod poll;
 pub mod process;
 pub mod public;
@@ -25,6 +27,7 @@ pub mod upstream;
 pub use dns::StaticDns;
 pub use manager::{NetSlot, Server, atelier_bin, free_port, http_ok, images_dir};
 pub use model::{ModelRequest, ModelServer, Script, ToolCall, Turn};
+pub use opencode::{OpenCodeHost, opencode_bin};
 pub use poll::{poll_until, poll_until_async, wait_until};
 pub use process::{alive, group_members, pids_matching};
 pub use public::{GitServer, PublicNet, git};
