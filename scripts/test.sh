@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests and integration tests that boot real VMs (KVM where it
 # works, TCG otherwise). Installs host packages, builds the static guest agent and
-# the `minimal` test image (cached in /var/cache/atelier-test; rebuilt only when
-# its inputs change), then lint and the whole suite.
+# the `minimal` and `minimal-opencode` test images (cached in /var/cache/atelier-test;
+# rebuilt only when their inputs change), then lint and the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ATELIER_NEED_NEXTEST=1 bash scripts/deps.sh
@@ -18,6 +18,9 @@ agent=$(bash scripts/build-agent.sh)
 echo "==> minimal test image"
 cargo build --locked -p atelier
 target/debug/atelier --images-dir "$ATELIER_TEST_IMAGES_DIR" image build minimal \
+  --agent "$agent" --cache-dir "$ATELIER_TEST_CACHE"
+echo "==> minimal-opencode test image (minimal plus OpenCode, for the warm-prebuild test)"
+target/debug/atelier --images-dir "$ATELIER_TEST_IMAGES_DIR" image build minimal-opencode \
   --agent "$agent" --cache-dir "$ATELIER_TEST_CACHE"
 echo "==> API fuzzer (schemathesis, pinned, in a venv of the test cache)"
 venv=$ATELIER_TEST_CACHE/venv

@@ -38,6 +38,11 @@ pub const MAX_SECRET_NAME_LEN: usize = 64;
 pub const SECRET_NAME_PATTERN: &str = "^[a-z0-9][a-z0-9._-]{0,63}$";
 /// Longest guest path, in bytes.
 pub const MAX_PATH_LEN: usize = 4096;
+/// Most OpenCode provider keys per workspace.
+pub const MAX_OPENCODE_KEYS: usize = 32;
+/// The dev-command name of the OpenCode server prebuilds start; workspace dev
+/// commands cannot use it.
+pub const OPENCODE_DEV_NAME: &str = "opencode";
 
 /// A workspace definition, as written by the user (YAML or JSON) and stored by the
 /// manager. Unknown keys are refused so that typos are caught.
@@ -72,6 +77,15 @@ pub struct WorkspaceSpec {
     )]
     #[schema(value_type = Object)]
     pub opencode: serde_json::Value,
+    /// Whether prebuilds start OpenCode's server and freeze it running in the
+    /// snapshot (`None`: yes when the image has `/usr/local/bin/opencode`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opencode_server: Option<bool>,
+    /// Provider keys handed to OpenCode after each restore: provider id (as in
+    /// `opencode.provider`, e.g. `anthropic`, `local`) -> secret name. Never in a
+    /// prebuild.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub opencode_keys: BTreeMap<String, String>,
     /// What its sandboxes may reach on the network: `allow-all`, `deny-all` or
     /// `{allow: [domains]}`.
     #[serde(default, deserialize_with = "egress_any_format")]
@@ -245,6 +259,7 @@ impl WorkspaceSpec {
                 "must be a mapping (JSON object) of opencode settings",
             );
         }
+        self.validate_opencode_keys()?;
         self.egress.validate()
     }
 
@@ -307,6 +322,14 @@ impl WorkspaceSpec {
         }
         for (i, d) in self.dev.iter().enumerate() {
             check_dev_name(format!("dev[{i}].name"), &d.name)?;
+            if d.name == OPENCODE_DEV_NAME {
+                return err(
+                    format!("dev[{i}].name"),
+                    format!(
+                        "{OPENCODE_DEV_NAME:?} is the OpenCode server prebuilds start; choose another name"
+                    ),
+                );
+            }
             if self.dev[..i].iter().any(|o| o.name == d.name) {
                 return err(
                     format!("dev[{i}].name"),
@@ -359,12 +382,45 @@ impl WorkspaceSpec {
         Ok(())
     }
 
-    /// Every secret this definition references (env, files, repository credentials).
+    fn validate_opencode_keys(&self) -> Res {
+        if self.opencode_keys.len() > MAX_OPENCODE_KEYS {
+            return err(
+                "opencode_keys",
+                format!("at most {MAX_OPENCODE_KEYS} provider keys"),
+            );
+        }
+        for (provider, secret) in &self.opencode_keys {
+            let ok = !provider.is_empty()
+                && provider.len() <= 64
+                && provider
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c))
+                && provider.as_bytes()[0].is_ascii_alphanumeric();
+            if !ok {
+                return err(
+                    format!("opencode_keys.{provider}"),
+                    "a provider id is 1 to 64 of a-z, A-Z, 0-9, '.', '_' and '-', starting with a letter or digit (e.g. anthropic)",
+                );
+            }
+            check_secret_name(format!("opencode_keys.{provider}"), secret)?;
+        }
+        if self.opencode_server == Some(false) && !self.opencode_keys.is_empty() {
+            return err(
+                "opencode_keys",
+                "provider keys go to the OpenCode server, which opencode_server: false turns off; remove one of them",
+            );
+        }
+        Ok(())
+    }
+
+    /// Every secret this definition references (env, files, repository
+    /// credentials, OpenCode provider keys).
     pub fn secret_names(&self) -> BTreeSet<String> {
         let env = self.secrets.env.values().map(|r| r.secret.clone());
         let files = self.secrets.files.iter().map(|f| f.secret.clone());
         let creds = self.repos.iter().filter_map(|r| r.credentials.clone());
-        env.chain(files).chain(creds).collect()
+        let keys = self.opencode_keys.values().cloned();
+        env.chain(files).chain(creds).chain(keys).collect()
     }
 
     /// SHA-256 (hex) of the definition's canonical JSON (defaults filled in, object
@@ -665,6 +721,27 @@ opencode: { model: "provider/model" }
     }
 
     #[test]
+    fn opencode_server_and_keys() {
+        let s =
+            WorkspaceSpec::from_yaml("name: x\nopencode_keys: {local: model-key, anthropic: ak}\n")
+                .unwrap();
+        assert_eq!(s.opencode_server, None);
+        assert_eq!(s.opencode_keys["local"], "model-key");
+        assert!(s.secret_names().contains("model-key") && s.secret_names().contains("ak"));
+        let off = WorkspaceSpec::from_yaml("name: x\nopencode_server: false\n").unwrap();
+        assert_eq!(off.opencode_server, Some(false));
+        let both = WorkspaceSpec::from_yaml(
+            "name: x\nopencode_server: false\nopencode_keys: {local: k}\n",
+        )
+        .unwrap_err();
+        assert_eq!(both.field, "opencode_keys");
+        // Left out, the new fields do not change the hash of existing definitions.
+        let plain = WorkspaceSpec::from_yaml("name: x\n").unwrap();
+        let json = serde_json::to_value(&plain).unwrap();
+        assert!(json.get("opencode_server").is_none() && json.get("opencode_keys").is_none());
+    }
+
+    #[test]
     fn json_round_trip_and_hash_is_canonical() {
         let a = WorkspaceSpec::from_yaml(EXAMPLE).unwrap();
         let json = serde_json::to_string(&a).unwrap();
@@ -720,6 +797,17 @@ opencode: { model: "provider/model" }
             ("/dev/0/name", "Web".into(), "dev[0].name"),
             ("/dev/0/name", "a".repeat(31).into(), "dev[0].name"),
             ("/dev/0/name", "1web".into(), "dev[0].name"),
+            ("/dev/0/name", "opencode".into(), "dev[0].name"),
+            (
+                "/opencode_keys",
+                serde_json::json!({"bad/id": "k"}),
+                "opencode_keys.bad/id",
+            ),
+            (
+                "/opencode_keys",
+                serde_json::json!({"local": "Bad Name"}),
+                "opencode_keys.local",
+            ),
             ("/dev/0/port", 0.into(), "dev[0].port"),
             ("/dev/0/cwd", "rel".into(), "dev[0].cwd"),
             ("/dev/0/command", " ".into(), "dev[0].command"),

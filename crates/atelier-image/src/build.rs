@@ -285,6 +285,7 @@ pub fn build(opts: &BuildOptions) -> Result<Image, ImageError> {
             created_unix_ms: i64::try_from(now.unix_timestamp_nanos() / 1_000_000)
                 .unwrap_or(i64::MAX),
             build_duration_ms: 0,
+            opencode_version: recipe.opencode_version().map(str::to_owned),
         })
     })();
 

@@ -452,8 +452,47 @@ const AGENTS: Recipe = Recipe {
     ..DEV_BASE
 };
 
+/// OpenCode's offline switches for login shells (the prebuild passes the same to
+/// the OpenCode server it starts).
+const OPENCODE_PROFILE: ExtraFile = ExtraFile {
+    path: "/etc/profile.d/atelier-opencode.sh",
+    mode: 0o644,
+    contents: r#"# Atelier test image environment (written by the image builder).
+export OPENCODE_DISABLE_MODELS_FETCH=1 OPENCODE_DISABLE_AUTOUPDATE=1
+export OPENCODE_DISABLE_LSP_DOWNLOAD=1 OPENCODE_DISABLE_SHARE=1
+"#,
+};
+
+/// `minimal` plus OpenCode (Bun-compiled, no Node) and its pre-seeded plugin
+/// package: the tests' image for OpenCode running warm in prebuilds.
+const MINIMAL_OPENCODE: Recipe = Recipe {
+    name: "minimal-opencode",
+    description: "minimal plus OpenCode (no Node); for tests",
+    files: &[FSTAB, OPENCODE_PROFILE],
+    // OpenCode and its plugin package, as in dev-base (the last two installs).
+    npm: {
+        let (_, opencode) = DEV_NPM.split_at(DEV_NPM.len() - 2);
+        opencode
+    },
+    prune: &concat::<_, { BASE_PRUNE.len() + 1 }>(
+        BASE_PRUNE,
+        &["opt/opencode/node_modules/opencode-linux-x64-baseline"],
+    ),
+    ..MINIMAL
+};
+
 /// All recipes this build of the crate knows.
-pub const RECIPES: &[Recipe] = &[MINIMAL, DEV_BASE, AGENTS];
+pub const RECIPES: &[Recipe] = &[MINIMAL, DEV_BASE, AGENTS, MINIMAL_OPENCODE];
+
+impl Recipe {
+    /// The version of OpenCode (npm `opencode-ai`) the recipe installs, if any.
+    pub fn opencode_version(&self) -> Option<&'static str> {
+        self.npm
+            .iter()
+            .find(|i| i.package == "opencode-ai")
+            .map(|i| i.version)
+    }
+}
 
 /// Looks a recipe up by name; an unknown name gives [`ImageError::UnknownRecipe`].
 pub fn recipe(name: &str) -> Result<&'static Recipe, ImageError> {
@@ -638,6 +677,33 @@ mod tests {
         }
         // Same kernel module pruning as minimal, plus docs.
         assert!(MINIMAL.prune.iter().all(|p| dev.prune.contains(p)));
+    }
+
+    #[test]
+    fn minimal_opencode_is_minimal_plus_opencode() {
+        let (m, o) = (
+            recipe("minimal").unwrap(),
+            recipe("minimal-opencode").unwrap(),
+        );
+        assert_eq!(m.packages, o.packages);
+        assert_eq!(m.kernel_package, o.kernel_package);
+        assert!(m.npm.is_empty(), "minimal stays unchanged");
+        let names: Vec<&str> = o.npm.iter().map(|i| i.package).collect();
+        assert_eq!(names, ["opencode-ai", "@opencode-ai/plugin"]);
+        assert!(o.npm.iter().all(|i| i.version == OPENCODE_VERSION));
+        assert!(
+            o.npm[0]
+                .bins
+                .iter()
+                .any(|b| b.link == "/usr/local/bin/opencode")
+        );
+        assert!(
+            o.files
+                .iter()
+                .any(|f| f.contents.contains("OPENCODE_DISABLE_MODELS_FETCH"))
+        );
+        assert_eq!(o.opencode_version(), Some(OPENCODE_VERSION));
+        assert_eq!(m.opencode_version(), None);
     }
 
     #[test]

@@ -65,6 +65,10 @@ pub struct ImageManifest {
     pub created_unix_ms: i64,
     /// Wall-clock duration of the build in milliseconds.
     pub build_duration_ms: u64,
+    /// Version of OpenCode (`opencode-ai`) the image carries, if any; a prebuild
+    /// whose OpenCode differs is stale. Absent in images built before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opencode_version: Option<String>,
 }
 
 /// A complete image on disk.

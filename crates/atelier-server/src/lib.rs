@@ -18,6 +18,7 @@ mod host_files;
 pub mod journal;
 pub mod manager;
 mod network;
+pub mod opencode;
 pub mod prebuild;
 mod reconcile;
 pub mod sandboxes;
@@ -29,3 +30,4 @@ mod workspaces;
 
 pub use error::Error;
 pub use manager::{Manager, ManagerConfig};
+pub use sandboxes::OpenCodeEndpoint;

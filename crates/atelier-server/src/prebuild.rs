@@ -485,6 +485,12 @@ impl Manager {
             )
             .await?;
         }
+        let opencode = self
+            .prebuild_opencode(&agent, spec, &cwd, &mut |l| log.line(l))
+            .await?;
+        if let Some(oc) = &opencode {
+            self.store.set_prebuild_opencode(id, oc).await?;
+        }
         log.line("==> snapshotting memory and disk");
         self.freeze(
             process,
@@ -536,14 +542,19 @@ impl Manager {
     }
 
     /// Prebuilds of one workspace (or all), newest first, with `stale` computed:
-    /// built from an older workspace revision, or a repo moved on.
+    /// built from an older workspace revision, a repo moved on, or the image now
+    /// carries another OpenCode than the one frozen in it.
     pub async fn prebuild_list(
         &self,
         workspace: Option<&str>,
     ) -> Result<Vec<(PrebuildRecord, bool)>, Error> {
         let mut revisions = BTreeMap::new();
         for w in self.store.list_workspaces().await? {
-            revisions.insert(w.name.clone(), w.revision);
+            let spec: Option<WorkspaceSpec> = serde_json::from_str(&w.spec).ok();
+            revisions.insert(
+                w.name.clone(),
+                (w.revision, spec.and_then(|s| self.expected_opencode(&s))),
+            );
         }
         Ok(self
             .store
@@ -551,10 +562,26 @@ impl Manager {
             .await?
             .into_iter()
             .map(|p| {
-                let stale = p.stale || revisions.get(&p.workspace).is_some_and(|r| *r > p.revision);
+                let stale = p.stale
+                    || revisions.get(&p.workspace).is_some_and(|(r, oc)| {
+                        *r > p.revision
+                            || oc
+                                .as_ref()
+                                .is_some_and(|v| p.opencode.as_ref().map(|o| &o.version) != Some(v))
+                    });
                 (p, stale)
             })
             .collect())
+    }
+
+    /// The OpenCode version a new prebuild of `spec` would freeze: the one its
+    /// image carries, unless the workspace turns the server off. `None` also when
+    /// it cannot be told (an image built before image.json recorded it).
+    fn expected_opencode(&self, spec: &WorkspaceSpec) -> Option<String> {
+        if spec.opencode_server == Some(false) {
+            return None;
+        }
+        self.image(&spec.image).ok()?.manifest.opencode_version
     }
 
     /// The build log of a prebuild.
@@ -664,6 +691,8 @@ impl Manager {
         rec: &atelier_store::SandboxRecord,
         agent: &AgentClient,
         spec: &WorkspaceSpec,
+        opencode: Option<&atelier_store::OpenCodeServer>,
+        restored: bool,
     ) -> Result<(), Error> {
         let env = self.secret_env(spec).await?;
         if !env.is_empty() {
@@ -790,6 +819,26 @@ impl Manager {
             let mut run = stored;
             run.env.extend(env.iter().cloned());
             agent.dev_start(run).await.map_err(Manager::agent_error)?;
+        }
+        if let Some(oc) = opencode {
+            // Restored, it is running already; stored like a dev command so an
+            // agent restart starts it again. Booted cold (the snapshot could not be
+            // restored), it starts here, cold.
+            let server = crate::opencode::dev_spec(&oc.password, &oc.directory);
+            let json =
+                serde_json::to_string(&server).map_err(|e| Error::internal(e.to_string()))?;
+            self.store
+                .put_dev_command(&rec.id, &server.name, &json)
+                .await?;
+            self.store.set_sandbox_opencode(&rec.id, oc).await?;
+            if !restored {
+                agent
+                    .dev_start(server)
+                    .await
+                    .map_err(Manager::agent_error)?;
+            }
+            self.inject_opencode_keys(&rec.name, agent, oc, spec)
+                .await?;
         }
         Ok(())
     }

@@ -46,6 +46,13 @@ fn reference_field(spec: &WorkspaceSpec, name: &str) -> String {
     {
         return format!("repos[{i}].credentials");
     }
+    if let Some(p) = spec
+        .opencode_keys
+        .iter()
+        .find_map(|(p, s)| (s == name).then_some(p))
+    {
+        return format!("opencode_keys.{p}");
+    }
     "secrets".to_owned()
 }
 

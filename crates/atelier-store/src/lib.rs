@@ -13,7 +13,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 mod prebuilds;
-pub use prebuilds::PrebuildRecord;
+pub use prebuilds::{OpenCodeServer, PrebuildRecord};
 mod workspaces;
 pub use workspaces::{SecretRecord, WorkspaceRecord};
 mod sessions;

@@ -28,6 +28,33 @@ pub struct PrebuildRecord {
     pub created_at: i64,
     /// When it became ready.
     pub ready_at: Option<i64>,
+    /// The OpenCode server frozen running in it, if any.
+    pub opencode: Option<OpenCodeServer>,
+}
+
+/// An OpenCode server running inside a guest (frozen in a prebuild, or in a
+/// sandbox restored from one). `Debug` does not show the password.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OpenCodeServer {
+    /// OpenCode's version, as `/global/health` reported it.
+    pub version: String,
+    /// Guest port it listens on (on 127.0.0.1).
+    pub port: u16,
+    /// Its server password (user `opencode`).
+    pub password: String,
+    /// The directory its instance was warmed for (the workspace's first repo).
+    pub directory: String,
+}
+
+impl std::fmt::Debug for OpenCodeServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenCodeServer")
+            .field("version", &self.version)
+            .field("port", &self.port)
+            .field("password", &"<redacted>")
+            .field("directory", &self.directory)
+            .finish()
+    }
 }
 
 fn from_row(r: &sqlx::sqlite::SqliteRow) -> Result<PrebuildRecord, StoreError> {
@@ -46,6 +73,23 @@ fn from_row(r: &sqlx::sqlite::SqliteRow) -> Result<PrebuildRecord, StoreError> {
         error: r.get("error"),
         created_at: r.get("created_at"),
         ready_at: r.get("ready_at"),
+        opencode: match (
+            r.get::<Option<String>, _>("opencode_version"),
+            r.get::<Option<i64>, _>("opencode_port"),
+            r.get::<Option<String>, _>("opencode_password"),
+            r.get::<Option<String>, _>("opencode_directory"),
+        ) {
+            (Some(version), Some(port), Some(password), Some(directory)) => Some(OpenCodeServer {
+                version,
+                port: u16::try_from(port).map_err(|_| StoreError::Corrupt {
+                    table: "prebuilds",
+                    detail: format!("opencode_port {port}"),
+                })?,
+                password,
+                directory,
+            }),
+            _ => None,
+        },
     })
 }
 
@@ -136,6 +180,66 @@ impl Store {
         }
         self.notify_prebuild(id).await;
         Ok(())
+    }
+
+    /// Records the OpenCode server a building prebuild froze running.
+    pub async fn set_prebuild_opencode(
+        &self,
+        id: &str,
+        oc: &OpenCodeServer,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE prebuilds SET opencode_version = ?, opencode_port = ?, opencode_password = ?, opencode_directory = ? WHERE id = ?",
+        )
+        .bind(&oc.version)
+        .bind(i64::from(oc.port))
+        .bind(&oc.password)
+        .bind(&oc.directory)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(q("prebuild opencode"))?;
+        Ok(())
+    }
+
+    /// Records the OpenCode server of a sandbox spawned from a prebuild with one.
+    pub async fn set_sandbox_opencode(
+        &self,
+        id: &atelier_core::SandboxId,
+        oc: &OpenCodeServer,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_string(oc).map_err(|e| StoreError::Corrupt {
+            table: "sandboxes",
+            detail: e.to_string(),
+        })?;
+        sqlx::query("UPDATE sandboxes SET opencode = ? WHERE id = ?")
+            .bind(json)
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(q("set sandbox opencode"))?;
+        Ok(())
+    }
+
+    /// The OpenCode server of a sandbox, if it was spawned with one.
+    pub async fn sandbox_opencode(
+        &self,
+        id: &atelier_core::SandboxId,
+    ) -> Result<Option<OpenCodeServer>, StoreError> {
+        let row = sqlx::query("SELECT opencode FROM sandboxes WHERE id = ?")
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("get sandbox opencode"))?;
+        let Some(text) = row.and_then(|r| r.get::<Option<String>, _>("opencode")) else {
+            return Ok(None);
+        };
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt {
+                table: "sandboxes",
+                detail: format!("opencode: {e}"),
+            })
     }
 
     /// Flags a ready prebuild whose repos moved on.
@@ -277,5 +381,23 @@ mod tests {
         assert_eq!(s.prebuilds(None).await.unwrap().len(), 2);
         s.delete_prebuild("pb-a").await.unwrap();
         assert!(s.prebuild("pb-a").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn opencode_server_is_recorded_and_never_debug_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+        s.insert_prebuild("pb-a", "demo", 1).await.unwrap();
+        assert_eq!(s.prebuild("pb-a").await.unwrap().unwrap().opencode, None);
+        let oc = OpenCodeServer {
+            version: "1.18.33".into(),
+            port: 4096,
+            password: "pw-secret-value".into(),
+            directory: "/workspace/demo".into(),
+        };
+        s.set_prebuild_opencode("pb-a", &oc).await.unwrap();
+        let p = s.prebuild("pb-a").await.unwrap().unwrap();
+        assert_eq!(p.opencode.as_ref(), Some(&oc));
+        assert!(!format!("{p:?}").contains("pw-secret-value"));
     }
 }

@@ -6,8 +6,10 @@
 //! - [`public`]: a "public" network namespace with an HTTP server ([`PublicNet`]) and a
 //!   git server in it ([`GitServer`]).
 //! - [`dns`]: [`StaticDns`], the tests' own authoritative DNS server.
-//! - [`model`]: a scripted OpenAI-compatible model server ([`ModelServer`]).
+//! - [`model`]: a scripted OpenAI-compatible model server ([`ModelServer`]), also
+//!   servable inside a network namespace guests reach.
 //! - [`opencode`]: the real `opencode serve` on the host, offline ([`OpenCodeHost`]).
+//! - [`opencode_ws`]: the workspace YAML for OpenCode in a guest against that model.
 //! - [`poll`]: [`poll_until`], waiting with a deadline and a message naming what was
 //!   awaited (tests never sleep to synchronise).
 //! - [`process`]: liveness and process groups from `/proc`.
@@ -19,6 +21,7 @@ pub mod dns;
 pub mod manager;
 pub mod model;
 pub mod opencode;
+pub mod opencode_ws;
 pub mod poll;
 pub mod process;
 pub mod public;

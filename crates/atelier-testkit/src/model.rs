@@ -201,6 +201,8 @@ pub struct ModelRequest {
     pub stream: bool,
     /// The body as JSON (`Null` when it was not JSON).
     pub body: Value,
+    /// The `Authorization` header it carried (the provider key OpenCode sent).
+    pub authorization: Option<String>,
 }
 
 impl ModelRequest {
@@ -280,6 +282,32 @@ impl ModelServer {
         script: Script,
     ) -> std::io::Result<ModelServer> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
+        Self::serve_listener(listener, base, script)
+    }
+
+    /// Serves `script` on `addr` inside network namespace `ns` (e.g. a
+    /// [`crate::PublicNet`]'s, where guests reach it through their egress rules):
+    /// the socket is bound from a thread that joins the namespace, then served
+    /// here like any other.
+    pub async fn start_in_netns(
+        ns: &str,
+        addr: SocketAddr,
+        base: &str,
+        script: Script,
+    ) -> std::io::Result<ModelServer> {
+        let std_listener = bind_in_netns(ns, addr)?;
+        std_listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(std_listener)?;
+        Self::serve_listener(listener, base, script)
+    }
+
+    /// Serves `script` on an already bound listener (bound anywhere: another
+    /// network namespace, a fixed port) under the path prefix `base`.
+    pub fn serve_listener(
+        listener: tokio::net::TcpListener,
+        base: &str,
+        script: Script,
+    ) -> std::io::Result<ModelServer> {
         let addr = listener.local_addr()?;
         let base = base.trim_end_matches('/').to_owned();
         let (count, _) = watch::channel(0);
@@ -346,6 +374,28 @@ impl ModelServer {
     }
 }
 
+/// Binds a TCP listener on `addr` inside network namespace `ns`
+/// (`/var/run/netns/<ns>`), from a short-lived thread that joins it; the socket
+/// stays in that namespace after the thread ends.
+fn bind_in_netns(ns: &str, addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(format!("/var/run/netns/{ns}"))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns(2) on a valid, open namespace fd only changes this
+            // thread's network namespace; the thread ends right after binding.
+            #[allow(unsafe_code)]
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            std::net::TcpListener::bind(addr)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the bind thread panicked")))
+    })
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -386,7 +436,15 @@ enum Answer {
     Hang,
 }
 
-async fn chat(State(st): State<Arc<Shared>>, body: Bytes) -> Response {
+async fn chat(
+    State(st): State<Arc<Shared>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    let authorization = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let parsed: Option<Value> = serde_json::from_slice(&body).ok();
     let body = parsed.unwrap_or(Value::Null);
     let stream = body["stream"].as_bool().unwrap_or(false);
@@ -405,6 +463,7 @@ async fn chat(State(st): State<Arc<Shared>>, body: Bytes) -> Response {
         kind,
         stream,
         body,
+        authorization,
     });
     st.count.send_modify(|c| *c += 1);
 

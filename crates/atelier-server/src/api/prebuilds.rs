@@ -36,6 +36,12 @@ pub struct PrebuildView {
     pub created_at: i64,
     /// When it became ready (ms since epoch).
     pub ready_at: Option<i64>,
+    /// Version of the OpenCode server running warm in its snapshot, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opencode_version: Option<String>,
+    /// Guest port of that server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opencode_port: Option<u16>,
 }
 
 fn view((p, stale): (atelier_store::PrebuildRecord, bool)) -> PrebuildView {
@@ -49,6 +55,8 @@ fn view((p, stale): (atelier_store::PrebuildRecord, bool)) -> PrebuildView {
         error: p.error,
         created_at: p.created_at,
         ready_at: p.ready_at,
+        opencode_version: p.opencode.as_ref().map(|o| o.version.clone()),
+        opencode_port: p.opencode.as_ref().map(|o| o.port),
     }
 }
 

@@ -86,6 +86,8 @@ async fn set_up_guest(
 pub(crate) struct WorkspaceSpawn {
     pub(crate) template: crate::templates::Template,
     pub(crate) spec: atelier_core::workspace::WorkspaceSpec,
+    /// The OpenCode server running in the prebuild's snapshot, if any.
+    pub(crate) opencode: Option<atelier_store::OpenCodeServer>,
 }
 
 impl Manager {
@@ -119,6 +121,7 @@ impl Manager {
                 Some(Arc::new(WorkspaceSpawn {
                     template: crate::templates::Template::at(&self.prebuilds_dir().join(&pb.id)),
                     spec: ws,
+                    opencode: pb.opencode.clone(),
                 }))
             }
             None => None,
@@ -304,7 +307,14 @@ impl Manager {
                 Ok((process, agent)) => {
                     self.go_online(&rec, &agent, GuestSetup::Cloned).await?;
                     if let Some(w) = &spawn {
-                        self.finish_workspace_spawn(&rec, &agent, &w.spec).await?;
+                        self.finish_workspace_spawn(
+                            &rec,
+                            &agent,
+                            &w.spec,
+                            w.opencode.as_ref(),
+                            true,
+                        )
+                        .await?;
                     }
                     write_memory_backing(&dir, &MemoryBacking::PrivateFile(t.mem.clone()))?;
                     self.register_vm(id, process, agent, true);
@@ -378,7 +388,8 @@ impl Manager {
         }
         self.go_online(&rec, &agent, GuestSetup::Booted).await?;
         if let Some(w) = &spawn {
-            self.finish_workspace_spawn(&rec, &agent, &w.spec).await?;
+            self.finish_workspace_spawn(&rec, &agent, &w.spec, w.opencode.as_ref(), false)
+                .await?;
         }
         write_memory_backing(&dir, &cfg.memory)?;
         self.register_vm(id, process, agent, false);

@@ -14,6 +14,32 @@ use atelier_store::SandboxRecord;
 use crate::Error;
 use crate::manager::Manager;
 
+/// Where the warm OpenCode server of a sandbox listens (inside the guest, on
+/// `127.0.0.1`; reach it with [`Sandboxes::stream`]). `Debug` hides the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct OpenCodeEndpoint {
+    /// Guest port.
+    pub port: u16,
+    /// Server password (HTTP Basic, user `opencode`).
+    pub password: String,
+    /// OpenCode's version, as it reported when the prebuild was made.
+    pub version: String,
+    /// The directory its instance was warmed for (the workspace's first repo):
+    /// run sessions there (`x-opencode-directory`).
+    pub directory: String,
+}
+
+impl std::fmt::Debug for OpenCodeEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenCodeEndpoint")
+            .field("port", &self.port)
+            .field("password", &"<redacted>")
+            .field("version", &self.version)
+            .field("directory", &self.directory)
+            .finish()
+    }
+}
+
 /// Sandboxes, as other services see them.
 #[derive(Debug, Clone)]
 pub struct Sandboxes {
@@ -88,6 +114,24 @@ impl Sandboxes {
     /// Opens a byte stream to `127.0.0.1:port` inside a running sandbox.
     pub async fn stream(&self, id_or_name: &str, port: u16) -> Result<GuestStream, Error> {
         self.mgr.guest_stream(id_or_name, port).await
+    }
+
+    /// The OpenCode server of a sandbox spawned from a prebuild that has one
+    /// (`None` otherwise). When [`Sandboxes::create`] returns for such a sandbox,
+    /// the workspace's provider keys are handed over and OpenCode answers.
+    pub async fn opencode(&self, id_or_name: &str) -> Result<Option<OpenCodeEndpoint>, Error> {
+        let rec = self.mgr.get(id_or_name).await?;
+        Ok(self
+            .mgr
+            .store
+            .sandbox_opencode(&rec.id)
+            .await?
+            .map(|oc| OpenCodeEndpoint {
+                port: oc.port,
+                password: oc.password,
+                version: oc.version,
+                directory: oc.directory,
+            }))
     }
 
     /// The event bus every sandbox change is published on.

@@ -15,4 +15,4 @@ mod lifecycle;
 mod snapshot;
 
 pub(crate) use create::GuestSetup;
-pub use handle::Sandboxes;
+pub use handle::{OpenCodeEndpoint, Sandboxes};
