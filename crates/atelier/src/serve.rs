@@ -138,9 +138,10 @@ pub struct ServeArgs {
     pub idle_timeout_secs: u64,
     /// A host folder under which sandboxes may share folders (`--mount`);
     /// repeatable (the environment variable takes a comma-separated list). Default:
-    /// /home. Anything outside the roots (after resolving symlinks and `..`), the
-    /// data dir, and folders owned by root are refused: the VM of a sandbox with
-    /// shares runs as the folders' owner, never as root.
+    /// /home and /root. Anything outside the roots (after resolving symlinks and
+    /// `..`) and the data dir are refused. The VM of a sandbox with shares runs as
+    /// the folders' owner, never as root: root's folders are shared by the system
+    /// user atelier-vmm with an ACL grant.
     #[arg(
         long = "share-root",
         env = "ATELIER_SHARE_ROOTS",
