@@ -120,6 +120,21 @@ fn hostile_guest_on_the_agent_port_is_disconnected_bounded_and_recovers() {
         script.to_str().unwrap(),
         "flood:/root/hostile_guest.py",
     ]);
+    // The sandbox.agent events of the coming close and recovery, followed live.
+    let mut events = srv
+        .cli()
+        .args([
+            "--json",
+            "events",
+            "--types",
+            "sandbox.agent",
+            "--count",
+            "2",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let launch = format!(
         "setsid python3 /root/hostile_guest.py {} {FLOOD_SECS} </dev/null >/dev/null 2>&1 &",
         srv.net.gateway()
@@ -206,6 +221,34 @@ fn hostile_guest_on_the_agent_port_is_disconnected_bounded_and_recovers() {
     assert!(
         srv.log().contains("agent reconnected"),
         "the manager should log the reconnection"
+    );
+    // The events said so: `reconnecting` with the violation, then `ready`.
+    let until = Instant::now() + Duration::from_secs(30);
+    while events.try_wait().unwrap().is_none() {
+        if Instant::now() > until {
+            let _ = events.kill();
+            panic!("no two sandbox.agent events within 30 s of the recovery");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = events.wait_with_output().unwrap();
+    let evs: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(json)
+        .collect();
+    println!("sandbox.agent events: {evs:?}");
+    assert_eq!(evs.len(), 2, "{}", text(&out));
+    assert_eq!(evs[0]["agent"], "reconnecting", "{evs:?}");
+    assert!(
+        evs[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("protocol violation")),
+        "{evs:?}"
+    );
+    assert_eq!(
+        (evs[1]["agent"].as_str(), evs[1]["name"].as_str()),
+        (Some("ready"), Some("flood")),
+        "{evs:?}"
     );
     assert!(
         details.iter().any(|d| d.contains("protocol violation")),

@@ -400,3 +400,60 @@ async fn shell_as_root_in_a_root_owned_folder_runs_an_unprivileged_vmm() {
     }
     srv.assert_clean();
 }
+
+/// The grant on a root-owned folder is journaled before it is made: a manager killed
+/// mid-create (VMM launched, grant in place) leaves a row that reconcile, at the next
+/// start, revokes with the rest of the failed create.
+#[test]
+fn a_crash_mid_create_revokes_the_grant_on_a_root_owned_folder() {
+    let roots = ("ATELIER_SHARE_ROOTS", "/var/tmp,/root");
+    let mut srv = Server::start_with(&[roots, ("ATELIER_FAULT_PAUSE", "create-after-launch")]);
+    let proj = tempfile::Builder::new()
+        .prefix("atl-rootcrash-")
+        .tempdir_in("/root")
+        .unwrap();
+    let dir = proj.path();
+    std::fs::create_dir(dir.join("src")).unwrap();
+    std::fs::write(dir.join("src/main.rs"), "fn main() {}\n").unwrap();
+    let before: Vec<(PathBuf, u32)> = walk(dir).into_iter().map(|(p, m)| (p, m.mode())).collect();
+    let mount = format!("{}:/mnt/proj", dir.display());
+    let out = srv.run(&[
+        "--json",
+        "sandbox",
+        "create",
+        "--name",
+        "doomed",
+        "--memory",
+        "512",
+        "--mount",
+        &mount,
+        "--no-wait",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    srv.wait_log("fault point reached", std::time::Duration::from_secs(120));
+    assert_eq!(
+        acl_xattrs(dir),
+        vec!["system.posix_acl_access", "system.posix_acl_default"],
+        "granted before the VMM started"
+    );
+    assert!(srv.journal().iter().any(|r| r.starts_with("share-access ")));
+    srv.kill9();
+    srv.restart(&[roots]);
+    let s: Value = serde_json::from_str(&srv.ok(&["--json", "sandbox", "show", "doomed"])).unwrap();
+    assert_eq!(s["state"], "failed", "{s}");
+    for (p, mode) in &before {
+        assert_eq!(acl_xattrs(p), Vec::<&str>::new(), "{}", p.display());
+        assert_eq!(
+            std::fs::metadata(p).unwrap().mode(),
+            *mode,
+            "{}",
+            p.display()
+        );
+    }
+    srv.ok(&["sandbox", "rm", "doomed"]);
+    srv.assert_clean();
+}

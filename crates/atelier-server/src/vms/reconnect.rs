@@ -60,9 +60,8 @@ impl Manager {
             vm.set_detail(Some(format!(
                 "agent connection closed ({reason}); reconnecting"
             )));
-            self.agent_event(&id, "reconnecting", Some(reason.clone()))
-                .await;
             let mut last = reason.clone();
+            let mut announced = false;
             let new = loop {
                 if attempts >= MAX_RECONNECT_ATTEMPTS {
                     let why = format!(
@@ -81,6 +80,13 @@ impl Manager {
                 }
                 if !self.runs(&id, &vm).await {
                     return;
+                }
+                // Announced once the VM outlived the first wait: a guest powering
+                // itself off closes the connection just before its VMM exits.
+                if !announced {
+                    announced = true;
+                    self.agent_event(&id, "reconnecting", Some(reason.clone()))
+                        .await;
                 }
                 match self.connect_agent(&vm).await {
                     Ok(c) => break c,
