@@ -747,6 +747,11 @@ impl AgentClient {
         self.inner.lock().closed.is_none()
     }
 
+    /// Whether `other` is a clone of this client (the same connection).
+    pub fn same_connection(&self, other: &AgentClient) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// Waits until the connection closes (end of stream, an I/O error, or a protocol
     /// violation) and returns why. A closed connection stays closed: recovering
     /// means connecting again (the agent takes a new host connection at any time).

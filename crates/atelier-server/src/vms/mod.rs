@@ -303,7 +303,11 @@ impl VmRegistry {
         let timeout = self.agent_timeout.min(Duration::from_secs(5));
         let agents: Vec<AgentClient> = vms.iter().map(|(_, vm)| vm.agent()).collect();
         let pings = futures::future::join_all(agents.iter().map(|a| a.ping(timeout)));
-        for ((id, vm), ping) in vms.iter().zip(pings.await) {
+        for (((id, vm), agent), ping) in vms.iter().zip(&agents).zip(pings.await) {
+            // A connection replaced meanwhile (reconnected) says nothing of the new one.
+            if !vm.agent().same_connection(agent) {
+                continue;
+            }
             let ok = ping.is_ok();
             if vm.responsive.swap(ok, Ordering::Relaxed) != ok {
                 if ok {
