@@ -27,6 +27,10 @@ for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -
 [ ${#missing[@]} -eq 0 ] || apt-get install -y -q "${missing[@]}"
 # The dev-base and agents images fetch Node, Bun, OpenCode, ... with the host's npm.
 # A Node.js from elsewhere (e.g. NodeSource) already brings npm; else Debian's.
+# The unprivileged user that runs the VMs of sandboxes sharing root-owned folders
+# (the manager creates it on demand too; see docs/security.md).
+id -u atelier-vmm >/dev/null 2>&1 || useradd --system --user-group --no-create-home \
+  --home-dir /nonexistent --shell /usr/sbin/nologin --comment "Atelier share VMMs" atelier-vmm
 command -v npm >/dev/null || apt-get install -y -q npm
 if ! qemu-system-x86_64 --version 2>/dev/null | grep -qE 'version (9|[1-9][0-9])\.'; then
   apt-get install -y -q -t bookworm-backports qemu-system-x86

@@ -747,6 +747,23 @@ impl AgentClient {
         self.inner.lock().closed.is_none()
     }
 
+    /// Whether `other` is a clone of this client (the same connection).
+    pub fn same_connection(&self, other: &AgentClient) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// Waits until the connection closes (end of stream, an I/O error, or a protocol
+    /// violation) and returns why. A closed connection stays closed: recovering
+    /// means connecting again (the agent takes a new host connection at any time).
+    pub async fn closed(&self) -> String {
+        let mut rx = self.inner.status.subscribe();
+        match rx.wait_for(|s| s.closed.is_some()).await {
+            Ok(s) => s.closed.clone().unwrap_or_default(),
+            // The sender lives as long as `self`; unreachable, but not a panic.
+            Err(_) => self.inner.disconnected().to_string(),
+        }
+    }
+
     /// The deadline of a request (and of a stream's start).
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.inner.timeout_ms.load(Ordering::Relaxed))

@@ -546,6 +546,11 @@ async fn repeated_started_closes_the_connection() {
     let reason = closed_reason(&client).await;
     assert!(reason.contains("protocol violation"), "{reason}");
     assert!(reason.contains("Started"), "{reason}");
+    // `closed` (what the manager's reconnection waits on) says the same at once.
+    let said = tokio::time::timeout(T, client.closed())
+        .await
+        .expect("closed");
+    assert_eq!(said, reason);
     let err = exec.next_event().await.expect("event").expect_err("closed");
     assert!(matches!(err, ProtoError::Disconnected { .. }), "{err:?}");
 }

@@ -132,6 +132,22 @@ pub enum EventKind {
         /// One line: the command, the path, the question.
         title: String,
     },
+    /// A running sandbox's agent connection changed: `reconnecting` (it closed, e.g.
+    /// for a protocol violation by the guest, and the manager connects again),
+    /// `ready` (a new connection answered), or `unhealthy` (reconnecting gave up;
+    /// stop and start the sandbox).
+    #[serde(rename = "sandbox.agent")]
+    SandboxAgent {
+        /// Sandbox id.
+        sandbox: String,
+        /// Its name.
+        name: String,
+        /// `reconnecting`, `ready` or `unhealthy`.
+        agent: String,
+        /// Why: the reason the connection closed, or why reconnecting failed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
     /// A workspace definition was created, changed or deleted.
     #[serde(rename = "workspace.changed")]
     WorkspaceChanged {
@@ -153,6 +169,7 @@ impl EventKind {
             EventKind::PrebuildLog { .. } => "prebuild.log",
             EventKind::DevState { .. } => "dev.state",
             EventKind::WorkspaceChanged { .. } => "workspace.changed",
+            EventKind::SandboxAgent { .. } => "sandbox.agent",
             EventKind::TaskChanged { .. } => "task.changed",
             EventKind::AttentionChanged { .. } => "attention.changed",
         }
@@ -174,7 +191,8 @@ impl EventKind {
             EventKind::SandboxCreated { sandbox, .. }
             | EventKind::SandboxState { sandbox, .. }
             | EventKind::SandboxDeleted { sandbox, .. }
-            | EventKind::DevState { sandbox, .. } => Some(sandbox),
+            | EventKind::DevState { sandbox, .. }
+            | EventKind::SandboxAgent { sandbox, .. } => Some(sandbox),
             EventKind::PrebuildStatus { .. }
             | EventKind::PrebuildLog { .. }
             | EventKind::WorkspaceChanged { .. }

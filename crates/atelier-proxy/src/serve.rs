@@ -2,9 +2,10 @@
 //! companion that redirects to HTTPS while leaving room for ACME HTTP-01 challenges.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -89,6 +90,10 @@ pub struct ConnLimits {
     /// Connections served at once; more wait in the kernel's accept queue until one
     /// closes.
     pub max_connections: usize,
+    /// Connections one client address holds at once (an IPv6 client: its /64);
+    /// beyond it a new connection from that address is closed at once, so one client
+    /// cannot take every slot of [`max_connections`](Self::max_connections).
+    pub max_connections_per_ip: usize,
     /// HTTP/1: most request-head bytes (431 beyond); HTTP/2: most header-list bytes.
     pub max_header_bytes: usize,
     /// HTTP/1: most header fields in a request (431 beyond).
@@ -104,6 +109,7 @@ impl Default for ConnLimits {
             header_read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(15 * 60),
             max_connections: 4096,
+            max_connections_per_ip: 512,
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             max_concurrent_streams: 250,
@@ -135,6 +141,7 @@ pub async fn serve(
     let acceptor = tls.map(TlsAcceptor::from);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let per_ip = Arc::new(PerClient::default());
     let limits = Arc::new(limits);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -158,11 +165,17 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        // One client address over its share: closed at once, its slot freed.
+        let Some(client_slot) = per_ip.take(peer.ip(), limits.max_connections_per_ip) else {
+            debug!(%peer, cap = limits.max_connections_per_ip, "client address at its connection cap; closing");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let stop = stop_rx.clone();
         let (acceptor, app, limits) = (acceptor.clone(), app.clone(), Arc::clone(&limits));
         tokio::spawn(async move {
             let _permit = permit;
+            let _client_slot = client_slot;
             let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                 req.extensions_mut().insert(ConnectInfo(peer));
                 app.clone().oneshot(req)
@@ -213,6 +226,56 @@ pub async fn serve(
     // Every connection holds a slot: all slots back means all connections closed.
     let all = u32::try_from(limits.max_connections.max(1)).unwrap_or(u32::MAX);
     let _ = slots.acquire_many(all).await;
+}
+
+/// Open connections per client address (IPv6 clients by /64: one host usually holds
+/// a whole /64, so counting single addresses would not bound it).
+#[derive(Default)]
+struct PerClient(Mutex<HashMap<IpAddr, usize>>);
+
+/// One connection of a client; gives its count back when dropped.
+struct ClientSlot {
+    map: Arc<PerClient>,
+    key: IpAddr,
+}
+
+impl PerClient {
+    fn key(ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(_) => ip,
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+            },
+        }
+    }
+
+    /// A slot for a connection from `ip`, unless it holds `cap` already.
+    fn take(self: &Arc<Self>, ip: IpAddr, cap: usize) -> Option<ClientSlot> {
+        let key = Self::key(ip);
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = map.entry(key).or_insert(0);
+        if *n >= cap.max(1) {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            map: Arc::clone(self),
+            key,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut map = self.map.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
 }
 
 fn http1(limits: &ConnLimits) -> hyper::server::conn::http1::Builder {
@@ -382,5 +445,34 @@ mod tests {
         assert_eq!(host_without_port("evil.com/x"), None);
         assert_eq!(host_without_port("a@b"), None);
         assert_eq!(host_without_port(":80"), None);
+    }
+
+    #[test]
+    fn clients_are_counted_by_address_and_ipv6_by_slash_64() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap_or_else(|e| panic!("{s}: {e}"));
+        let map = Arc::new(PerClient::default());
+        let a: Vec<_> = (0..2).filter_map(|_| map.take(ip("10.0.0.1"), 2)).collect();
+        assert_eq!(a.len(), 2);
+        assert!(map.take(ip("10.0.0.1"), 2).is_none());
+        assert!(
+            map.take(ip("::ffff:10.0.0.1"), 2).is_none(),
+            "v4-mapped is v4"
+        );
+        let other = map.take(ip("10.0.0.2"), 2);
+        assert!(other.is_some());
+        let v6 = map.take(ip("2001:db8:1:2::1"), 1);
+        assert!(v6.is_some());
+        assert!(
+            map.take(ip("2001:db8:1:2:ffff::9"), 1).is_none(),
+            "same /64"
+        );
+        assert!(map.take(ip("2001:db8:1:3::1"), 1).is_some(), "another /64");
+        drop(a);
+        assert!(map.take(ip("10.0.0.1"), 2).is_some(), "slots come back");
+        drop((other, v6));
+        assert!(
+            map.0.lock().unwrap_or_else(PoisonError::into_inner).len() <= 1,
+            "empty entries are removed"
+        );
     }
 }

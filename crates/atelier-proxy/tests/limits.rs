@@ -155,3 +155,69 @@ async fn a_connection_moving_no_bytes_is_dropped_after_the_idle_timeout() {
     // Asked to close after one idle period, dropped after a second.
     assert!(d < Duration::from_secs(2) + SLACK, "lived {d:?}");
 }
+
+/// A TCP connection to `addr` from source address `from` (127.0.0.2 and 127.0.0.1 are
+/// distinct client addresses on loopback).
+async fn connect_from(from: &str, addr: SocketAddr) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    sock.connect(addr).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_address_cannot_take_every_connection() {
+    const PER_IP: usize = 3;
+    // Long header timeout: idle connections would hold their slots for the whole
+    // test without the per-address cap.
+    let addr = start(ConnLimits {
+        header_read_timeout: Duration::from_secs(60),
+        max_connections: CAP,
+        max_connections_per_ip: PER_IP,
+        ..ConnLimits::default()
+    })
+    .await;
+    // One address opens twice the whole cap of idle connections.
+    let mut idle = Vec::new();
+    for _ in 0..CAP * 2 {
+        idle.push(connect_from("127.0.0.2", addr).await);
+    }
+    // Those beyond its share are closed at once; its share stays open.
+    let t0 = Instant::now();
+    let mut open = 0;
+    let mut closed = 0;
+    for mut tcp in idle {
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(SLACK, tcp.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => closed += 1,
+            Ok(Ok(_)) => panic!("an idle connection got an answer"),
+            Err(_) => {
+                open += 1;
+                // Keep it open until the end of the test.
+                std::mem::forget(tcp);
+            }
+        }
+    }
+    assert_eq!(
+        (open, closed),
+        (PER_IP, CAP * 2 - PER_IP),
+        "after {:?}",
+        t0.elapsed()
+    );
+    // Another address is served at once.
+    let t1 = Instant::now();
+    let mut tcp = connect_from("127.0.0.1", addr).await;
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = String::new();
+    tokio::time::timeout(SLACK, tcp.read_to_string(&mut reply))
+        .await
+        .expect("the other address is answered within the slack")
+        .unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    println!(
+        "127.0.0.2 kept {open} of {} connections; 127.0.0.1 answered in {:?}",
+        CAP * 2,
+        t1.elapsed()
+    );
+}

@@ -153,11 +153,11 @@ impl Manager {
             self.set_dev_routes(id, HashMap::new());
             return;
         };
-        let Ok(statuses) = vm.agent.dev_list().await else {
+        let Ok(statuses) = vm.agent().dev_list().await else {
             return;
         };
         if self.apply_dev_statuses(id, &vm, &statuses).await
-            && let Ok(s) = vm.agent.dev_list().await
+            && let Ok(s) = vm.agent().dev_list().await
         {
             self.apply_dev_statuses(id, &vm, &s).await;
         }
@@ -166,7 +166,7 @@ impl Manager {
     /// Follows the statuses a sandbox's agent pushes (capability `dev-events`) for
     /// as long as `vm` is the sandbox's VM.
     async fn follow_dev_changes(&self, id: &SandboxId, vm: Arc<crate::vms::RunningVm>) {
-        let mut changes = vm.agent.dev_changes();
+        let mut changes = vm.agent().dev_changes();
         loop {
             if !self.vms.get(id).is_some_and(|v| Arc::ptr_eq(&v, &vm)) {
                 return;
@@ -207,7 +207,7 @@ impl Manager {
                 continue;
             };
             let spec = self.with_workspace_secrets(id, spec).await;
-            match vm.agent.dev_start(spec).await {
+            match vm.agent().dev_start(spec).await {
                 Ok(()) => {
                     tracing::info!(sandbox = %id, dev = %row.name, "dev command started again");
                     restarted = true;
@@ -286,7 +286,7 @@ impl Manager {
                     let (m, sid) = (Arc::clone(&me), id.clone());
                     // An agent that pushes its statuses is followed for the VM's
                     // life; an older one is asked once a second.
-                    let task = if vm.agent.supports(atelier_agent_proto::CAP_DEV_EVENTS) {
+                    let task = if vm.agent().supports(atelier_agent_proto::CAP_DEV_EVENTS) {
                         tokio::spawn(async move { m.follow_dev_changes(&sid, vm).await })
                     } else {
                         tokio::spawn(async move {

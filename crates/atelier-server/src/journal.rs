@@ -30,16 +30,21 @@ pub enum ResourceKind {
     /// A guest address and its firewall elements (a sandbox's is reclaimed with
     /// its disk: the address is part of its identity).
     Ip,
+    /// ACL entries granting the share user access to a root-owned shared folder
+    /// (`uid:owner:path`; reclaimed with the disk: the grant lives as long as the
+    /// sandbox). See [`crate::share_access`].
+    ShareAccess,
 }
 
 impl ResourceKind {
     /// Every kind, in no particular order.
-    pub const ALL: [ResourceKind; 5] = [
+    pub const ALL: [ResourceKind; 6] = [
         ResourceKind::Dir,
         ResourceKind::Disk,
         ResourceKind::Process,
         ResourceKind::Tap,
         ResourceKind::Ip,
+        ResourceKind::ShareAccess,
     ];
 
     /// The name stored in the journal.
@@ -50,6 +55,7 @@ impl ResourceKind {
             ResourceKind::Process => "process",
             ResourceKind::Tap => "tap",
             ResourceKind::Ip => "ip",
+            ResourceKind::ShareAccess => "share-access",
         }
     }
 
@@ -63,7 +69,7 @@ impl ResourceKind {
     fn implied_by(self, kinds: &[ResourceKind]) -> bool {
         match self {
             ResourceKind::Tap => kinds.contains(&ResourceKind::Process),
-            ResourceKind::Ip => kinds.contains(&ResourceKind::Disk),
+            ResourceKind::Ip | ResourceKind::ShareAccess => kinds.contains(&ResourceKind::Disk),
             _ => false,
         }
     }
@@ -243,6 +249,7 @@ impl Journal {
                 }
                 self.store.release_ip(&r.locator).await?;
             }
+            ResourceKind::ShareAccess => self.revoke_share_access(r).await?,
             ResourceKind::Dir => match std::fs::remove_dir_all(&r.locator) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     return Err(Error::internal(format!("cannot remove {}: {e}", r.locator)));
@@ -252,6 +259,65 @@ impl Journal {
         }
         tracing::debug!(owner = %r.owner_key, kind = kind.as_str(), locator = %r.locator, "reclaimed");
         self.store.forget_resource(r.id).await?;
+        Ok(())
+    }
+}
+
+impl Journal {
+    /// Records, then grants, the share user's access to root-owned folder `path`
+    /// for sandbox `owner`.
+    pub(crate) async fn grant_share_access(
+        &self,
+        owner: &SandboxId,
+        uid: u32,
+        path: &Path,
+        read_only: bool,
+    ) -> Result<(), Error> {
+        let _serial = crate::share_access::LOCK.lock().await;
+        let locator = crate::share_access::locator(uid, owner.as_str(), path);
+        self.record(owner, ResourceKind::ShareAccess, &locator)
+            .await?;
+        let p = path.to_owned();
+        let stats =
+            tokio::task::spawn_blocking(move || crate::share_access::grant(&p, uid, read_only))
+                .await
+                .map_err(|e| Error::internal(e.to_string()))??;
+        tracing::info!(sandbox = %owner, path = %path.display(), uid, entries = stats.entries, skipped = stats.skipped, "granted the share user access to a root-owned folder");
+        Ok(())
+    }
+
+    /// Revokes the grant of row `r`, except where another sandbox's grant still
+    /// covers the folder (a folder inside another grant is left alone entirely; a
+    /// folder holding one keeps that subtree).
+    async fn revoke_share_access(&self, r: &Resource) -> Result<(), Error> {
+        let Some((uid, path)) = crate::share_access::parse_locator(&r.locator) else {
+            tracing::warn!(locator = %r.locator, "unreadable share-access row; forgetting it");
+            return Ok(());
+        };
+        let _serial = crate::share_access::LOCK.lock().await;
+        let others: Vec<std::path::PathBuf> = self
+            .list(None)
+            .await?
+            .into_iter()
+            .filter(|o| o.id != r.id && o.kind == Some(ResourceKind::ShareAccess))
+            .filter_map(|o| crate::share_access::parse_locator(&o.locator))
+            .filter(|(u, _)| *u == uid)
+            .map(|(_, p)| p)
+            .collect();
+        if others.iter().any(|o| path.starts_with(o)) {
+            tracing::debug!(path = %path.display(), "another sandbox's grant covers this folder; keeping it");
+            return Ok(());
+        }
+        let keep: Vec<_> = others
+            .into_iter()
+            .filter(|o| o.starts_with(&path))
+            .collect();
+        let p = path.clone();
+        let stats =
+            tokio::task::spawn_blocking(move || crate::share_access::revoke(&p, uid, &keep))
+                .await
+                .map_err(|e| Error::internal(e.to_string()))??;
+        tracing::info!(path = %path.display(), uid, entries = stats.entries, "revoked the share user's access to a root-owned folder");
         Ok(())
     }
 }
@@ -285,5 +351,9 @@ mod tests {
         assert!(Ip.implied_by(&[Disk]));
         assert!(!Ip.implied_by(&[Process]));
         assert!(!Dir.implied_by(&[Process, Disk]));
+        // A root-owned folder's grant lasts as long as the sandbox (its disk), so
+        // delete, a failed first create and reconcile revoke it.
+        assert!(ShareAccess.implied_by(&[Disk]));
+        assert!(!ShareAccess.implied_by(&[Process]));
     }
 }

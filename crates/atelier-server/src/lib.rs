@@ -23,6 +23,7 @@ pub mod prebuild;
 mod reconcile;
 pub mod sandboxes;
 pub mod secrets;
+pub mod share_access;
 pub mod shares;
 mod templates;
 mod vms;

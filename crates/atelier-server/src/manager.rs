@@ -213,6 +213,13 @@ impl Manager {
         self.vms.agent_health(id)
     }
 
+    /// Why a running sandbox's agent is not ready, when known (its connection was
+    /// closed, e.g. for a protocol violation; the manager is reconnecting; or it gave
+    /// up).
+    pub fn agent_detail(&self, id: &SandboxId) -> Option<String> {
+        self.vms.agent_status(id).and_then(|(_, _, d)| d)
+    }
+
     /// A sandbox's directory (its run files and console log).
     pub fn sandbox_dir(&self, id: &SandboxId) -> PathBuf {
         self.cfg.sandboxes_dir().join(id.as_str())

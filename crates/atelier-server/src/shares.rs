@@ -10,6 +10,12 @@
 //!   share, and the 9p server stores the guest's owners, modes and device nodes as
 //!   metadata (`security_model=mapped-xattr` in `atelier-vmm`) instead of applying
 //!   them;
+//! - a folder owned by root (e.g. under `/root`, where the README's root user
+//!   works) is shared by a VMM running as the unprivileged system user
+//!   [`crate::share_access::VMM_USER`], granted access to that folder only, with
+//!   ACL entries journaled and revoked when the sandbox goes
+//!   ([`crate::share_access`]); only a root client (or the admin API without a
+//!   `mount_owner`) may share a root-owned folder;
 //! - a `,` in a path is refused: QEMU's option parser would read it as a separator.
 
 use std::os::unix::fs::MetadataExt;
@@ -22,28 +28,39 @@ use atelier_vmm::Share;
 use crate::{Error, ManagerConfig};
 
 /// The share roots when the operator names none: users' home folders, which hold
-/// their projects and belong to them (a root-owned folder can never be shared).
-pub const DEFAULT_SHARE_ROOTS: &[&str] = &["/home"];
+/// their projects, and root's (the README's setup runs as root).
+pub const DEFAULT_SHARE_ROOTS: &[&str] = &["/home", "/root"];
 
 /// Checks a new sandbox's mounts against the share roots and replaces them with
 /// their canonical form; sets `mount_owner` to the user its VMM will run as.
 pub(crate) fn check_spec(cfg: &ManagerConfig, spec: &mut SandboxSpec) -> Result<(), Error> {
-    let (mounts, owner) = check(cfg, &spec.mounts, spec.mount_owner)?;
-    spec.mounts = mounts;
-    spec.mount_owner = owner;
+    let checked = check(cfg, &spec.mounts, spec.mount_owner)?;
+    spec.mounts = checked.mounts;
+    spec.mount_owner = checked.owner;
     Ok(())
 }
 
-/// A sandbox's 9p shares and the host uid/gid its VMM drops to.
-pub(crate) type VmShares = (Vec<Share>, Option<(u32, u32)>);
+/// A sandbox's 9p shares, the host uid/gid its VMM drops to, and the root-owned
+/// folders (canonical path, read-only) that user must be granted access to first.
+#[derive(Debug, Default)]
+pub(crate) struct VmShares {
+    /// The 9p exports.
+    pub shares: Vec<Share>,
+    /// The uid/gid the VMM drops to; None keeps the manager's user.
+    pub run_as: Option<(u32, u32)>,
+    /// Folders owned by root that [`crate::share_access::VMM_USER`] needs an ACL
+    /// grant on.
+    pub grants: Vec<(PathBuf, bool)>,
+}
 
 /// The 9p shares of sandbox `rec` and the uid/gid its VMM drops to, checked again
 /// at every launch (a folder may have moved, changed owner or become a symlink
 /// since the sandbox was created). `None` when the VMM keeps the manager's user:
 /// no shares, or the manager itself runs as the folders' (non-root) owner.
 pub(crate) fn vm_shares(cfg: &ManagerConfig, rec: &SandboxRecord) -> Result<VmShares, Error> {
-    let (mounts, owner) = check(cfg, &rec.mounts, rec.mount_owner)?;
-    let shares = mounts
+    let checked = check(cfg, &rec.mounts, rec.mount_owner)?;
+    let shares = checked
+        .mounts
         .iter()
         .enumerate()
         .map(|(i, m)| Share {
@@ -54,10 +71,23 @@ pub(crate) fn vm_shares(cfg: &ManagerConfig, rec: &SandboxRecord) -> Result<VmSh
         .collect();
     // Dropping to our own user is no drop (and QEMU refuses it).
     let me = rustix::process::geteuid().as_raw();
-    Ok((
+    let grants = if checked.root_owned {
+        checked
+            .mounts
+            .iter()
+            .map(|m| (PathBuf::from(&m.source), m.read_only))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(VmShares {
         shares,
-        owner.filter(|o| o.uid != me).map(|o| (o.uid, o.gid)),
-    ))
+        run_as: checked
+            .owner
+            .filter(|o| o.uid != me)
+            .map(|o| (o.uid, o.gid)),
+        grants,
+    })
 }
 
 /// Refuses to pause or fork (`done`) a sandbox with shared folders: QEMU blocks
@@ -92,14 +122,27 @@ fn roots_text(cfg: &ManagerConfig) -> String {
         .join(", ")
 }
 
+/// Checked mounts: canonical, with the VMM's user.
+#[derive(Debug)]
+struct Checked {
+    mounts: Vec<MountSpec>,
+    owner: Option<Owner>,
+    /// The folders belong to root: the VMM runs as the share user, with a grant.
+    root_owned: bool,
+}
+
 /// Canonical mounts and the VMM's user; see the module docs for the rules.
 fn check(
     cfg: &ManagerConfig,
     mounts: &[MountSpec],
     requested: Option<Owner>,
-) -> Result<(Vec<MountSpec>, Option<Owner>), Error> {
+) -> Result<Checked, Error> {
     if mounts.is_empty() {
-        return Ok((Vec::new(), None));
+        return Ok(Checked {
+            mounts: Vec::new(),
+            owner: None,
+            root_owned: false,
+        });
     }
     let roots = roots(cfg);
     let data_dir = std::fs::canonicalize(&cfg.data_dir).unwrap_or_else(|_| cfg.data_dir.clone());
@@ -127,9 +170,9 @@ fn check(
                 "mount source {shown} is not a directory"
             )));
         }
-        if meta.uid() == 0 {
+        if meta.uid() == 0 && !rustix::process::geteuid().is_root() {
             return Err(Error::invalid(format!(
-                "mount source {shown} belongs to root; the VM of a sandbox with shared folders runs as the folders' owner and never as root (a guest could otherwise create setuid-root files or device nodes on the host): share a folder owned by a regular user (e.g. `chown -R USER: {shown}`)"
+                "mount source {shown} belongs to root, and the manager does not run as root, so it cannot grant the unprivileged user its VM would run as access to it (the VM of a sandbox with shared folders never runs as root): share a folder owned by a regular user (e.g. `chown -R USER: {shown}`)"
             )));
         }
         match &owner {
@@ -148,22 +191,38 @@ fn check(
             read_only: m.read_only,
         });
     }
-    let Some((uid, gid, first)) = owner else {
-        return Ok((out, None));
+    let Some((folder_uid, folder_gid, first)) = owner else {
+        return Ok(Checked {
+            mounts: out,
+            owner: None,
+            root_owned: false,
+        });
+    };
+    // Root's folders are shared by the unprivileged share user, never by root.
+    let root_owned = folder_uid == 0;
+    let (uid, gid) = if root_owned {
+        crate::share_access::vmm_user()?
+    } else {
+        (folder_uid, folder_gid)
     };
     // The client's own uid (the CLI sends it) is a preference, not an authority: a
-    // non-root one must be the folders' owner; root (or none) means "the owner".
+    // non-root one must be the folders' owner (for root's folders, the share user
+    // the record already names); root (or none) means "the owner".
     let owner = match requested {
         Some(o) if o.uid == uid => o,
         Some(o) if o.uid != 0 => {
             return Err(Error::invalid(format!(
-                "mount_owner {}:{} does not own {first} (uid {uid} does); a sandbox's VM runs as the owner of its shared folders, so share a folder you own",
+                "mount_owner {}:{} does not own {first} (uid {folder_uid} does); a sandbox's VM runs as the owner of its shared folders, so share a folder you own",
                 o.uid, o.gid
             )));
         }
         _ => Owner { uid, gid },
     };
-    Ok((out, Some(owner)))
+    Ok(Checked {
+        mounts: out,
+        owner: Some(owner),
+        root_owned,
+    })
 }
 
 /// `source` made absolute and free of symlinks and `..`, refusing what QEMU's
@@ -245,11 +304,30 @@ mod tests {
         assert!(e.contains("','"), "{e}");
 
         if rustix::process::geteuid().is_root() {
-            // The temp dir is root's: refused whatever the client asks.
-            let e = err(mount(&proj));
-            assert!(e.contains("belongs to root"), "{e}");
+            // The temp dir is root's: its VMM runs as the share user, which only a
+            // root client (or none) may ask for; a regular user is refused.
+            let (uid, gid) = crate::share_access::vmm_user().unwrap();
+            assert_ne!(uid, 0);
+            let ck = check(&c, &[mount(&proj)], Some(Owner { uid: 0, gid: 0 })).unwrap();
+            assert_eq!((ck.owner, ck.root_owned), (Some(Owner { uid, gid }), true));
+            // Checked again at a later launch with the owner the record holds.
+            let again = check(&c, &[mount(&proj)], ck.owner).unwrap();
+            assert_eq!(again.owner, ck.owner);
+            let e = check(
+                &c,
+                &[mount(&proj)],
+                Some(Owner {
+                    uid: 1000,
+                    gid: 1000,
+                }),
+            )
+            .unwrap_err()
+            .message;
+            assert!(e.contains("does not own") && e.contains("uid 0"), "{e}");
             chown(&proj, 65534);
-            let (m, o) = check(&c, &[mount(&proj)], Some(Owner { uid: 0, gid: 0 })).unwrap();
+            let ck = check(&c, &[mount(&proj)], Some(Owner { uid: 0, gid: 0 })).unwrap();
+            let (m, o) = (ck.mounts, ck.owner);
+            assert!(!ck.root_owned);
             assert_eq!(
                 o,
                 Some(Owner {

@@ -165,6 +165,15 @@ fn human(e: &Event) -> String {
             "{name} in {sandbox} {} {url}",
             if *up { "up" } else { "down" }
         ),
+        EventKind::SandboxAgent {
+            name,
+            agent,
+            reason,
+            ..
+        } => match reason {
+            Some(r) => format!("{name} agent {agent}: {r}"),
+            None => format!("{name} agent {agent}"),
+        },
         EventKind::WorkspaceChanged { workspace, deleted } => {
             format!(
                 "{workspace} {}",

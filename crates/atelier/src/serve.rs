@@ -126,6 +126,12 @@ pub struct ServeArgs {
     #[arg(long, env = "ATELIER_MAX_CONNECTIONS", default_value_t = 4096,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_connections: u64,
+    /// Connections one client address (an IPv6 client: its /64) holds at once on
+    /// each listener; beyond it its new connections are closed at once, so one
+    /// client cannot take every connection.
+    #[arg(long, env = "ATELIER_MAX_CONNECTIONS_PER_IP", default_value_t = 512,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections_per_ip: u64,
     /// Seconds a client has to send a request's headers (also how long a kept-alive
     /// HTTP/1 connection may wait for its next request).
     #[arg(long, env = "ATELIER_HEADER_TIMEOUT_SECS", default_value_t = 30,
@@ -138,9 +144,10 @@ pub struct ServeArgs {
     pub idle_timeout_secs: u64,
     /// A host folder under which sandboxes may share folders (`--mount`);
     /// repeatable (the environment variable takes a comma-separated list). Default:
-    /// /home. Anything outside the roots (after resolving symlinks and `..`), the
-    /// data dir, and folders owned by root are refused: the VM of a sandbox with
-    /// shares runs as the folders' owner, never as root.
+    /// /home and /root. Anything outside the roots (after resolving symlinks and
+    /// `..`) and the data dir are refused. The VM of a sandbox with shares runs as
+    /// the folders' owner, never as root: root's folders are shared by the system
+    /// user atelier-vmm with an ACL grant.
     #[arg(
         long = "share-root",
         env = "ATELIER_SHARE_ROOTS",
@@ -157,6 +164,8 @@ impl ServeArgs {
             header_read_timeout: Duration::from_secs(self.header_timeout_secs),
             idle_timeout: Duration::from_secs(self.idle_timeout_secs),
             max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+            max_connections_per_ip: usize::try_from(self.max_connections_per_ip)
+                .unwrap_or(usize::MAX),
             ..atelier_proxy::ConnLimits::default()
         }
     }

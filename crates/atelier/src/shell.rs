@@ -37,7 +37,7 @@ pub struct ShellArgs {
     #[arg(long, default_value_t = 2048)]
     pub memory: u32,
     /// Extra host folders for a new sandbox: HOST:GUEST[:ro] (repeatable; under the
-    /// manager's share roots, default /home, like the current folder).
+    /// manager's share roots, default /home and /root, like the current folder).
     #[arg(long = "mount")]
     pub mounts: Vec<String>,
     /// Do not share the current folder at /workspace.

@@ -2,8 +2,10 @@
 //! its agent worker, takes the virtio-serial port and writes garbage, absurd frame
 //! lengths, torn frames and a sustained flood to it, while looping DNS queries. The
 //! manager closes that sandbox's agent connection (a protocol violation) and reports
-//! it unresponsive; meanwhile its memory stays within a stated bound and a second
-//! sandbox keeps answering. The protocol-level cases (a flood of `Started` frames,
+//! it unresponsive with the reason; meanwhile its memory stays within a stated bound
+//! and a second sandbox keeps answering. Once the flood stops (the script gives the
+//! port back and the agent's supervisor restarts the worker), the manager's
+//! reconnection brings the sandbox back: exec works there again. The protocol-level cases (a flood of `Started` frames,
 //! excess credit, a non-reading agent) run against a fake peer in
 //! `atelier-agent-proto`'s tests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -85,12 +87,20 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 fn agent_state(srv: &Server, name: &str) -> String {
+    agent_status(srv, name).0
+}
+
+/// The sandbox's `agent` and `agent_detail` fields.
+fn agent_status(srv: &Server, name: &str) -> (String, String) {
     let s = json(&srv.ok(&["--json", "sandbox", "show", name]));
-    s["agent"].as_str().unwrap_or_default().to_owned()
+    (
+        s["agent"].as_str().unwrap_or_default().to_owned(),
+        s["agent_detail"].as_str().unwrap_or_default().to_owned(),
+    )
 }
 
 #[test]
-fn hostile_guest_on_the_agent_port_is_disconnected_and_bounded() {
+fn hostile_guest_on_the_agent_port_is_disconnected_bounded_and_recovers() {
     let srv = Server::start_with(&[("ATELIER_AGENT_TIMEOUT_SECS", "5")]);
     for name in ["flood", "calm"] {
         let s = json(&srv.ok(&[
@@ -110,6 +120,21 @@ fn hostile_guest_on_the_agent_port_is_disconnected_and_bounded() {
         script.to_str().unwrap(),
         "flood:/root/hostile_guest.py",
     ]);
+    // The sandbox.agent events of the coming close and recovery, followed live.
+    let mut events = srv
+        .cli()
+        .args([
+            "--json",
+            "events",
+            "--types",
+            "sandbox.agent",
+            "--count",
+            "2",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let launch = format!(
         "setsid python3 /root/hostile_guest.py {} {FLOOD_SECS} </dev/null >/dev/null 2>&1 &",
         srv.net.gateway()
@@ -121,12 +146,17 @@ fn hostile_guest_on_the_agent_port_is_disconnected_and_bounded() {
     let mut rss_peak = rss_before;
     let mut during = Vec::new();
     let mut unresponsive_after = None;
+    let mut details = Vec::new();
     while flood_start.elapsed() < Duration::from_secs(FLOOD_SECS + 5) {
         rss_peak = rss_peak.max(rss_kib(pid));
         during.push(exec_latency(&srv, "calm"));
         rss_peak = rss_peak.max(rss_kib(pid));
-        if unresponsive_after.is_none() && agent_state(&srv, "flood") == "unresponsive" {
-            unresponsive_after = Some(flood_start.elapsed());
+        let (state, detail) = agent_status(&srv, "flood");
+        if state == "unresponsive" {
+            unresponsive_after.get_or_insert(flood_start.elapsed());
+            if !detail.is_empty() && !details.contains(&detail) {
+                details.push(detail);
+            }
         }
     }
     // The health check runs every 10 s; give it a bounded while after the flood.
@@ -153,27 +183,87 @@ fn hostile_guest_on_the_agent_port_is_disconnected_and_bounded() {
         during_median.as_secs_f64() / normal.as_secs_f64()
     );
     println!("flooding sandbox reported unresponsive after {unresponsive_after:?}");
+    println!("its agent_detail meanwhile: {details:#?}");
 
-    // The flooder's own account, if its agent came back (the script ends by giving
-    // the port back, and the supervisor restarts the worker).
-    let stats = srv.run_bounded(
-        &[
-            "sandbox",
-            "exec",
-            "flood",
-            "--",
-            "cat",
-            "/tmp/hostile.stats",
-        ],
-        BOUND,
+    // Recovery: the script gave the port back at the end of the flood and the
+    // agent's supervisor restarted the worker; the manager reconnects (backoff 1, 2,
+    // 4, 8, 16, then 30 s; 8 attempts) and exec works in the sandbox again. The
+    // deadline covers the whole series of attempts.
+    let deadline = flood_start + Duration::from_secs(FLOOD_SECS) + Duration::from_secs(240);
+    let recovered_after = loop {
+        let out = srv.run_bounded(
+            &[
+                "sandbox",
+                "exec",
+                "flood",
+                "--",
+                "cat",
+                "/tmp/hostile.stats",
+            ],
+            BOUND,
+        );
+        if out.status.success() && agent_state(&srv, "flood") == "ready" {
+            println!("flooding guest: {}", text(&out).trim());
+            break flood_start.elapsed();
+        }
+        let (state, detail) = agent_status(&srv, "flood");
+        assert!(
+            Instant::now() < deadline,
+            "the flooding sandbox did not recover: agent {state} ({detail}); exec: {}",
+            text(&out)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    println!(
+        "flooding sandbox answered exec again {recovered_after:?} after the flood began ({FLOOD_SECS} s of flood)"
     );
-    println!("flooding guest: {}", text(&stats).trim());
+    exec_latency(&srv, "flood");
+    assert!(
+        srv.log().contains("agent reconnected"),
+        "the manager should log the reconnection"
+    );
+    // The events said so: `reconnecting` with the violation, then `ready`.
+    let until = Instant::now() + Duration::from_secs(30);
+    while events.try_wait().unwrap().is_none() {
+        if Instant::now() > until {
+            let _ = events.kill();
+            panic!("no two sandbox.agent events within 30 s of the recovery");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = events.wait_with_output().unwrap();
+    let evs: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(json)
+        .collect();
+    println!("sandbox.agent events: {evs:?}");
+    assert_eq!(evs.len(), 2, "{}", text(&out));
+    assert_eq!(evs[0]["agent"], "reconnecting", "{evs:?}");
+    assert!(
+        evs[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("protocol violation")),
+        "{evs:?}"
+    );
+    assert_eq!(
+        (evs[1]["agent"].as_str(), evs[1]["name"].as_str()),
+        (Some("ready"), Some("flood")),
+        "{evs:?}"
+    );
+    assert!(
+        details.iter().any(|d| d.contains("protocol violation")),
+        "while down, agent_detail should say why: {details:?}"
+    );
     let log = srv.log();
     let violations: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("protocol violation"))
         .collect();
-    println!("manager: {violations:?}");
+    println!(
+        "manager: {} lines about protocol violations, the first: {:?}",
+        violations.len(),
+        &violations[..violations.len().min(3)]
+    );
     assert!(
         log.contains("protocol violation"),
         "the manager should close the flooding agent's connection for a protocol violation"

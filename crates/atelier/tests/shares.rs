@@ -91,8 +91,6 @@ async fn shares_stay_unprivileged_and_confined_and_host_files_stay_private() {
         .tempdir_in("/tmp")
         .unwrap();
     chown(outside.path(), NOBODY);
-    let root_owned = base.path().join("root-owned");
-    std::fs::create_dir(&root_owned).unwrap();
     let comma = base.path().join("a,b");
     std::fs::create_dir(&comma).unwrap();
     chown(&comma, NOBODY);
@@ -106,7 +104,6 @@ async fn shares_stay_unprivileged_and_confined_and_host_files_stay_private() {
             "/etc is outside the share roots",
         ),
         (format!("{}/../../../../etc", s(&proj)), "/etc is outside"),
-        (s(&root_owned), "belongs to root"),
         (s(&comma), "','"),
         (s(srv.data_dir.path()), "data dir"),
     ] {
@@ -275,5 +272,188 @@ async fn shares_stay_unprivileged_and_confined_and_host_files_stay_private() {
         NOBODY
     );
     assert_harmless(&proj);
+    srv.assert_clean();
+}
+
+/// The ACL entries (`system.posix_acl_access` / `_default`) on `p`, if any.
+fn acl_xattrs(p: &Path) -> Vec<&'static str> {
+    ["system.posix_acl_access", "system.posix_acl_default"]
+        .into_iter()
+        .filter(|n| rustix::fs::lgetxattr(p, *n, &mut [0u8; 1024][..]).is_ok())
+        .collect()
+}
+
+/// The uid and gid of the share user (`atelier-vmm`) from /etc/passwd.
+fn share_user() -> (u32, u32) {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    let line = passwd
+        .lines()
+        .find(|l| l.starts_with("atelier-vmm:"))
+        .expect("the manager created the atelier-vmm user");
+    let f: Vec<&str> = line.split(':').collect();
+    (f[2].parse().unwrap(), f[3].parse().unwrap())
+}
+
+/// The README's first steps: root runs `atelier shell` in a folder of its own under
+/// /root (0700). The VMM runs as the unprivileged `atelier-vmm`, granted the folder
+/// by ACL entries (journaled) for the sandbox's life; the guest reads and edits
+/// root's files, what it creates belongs to atelier-vmm, no privilege reaches the
+/// host, and deleting the sandbox revokes the grant and restores every mode.
+#[tokio::test(flavor = "multi_thread")]
+async fn shell_as_root_in_a_root_owned_folder_runs_an_unprivileged_vmm() {
+    let srv = Server::start_with(&[("ATELIER_SHARE_ROOTS", "/var/tmp,/root")]);
+    let proj = tempfile::Builder::new()
+        .prefix("atl-rootshell-")
+        .tempdir_in("/root")
+        .unwrap();
+    let dir = proj.path();
+    std::fs::write(dir.join("host.txt"), "root wrote this\n").unwrap();
+    std::fs::create_dir(dir.join("src")).unwrap();
+    std::fs::write(dir.join("src/secret.txt"), "root only\n").unwrap();
+    std::fs::set_permissions(
+        dir.join("src/secret.txt"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let before: Vec<(PathBuf, u32, u32)> = walk(dir)
+        .into_iter()
+        .map(|(p, m)| (p, m.uid(), m.mode()))
+        .collect();
+
+    let out = srv
+        .cli()
+        .current_dir(dir)
+        .args([
+            "shell",
+            "--memory",
+            "512",
+            "--",
+            "sh",
+            "-c",
+            "pwd; cat host.txt src/secret.txt; echo guest-edit >> host.txt; \
+             echo hi > from-shell; mkdir made; echo x > made/inner; \
+             cp /bin/ls suid; chmod 4755 suid; chown 0:0 from-shell; \
+             mknod disk b 254 0; stat -c '%n %a %u' suid from-shell",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("/workspace"), "{stdout}");
+    assert!(
+        stdout.contains("root wrote this") && stdout.contains("root only"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("suid 4755 0"), "{stdout}");
+
+    // The VMM runs as atelier-vmm, never root, and the grant is journaled.
+    let (vmm_uid, _) = share_user();
+    assert_ne!(vmm_uid, 0);
+    let pids = srv.vmm_pids();
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pids[0])).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert_eq!(
+        uid_line.split_whitespace().skip(1).collect::<Vec<_>>(),
+        vec![vmm_uid.to_string(); 4],
+        "{uid_line}"
+    );
+    let rows = srv.journal();
+    let folder = dir.canonicalize().unwrap();
+    assert!(
+        rows.iter()
+            .any(|r| r.starts_with("share-access ")
+                && r.ends_with(&format!(":{}", folder.display()))),
+        "{rows:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("host.txt")).unwrap(),
+        "root wrote this\nguest-edit\n"
+    );
+    // What the guest made belongs to atelier-vmm (0600/0700): no setuid bit, no
+    // device node, nothing root-owned.
+    for name in ["from-shell", "made", "made/inner", "suid", "disk"] {
+        let m = std::fs::symlink_metadata(dir.join(name)).unwrap();
+        assert_eq!(m.uid(), vmm_uid, "{name}");
+        assert!(m.is_file() || m.is_dir(), "{name}: {:?}", m.file_type());
+        assert_eq!(m.mode() & 0o7077, 0, "{name}: {:o}", m.mode());
+    }
+
+    // Deleting the sandbox revokes the grant: no ACL entry is left, and every mode
+    // root had is as it was.
+    let list: Value = serde_json::from_str(&srv.ok(&["sandbox", "list", "--json"])).unwrap();
+    let name = list.as_array().unwrap()[0]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    srv.ok(&["sandbox", "rm", &name]);
+    for (p, _) in walk(dir) {
+        assert_eq!(acl_xattrs(&p), Vec::<&str>::new(), "{}", p.display());
+    }
+    for (p, uid, mode) in &before {
+        let m = std::fs::symlink_metadata(p).unwrap();
+        assert_eq!((m.uid(), m.mode()), (*uid, *mode), "{}", p.display());
+    }
+    srv.assert_clean();
+}
+
+/// The grant on a root-owned folder is journaled before it is made: a manager killed
+/// mid-create (VMM launched, grant in place) leaves a row that reconcile, at the next
+/// start, revokes with the rest of the failed create.
+#[test]
+fn a_crash_mid_create_revokes_the_grant_on_a_root_owned_folder() {
+    let roots = ("ATELIER_SHARE_ROOTS", "/var/tmp,/root");
+    let mut srv = Server::start_with(&[roots, ("ATELIER_FAULT_PAUSE", "create-after-launch")]);
+    let proj = tempfile::Builder::new()
+        .prefix("atl-rootcrash-")
+        .tempdir_in("/root")
+        .unwrap();
+    let dir = proj.path();
+    std::fs::create_dir(dir.join("src")).unwrap();
+    std::fs::write(dir.join("src/main.rs"), "fn main() {}\n").unwrap();
+    let before: Vec<(PathBuf, u32)> = walk(dir).into_iter().map(|(p, m)| (p, m.mode())).collect();
+    let mount = format!("{}:/mnt/proj", dir.display());
+    let out = srv.run(&[
+        "--json",
+        "sandbox",
+        "create",
+        "--name",
+        "doomed",
+        "--memory",
+        "512",
+        "--mount",
+        &mount,
+        "--no-wait",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    srv.wait_log("fault point reached", std::time::Duration::from_secs(120));
+    assert_eq!(
+        acl_xattrs(dir),
+        vec!["system.posix_acl_access", "system.posix_acl_default"],
+        "granted before the VMM started"
+    );
+    assert!(srv.journal().iter().any(|r| r.starts_with("share-access ")));
+    srv.kill9();
+    srv.restart(&[roots]);
+    let s: Value = serde_json::from_str(&srv.ok(&["--json", "sandbox", "show", "doomed"])).unwrap();
+    assert_eq!(s["state"], "failed", "{s}");
+    for (p, mode) in &before {
+        assert_eq!(acl_xattrs(p), Vec::<&str>::new(), "{}", p.display());
+        assert_eq!(
+            std::fs::metadata(p).unwrap().mode(),
+            *mode,
+            "{}",
+            p.display()
+        );
+    }
+    srv.ok(&["sandbox", "rm", "doomed"]);
     srv.assert_clean();
 }

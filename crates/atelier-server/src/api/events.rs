@@ -17,7 +17,7 @@ use crate::Error;
 use crate::events::Delivery;
 
 /// Every event type name, for `?types=` validation.
-pub const EVENT_TYPES: [&str; 9] = [
+pub const EVENT_TYPES: [&str; 10] = [
     "sandbox.created",
     "sandbox.state",
     "sandbox.deleted",
@@ -25,6 +25,7 @@ pub const EVENT_TYPES: [&str; 9] = [
     "prebuild.log",
     "dev.state",
     "workspace.changed",
+    "sandbox.agent",
     "task.changed",
     "attention.changed",
 ];

@@ -95,6 +95,11 @@ pub struct SandboxView {
     pub error: Option<String>,
     /// Agent health for running sandboxes: `ready` or `unresponsive`.
     pub agent: Option<String>,
+    /// Why the agent is not ready, when known: its connection was closed (e.g. for a
+    /// protocol violation by the guest) and the manager is reconnecting, or gave up
+    /// (then stop and start the sandbox).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_detail: Option<String>,
     /// How many times the guest agent restarted since this manager connected.
     pub agent_restarts: Option<u64>,
     /// How the running VM came up: `snapshot` (restored from a memory snapshot) or `boot`.
@@ -121,6 +126,7 @@ impl SandboxView {
                 AgentHealth::Ready => "ready".to_owned(),
                 AgentHealth::Unresponsive => "unresponsive".to_owned(),
             }),
+            agent_detail: mgr.agent_detail(&r.id),
             agent_restarts: health.map(|(_, n)| n),
             booted_from: mgr.restored(&r.id).map(|r| {
                 if r {

@@ -454,7 +454,17 @@ impl Manager {
             rec.vcpus,
             accel,
         );
-        (cfg.shares, cfg.run_as) = crate::shares::vm_shares(&self.cfg, rec)?;
+        let shares = crate::shares::vm_shares(&self.cfg, rec)?;
+        if let Some((uid, _)) = shares.run_as {
+            // Root's folders: the share user gets access to them (again at every
+            // launch, for what root added meanwhile), journaled first.
+            for (path, read_only) in &shares.grants {
+                self.journal
+                    .grant_share_access(&rec.id, uid, path, *read_only)
+                    .await?;
+            }
+        }
+        (cfg.shares, cfg.run_as) = (shares.shares, shares.run_as);
         if let Some(net) = &self.net {
             let (first, last) = net.cfg.guest_range();
             let ip = self

@@ -35,7 +35,7 @@ impl Manager {
     /// be forced and why (for the sandbox record and the log).
     pub(crate) async fn halt_vm(&self, rec: &SandboxRecord, vm: &RunningVm) -> Option<String> {
         let mut why = Vec::new();
-        match vm.agent.shutdown(false).await {
+        match vm.agent().shutdown(false).await {
             Ok(()) => {
                 if vm.process.wait_exit(POWER_OFF_WAIT).await {
                     return None;

@@ -24,6 +24,7 @@ impl Manager {
     ) {
         let mut exited = process.exit_watch();
         let vm = self.vms.insert(id, process, agent, restored);
+        self.supervise_agent(id, Arc::clone(&vm));
         let me = Arc::clone(self);
         let id = id.clone();
         tokio::spawn(async move {
@@ -129,7 +130,7 @@ impl Manager {
     pub async fn agent(&self, id_or_name: &str) -> Result<(SandboxRecord, AgentClient), Error> {
         let rec = self.get(id_or_name).await?;
         match (rec.state, self.vms.get(&rec.id)) {
-            (SandboxState::Running, Some(vm)) => Ok((rec, vm.agent.clone())),
+            (SandboxState::Running, Some(vm)) => Ok((rec, vm.agent())),
             (SandboxState::Running, None) => Err(Error::unavailable(format!(
                 "sandbox {} is running but its agent is not connected yet; retry shortly",
                 rec.name

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -22,13 +22,52 @@ use crate::Error;
 use crate::config::ManagerConfig;
 use crate::guest_stream::{AgentSource, protocol_mismatch};
 
+mod reconnect;
+
 /// A VM this manager is driving.
 pub(crate) struct RunningVm {
     pub(crate) process: VmProcess,
-    pub(crate) agent: AgentClient,
+    /// The current agent connection; replaced when the manager reconnects after
+    /// the previous one closed (see [`reconnect`]).
+    agent: StdMutex<AgentClient>,
     pub(crate) responsive: AtomicBool,
     /// Whether this VM was restored from a memory snapshot (else it booted).
     pub(crate) restored: bool,
+    /// Agent restarts seen on connections before the current one.
+    earlier_restarts: AtomicU64,
+    /// Why the agent is not ready when the health check cannot tell (its
+    /// connection closed; reconnecting; gave up).
+    detail: StdMutex<Option<String>>,
+}
+
+impl RunningVm {
+    /// The current agent connection (a cheap clone).
+    pub(crate) fn agent(&self) -> AgentClient {
+        lock(&self.agent).clone()
+    }
+
+    /// Puts a new connection in place of the closed one, carrying its restart
+    /// count over (one more when the new agent is another process).
+    pub(crate) fn replace_agent(&self, new: AgentClient) {
+        let mut cur = lock(&self.agent);
+        let another = match (cur.hello(), new.hello()) {
+            (Some(a), Some(b)) => a.pid != b.pid || a.boot_id != b.boot_id,
+            _ => false,
+        };
+        self.earlier_restarts
+            .fetch_add(cur.restarts() + u64::from(another), Ordering::Relaxed);
+        *cur = new;
+    }
+
+    /// Sets or clears why the agent is not ready.
+    pub(crate) fn set_detail(&self, detail: Option<String>) {
+        *lock(&self.detail) = detail;
+    }
+
+    /// Why the agent is not ready, when known.
+    pub(crate) fn detail(&self) -> Option<String> {
+        lock(&self.detail).clone()
+    }
 }
 
 impl std::fmt::Debug for RunningVm {
@@ -191,9 +230,11 @@ impl VmRegistry {
     ) -> Arc<RunningVm> {
         let vm = Arc::new(RunningVm {
             process,
-            agent,
+            agent: StdMutex::new(agent),
             responsive: AtomicBool::new(true),
             restored,
+            earlier_restarts: AtomicU64::new(0),
+            detail: StdMutex::new(None),
         });
         lock(&self.running).insert(id.clone(), Arc::clone(&vm));
         vm
@@ -226,13 +267,29 @@ impl VmRegistry {
 
     /// The agent's health for a running sandbox, with its restart count.
     pub(crate) fn agent_health(&self, id: &SandboxId) -> Option<(AgentHealth, u64)> {
+        self.agent_status(id).map(|(h, n, _)| (h, n))
+    }
+
+    /// [`agent_health`](Self::agent_health) and, when the agent is not ready, why
+    /// (when known: its connection closed, reconnecting, gave up).
+    pub(crate) fn agent_status(
+        &self,
+        id: &SandboxId,
+    ) -> Option<(AgentHealth, u64, Option<String>)> {
         self.get(id).map(|vm| {
-            let h = if vm.responsive.load(Ordering::Relaxed) {
+            let agent = vm.agent();
+            let h = if vm.responsive.load(Ordering::Relaxed) && agent.is_connected() {
                 AgentHealth::Ready
             } else {
                 AgentHealth::Unresponsive
             };
-            (h, vm.agent.restarts())
+            let restarts = vm.earlier_restarts.load(Ordering::Relaxed) + agent.restarts();
+            let detail = if h == AgentHealth::Ready {
+                None
+            } else {
+                vm.detail()
+            };
+            (h, restarts, detail)
         })
     }
 
@@ -244,8 +301,13 @@ impl VmRegistry {
             .collect();
         // All at once, each with a deadline: a hung guest delays no one else's check.
         let timeout = self.agent_timeout.min(Duration::from_secs(5));
-        let pings = futures::future::join_all(vms.iter().map(|(_, vm)| vm.agent.ping(timeout)));
-        for ((id, vm), ping) in vms.iter().zip(pings.await) {
+        let agents: Vec<AgentClient> = vms.iter().map(|(_, vm)| vm.agent()).collect();
+        let pings = futures::future::join_all(agents.iter().map(|a| a.ping(timeout)));
+        for (((id, vm), agent), ping) in vms.iter().zip(&agents).zip(pings.await) {
+            // A connection replaced meanwhile (reconnected) says nothing of the new one.
+            if !vm.agent().same_connection(agent) {
+                continue;
+            }
             let ok = ping.is_ok();
             if vm.responsive.swap(ok, Ordering::Relaxed) != ok {
                 if ok {
