@@ -289,6 +289,20 @@ async fn reject_with_a_message_lets_the_agent_continue() {
         .await
         .expect_err("unknown question");
     assert!(e.is_not_found(), "{e:?}");
+    // An unknown session is OpenCode's NotFoundError with its message.
+    match client.todos("ses_doesnotexist").await {
+        Err(atelier_opencode::Error::NotFound(m)) => {
+            assert!(m.contains("ses_doesnotexist"), "{m}")
+        }
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+    // An id of the wrong kind is refused by OpenCode's validation (400), typed too.
+    match client.reply_permission("nope", Reply::Once, None).await {
+        Err(atelier_opencode::Error::Status { status: 400, body }) => {
+            assert!(body.contains("per"), "{body}")
+        }
+        other => panic!("expected a 400, got {other:?}"),
+    }
 }
 
 /// A connector handing out in-memory duplex streams, each piped to a TCP connection:
