@@ -31,6 +31,8 @@ async fn next_matching<T>(
             .unwrap_or_else(|| panic!("event stream ended waiting for {what}"));
         match item {
             Ok(e) => {
+                // Shown when a test fails: what OpenCode did instead.
+                eprintln!("event: {e:?}");
                 if let Some(v) = pick(&e) {
                     return v;
                 }
@@ -364,4 +366,54 @@ async fn a_non_tcp_connector_carries_calls_and_events() {
         }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_model_shows_as_retry_and_abort_ends_the_turn() {
+    // OpenCode 1.18 retries every provider error (even a 400) with back-off.
+    let script = Script::new(vec![Turn::error(400, "the scripted model refuses")]);
+    let Some((_model, _oc, client)) = start(script, Value::Null).await else {
+        return;
+    };
+    let mut events = connected(&client).await;
+    let session = client.create_session("fail", &[]).await.expect("session");
+    client
+        .prompt_async(&session.id, &Prompt::text("Try"))
+        .await
+        .expect("prompt");
+    let sid = session.id.clone();
+    let (attempt, message) = next_matching(&mut events, "a retry status", |e| match e {
+        Event::SessionStatus {
+            session,
+            status: SessionStatus::Retry { attempt, message },
+        } if *session == sid => Some((*attempt, message.clone())),
+        _ => None,
+    })
+    .await;
+    assert_eq!(attempt, 1);
+    assert!(message.contains("the scripted model refuses"), "{message}");
+    assert!(matches!(
+        client.statuses().await.expect("statuses").get(&sid),
+        Some(SessionStatus::Retry { .. } | SessionStatus::Busy)
+    ));
+    // Abort ends the turn: idle, with no session.error in 1.18.33.
+    client.abort(&session.id).await.expect("abort");
+    next_matching(&mut events, "session.idle after abort", |e| {
+        matches!(e, Event::SessionIdle { session } if *session == sid).then_some(())
+    })
+    .await;
+    let statuses = client.statuses().await.expect("statuses");
+    assert!(
+        !matches!(
+            statuses.get(&sid),
+            Some(SessionStatus::Retry { .. } | SessionStatus::Busy)
+        ),
+        "{statuses:?}"
+    );
+    let messages = client.messages(&session.id).await.expect("messages");
+    let last = messages.last().expect("a message");
+    assert_eq!(last.role, "assistant");
+    // Measured with 1.18.33: the aborted retry leaves an empty assistant message with no
+    // error, so an abort is seen by who called it, not in the messages.
+    assert!(last.parts.is_empty() && last.error.is_none(), "{last:?}");
 }
