@@ -417,3 +417,78 @@ async fn a_failing_model_shows_as_retry_and_abort_ends_the_turn() {
     // error, so an abort is seen by who called it, not in the messages.
     assert!(last.parts.is_empty() && last.error.is_none(), "{last:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejecting_a_question_fails_the_tool_and_ends_the_turn() {
+    let script = Script::new(vec![
+        Turn::tool(
+            "question",
+            json!({"questions": [{
+                "question": "Deploy now?",
+                "header": "Deploy",
+                "options": [{"label": "Yes", "description": "Deploy"}, {"label": "No", "description": "Wait"}],
+            }]}),
+        ),
+        Turn::text("never asked: a dismissed question ends the turn"),
+    ]);
+    let Some((model, _oc, client)) = start(script, Value::Null).await else {
+        return;
+    };
+    let mut events = connected(&client).await;
+    let session = client
+        .create_session("dismiss", &[])
+        .await
+        .expect("session");
+    client
+        .prompt_async(&session.id, &Prompt::text("Deploy?"))
+        .await
+        .expect("prompt");
+    let sid = session.id.clone();
+    let q = next_matching(&mut events, "question.asked", |e| match e {
+        Event::QuestionAsked(q) if q.session_id == sid => Some(q.clone()),
+        _ => None,
+    })
+    .await;
+    client
+        .reject_question(&q.id)
+        .await
+        .expect("reject question");
+    let rejected = next_matching(&mut events, "question.rejected", |e| match e {
+        Event::QuestionRejected { session, id } if *session == sid => Some(id.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(rejected, q.id);
+    next_matching(&mut events, "session.idle", |e| {
+        matches!(e, Event::SessionIdle { session } if *session == sid).then_some(())
+    })
+    .await;
+    assert!(client.questions().await.expect("questions").is_empty());
+    let messages = client.messages(&session.id).await.expect("messages");
+    let (status, output) = messages
+        .iter()
+        .flat_map(|m| &m.parts)
+        .find_map(|p| match p {
+            Part::Tool {
+                tool,
+                status,
+                output,
+                ..
+            } if tool == "question" => Some((status.clone(), output.clone())),
+            _ => None,
+        })
+        .expect("a question tool part");
+    assert_eq!(status, "error");
+    assert!(
+        output.is_some_and(|o| o.contains("dismissed")),
+        "{messages:?}"
+    );
+    // Measured with 1.18.33: unlike a permission reject with a message, a dismissed
+    // question stops the turn; the model is not asked again.
+    let steps = model
+        .requests()
+        .iter()
+        .filter(|r| matches!(r.kind, atelier_testkit::model::RequestKind::Step(_)))
+        .count();
+    assert_eq!(steps, 1);
+}
