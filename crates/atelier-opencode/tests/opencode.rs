@@ -74,6 +74,10 @@ async fn health_says_the_version() {
     assert!(h.healthy);
     assert_eq!(h.version, atelier_testkit::opencode::OPENCODE_VERSION);
     // A wrong password is OpenCode's 401, a typed status.
+    // No directory: OpenCode's own working directory is used.
+    let plain = Client::tcp(oc.addr(), oc.password(), "");
+    let s = plain.create_session("cwd", &[]).await.expect("session");
+    assert_eq!(std::path::Path::new(&s.directory), oc.project_dir());
     let bad = Client::tcp(oc.addr(), "wrong", "/");
     match bad.health().await {
         Err(atelier_opencode::Error::Status { status: 401, .. }) => {}
