@@ -619,6 +619,24 @@ impl Stream for EventStream {
 mod tests {
     use super::*;
 
+    fn send<T: Send>(_: &T) {}
+
+    #[test]
+    fn the_client_its_calls_and_the_event_stream_can_move_across_tasks() {
+        fn send_sync<T: Send + Sync + Clone>() {}
+        send_sync::<Client>();
+        let c = Client::tcp(([127, 0, 0, 1], 9).into(), "pw", "/w");
+        let prompt = Prompt::text("x");
+        send(&c.health());
+        send(&c.create_session("t", &[]));
+        send(&c.prompt_async("s", &prompt));
+        send(&c.messages("s"));
+        send(&c.reply_question("q", vec![]));
+        send(&c.events());
+        fn stream<T: Stream + Send + Unpin>() {}
+        stream::<EventStream>();
+    }
+
     #[test]
     fn components_encode_like_javascript() {
         assert_eq!(encode_component("/work/a b/ü"), "%2Fwork%2Fa%20b%2F%C3%BC");
