@@ -30,5 +30,8 @@ if ! "$venv/bin/st" --version 2>/dev/null | grep -q 4.32.5; then
   "$venv/bin/pip" install --quiet "schemathesis==4.32.5"
 fi
 export ATELIER_SCHEMATHESIS=$venv/bin/st
+echo "==> OpenCode for the client tests (pinned, on the host)"
+export ATELIER_TEST_OPENCODE=$(bash scripts/opencode-test.sh "$ATELIER_TEST_CACHE")
+export ATELIER_TEST_OPENCODE_PLUGIN=$ATELIER_TEST_CACHE/opencode-plugin
 echo "==> tests"
 cargo nextest run --locked --workspace --no-fail-fast "$@"

@@ -86,7 +86,8 @@ pub struct Client {
 struct Inner {
     connector: Arc<dyn Connector>,
     auth: HeaderValue,
-    directory: HeaderValue,
+    /// `None` for an empty directory: OpenCode then uses its own working directory.
+    directory: Option<HeaderValue>,
     timeout: Duration,
     event_idle: Duration,
 }
@@ -112,15 +113,18 @@ impl Drop for ConnGuard {
 impl Client {
     /// A client reaching OpenCode through `connector`, authenticating as user `opencode`
     /// with `password`, acting in project `directory` (sent percent-encoded in the
-    /// `x-opencode-directory` header of every request).
+    /// `x-opencode-directory` header of every request; empty: OpenCode's own working
+    /// directory).
     pub fn new(connector: Arc<dyn Connector>, password: &str, directory: &str) -> Client {
         let token = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{password}"));
-        let auth = HeaderValue::from_str(&format!("Basic {token}"))
+        // Base64 is always a valid header value; the fallback is unreachable.
+        let mut auth = HeaderValue::from_str(&format!("Basic {token}"))
             .unwrap_or_else(|_| HeaderValue::from_static("Basic"));
-        let mut auth = auth;
         auth.set_sensitive(true);
-        let directory = HeaderValue::from_str(&encode_component(directory))
-            .unwrap_or_else(|_| HeaderValue::from_static(""));
+        // Percent-encoding leaves only ASCII that is valid in a header value.
+        let directory = (!directory.is_empty())
+            .then(|| HeaderValue::from_str(&encode_component(directory)).ok())
+            .flatten();
         Client {
             inner: Arc::new(Inner {
                 connector,
@@ -453,8 +457,10 @@ impl Client {
             .uri(path)
             .header(HOST, "localhost")
             .header(AUTHORIZATION, self.inner.auth.clone())
-            .header(DIRECTORY_HEADER, self.inner.directory.clone())
             .header(ACCEPT, accept);
+        if let Some(d) = &self.inner.directory {
+            req = req.header(DIRECTORY_HEADER, d.clone());
+        }
         if body.is_some() {
             req = req.header(CONTENT_TYPE, "application/json");
         }
@@ -612,6 +618,24 @@ impl Stream for EventStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn send<T: Send>(_: &T) {}
+
+    #[test]
+    fn the_client_its_calls_and_the_event_stream_can_move_across_tasks() {
+        fn send_sync<T: Send + Sync + Clone>() {}
+        send_sync::<Client>();
+        let c = Client::tcp(([127, 0, 0, 1], 9).into(), "pw", "/w");
+        let prompt = Prompt::text("x");
+        send(&c.health());
+        send(&c.create_session("t", &[]));
+        send(&c.prompt_async("s", &prompt));
+        send(&c.messages("s"));
+        send(&c.reply_question("q", vec![]));
+        send(&c.events());
+        fn stream<T: Stream + Send + Unpin>() {}
+        stream::<EventStream>();
+    }
 
     #[test]
     fn components_encode_like_javascript() {

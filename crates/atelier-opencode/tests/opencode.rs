@@ -31,6 +31,8 @@ async fn next_matching<T>(
             .unwrap_or_else(|| panic!("event stream ended waiting for {what}"));
         match item {
             Ok(e) => {
+                // Shown when a test fails: what OpenCode did instead.
+                eprintln!("event: {e:?}");
                 if let Some(v) = pick(&e) {
                     return v;
                 }
@@ -72,6 +74,10 @@ async fn health_says_the_version() {
     assert!(h.healthy);
     assert_eq!(h.version, atelier_testkit::opencode::OPENCODE_VERSION);
     // A wrong password is OpenCode's 401, a typed status.
+    // No directory: OpenCode's own working directory is used.
+    let plain = Client::tcp(oc.addr(), oc.password(), "");
+    let s = plain.create_session("cwd", &[]).await.expect("session");
+    assert_eq!(std::path::Path::new(&s.directory), oc.project_dir());
     let bad = Client::tcp(oc.addr(), "wrong", "/");
     match bad.health().await {
         Err(atelier_opencode::Error::Status { status: 401, .. }) => {}
@@ -289,6 +295,20 @@ async fn reject_with_a_message_lets_the_agent_continue() {
         .await
         .expect_err("unknown question");
     assert!(e.is_not_found(), "{e:?}");
+    // An unknown session is OpenCode's NotFoundError with its message.
+    match client.todos("ses_doesnotexist").await {
+        Err(atelier_opencode::Error::NotFound(m)) => {
+            assert!(m.contains("ses_doesnotexist"), "{m}")
+        }
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+    // An id of the wrong kind is refused by OpenCode's validation (400), typed too.
+    match client.reply_permission("nope", Reply::Once, None).await {
+        Err(atelier_opencode::Error::Status { status: 400, body }) => {
+            assert!(body.contains("per"), "{body}")
+        }
+        other => panic!("expected a 400, got {other:?}"),
+    }
 }
 
 /// A connector handing out in-memory duplex streams, each piped to a TCP connection:
@@ -350,4 +370,129 @@ async fn a_non_tcp_connector_carries_calls_and_events() {
         }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_model_shows_as_retry_and_abort_ends_the_turn() {
+    // OpenCode 1.18 retries every provider error (even a 400) with back-off.
+    let script = Script::new(vec![Turn::error(400, "the scripted model refuses")]);
+    let Some((_model, _oc, client)) = start(script, Value::Null).await else {
+        return;
+    };
+    let mut events = connected(&client).await;
+    let session = client.create_session("fail", &[]).await.expect("session");
+    client
+        .prompt_async(&session.id, &Prompt::text("Try"))
+        .await
+        .expect("prompt");
+    let sid = session.id.clone();
+    let (attempt, message) = next_matching(&mut events, "a retry status", |e| match e {
+        Event::SessionStatus {
+            session,
+            status: SessionStatus::Retry { attempt, message },
+        } if *session == sid => Some((*attempt, message.clone())),
+        _ => None,
+    })
+    .await;
+    assert_eq!(attempt, 1);
+    assert!(message.contains("the scripted model refuses"), "{message}");
+    assert!(matches!(
+        client.statuses().await.expect("statuses").get(&sid),
+        Some(SessionStatus::Retry { .. } | SessionStatus::Busy)
+    ));
+    // Abort ends the turn: idle, with no session.error in 1.18.33.
+    client.abort(&session.id).await.expect("abort");
+    next_matching(&mut events, "session.idle after abort", |e| {
+        matches!(e, Event::SessionIdle { session } if *session == sid).then_some(())
+    })
+    .await;
+    let statuses = client.statuses().await.expect("statuses");
+    assert!(
+        !matches!(
+            statuses.get(&sid),
+            Some(SessionStatus::Retry { .. } | SessionStatus::Busy)
+        ),
+        "{statuses:?}"
+    );
+    let messages = client.messages(&session.id).await.expect("messages");
+    let last = messages.last().expect("a message");
+    assert_eq!(last.role, "assistant");
+    // Measured with 1.18.33: the aborted retry leaves an empty assistant message with no
+    // error, so an abort is seen by who called it, not in the messages.
+    assert!(last.parts.is_empty() && last.error.is_none(), "{last:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejecting_a_question_fails_the_tool_and_ends_the_turn() {
+    let script = Script::new(vec![
+        Turn::tool(
+            "question",
+            json!({"questions": [{
+                "question": "Deploy now?",
+                "header": "Deploy",
+                "options": [{"label": "Yes", "description": "Deploy"}, {"label": "No", "description": "Wait"}],
+            }]}),
+        ),
+        Turn::text("never asked: a dismissed question ends the turn"),
+    ]);
+    let Some((model, _oc, client)) = start(script, Value::Null).await else {
+        return;
+    };
+    let mut events = connected(&client).await;
+    let session = client
+        .create_session("dismiss", &[])
+        .await
+        .expect("session");
+    client
+        .prompt_async(&session.id, &Prompt::text("Deploy?"))
+        .await
+        .expect("prompt");
+    let sid = session.id.clone();
+    let q = next_matching(&mut events, "question.asked", |e| match e {
+        Event::QuestionAsked(q) if q.session_id == sid => Some(q.clone()),
+        _ => None,
+    })
+    .await;
+    client
+        .reject_question(&q.id)
+        .await
+        .expect("reject question");
+    let rejected = next_matching(&mut events, "question.rejected", |e| match e {
+        Event::QuestionRejected { session, id } if *session == sid => Some(id.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(rejected, q.id);
+    next_matching(&mut events, "session.idle", |e| {
+        matches!(e, Event::SessionIdle { session } if *session == sid).then_some(())
+    })
+    .await;
+    assert!(client.questions().await.expect("questions").is_empty());
+    let messages = client.messages(&session.id).await.expect("messages");
+    let (status, output) = messages
+        .iter()
+        .flat_map(|m| &m.parts)
+        .find_map(|p| match p {
+            Part::Tool {
+                tool,
+                status,
+                output,
+                ..
+            } if tool == "question" => Some((status.clone(), output.clone())),
+            _ => None,
+        })
+        .expect("a question tool part");
+    assert_eq!(status, "error");
+    assert!(
+        output.is_some_and(|o| o.contains("dismissed")),
+        "{messages:?}"
+    );
+    // Measured with 1.18.33: unlike a permission reject with a message, a dismissed
+    // question stops the turn; the model is not asked again.
+    let steps = model
+        .requests()
+        .iter()
+        .filter(|r| matches!(r.kind, atelier_testkit::model::RequestKind::Step(_)))
+        .count();
+    assert_eq!(steps, 1);
 }
