@@ -10,6 +10,7 @@
 
 mod bench;
 mod bench_prebuild;
+mod bench_task;
 mod scratch;
 
 use std::path::{Path, PathBuf};
@@ -83,6 +84,9 @@ enum Command {
     Bench(bench::Args),
     /// Measure spawning from a prebuild against bare QEMU and a cold boot; prints ratios.
     BenchPrebuild(bench_prebuild::Args),
+    /// Measure task start → first model request against spawn → agent ready, on a
+    /// manager, model and git server of its own; prints the ratio.
+    BenchTask(bench_task::Args),
 }
 
 fn main() -> ExitCode {
@@ -101,6 +105,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Bench(args) => bench::run(&cli.global, args).await,
             Command::BenchPrebuild(args) => bench_prebuild::run(&cli.global, args).await,
+            Command::BenchTask(args) => bench_task::run(args).await,
         }
     });
     match result {

@@ -7,9 +7,9 @@
 pub mod egress;
 mod error;
 pub mod event;
-pub mod task;
 mod prebuild;
 mod sandbox;
+pub mod task;
 pub mod workspace;
 
 pub use egress::{DomainPattern, EgressPolicy, MAX_EGRESS_DOMAINS};

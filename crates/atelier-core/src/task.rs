@@ -275,6 +275,14 @@ pub struct PromptVars<'a> {
 const PLACEHOLDERS: [&str; 4] = ["task.description", "task.title", "workspace.name", "branch"];
 
 impl TaskTemplate {
+    /// Parses a template written in YAML (or JSON) and validates it.
+    pub fn from_yaml(text: &str) -> Result<TaskTemplate, ValidationError> {
+        let t: TaskTemplate = serde_norway::from_str(text)
+            .map_err(|e| ValidationError::new("template document", e.to_string()))?;
+        t.validate()?;
+        Ok(t)
+    }
+
     /// Checks the name, the prompt's placeholders and the agent.
     pub fn validate(&self) -> Result<(), ValidationError> {
         crate::validate_name(&self.name)

@@ -128,6 +128,10 @@ pub struct RepoSpec {
     /// Name of the secret holding credentials for the clone, if any.
     #[serde(default)]
     pub credentials: Option<String>,
+    /// Where `task done` pushes task branches from the host (default: `url`), e.g.
+    /// a fork, or an address the host reaches when the guests use another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_url: Option<String>,
 }
 
 /// A dev command a workspace starts in its sandboxes.
@@ -311,6 +315,9 @@ impl WorkspaceSpec {
             }
             if let Some(c) = &r.credentials {
                 check_secret_name(format!("repos[{i}].credentials"), c)?;
+            }
+            if let Some(u) = &r.push_url {
+                check_git_url(format!("repos[{i}].push_url"), u)?;
             }
         }
         Ok(())

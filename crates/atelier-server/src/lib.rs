@@ -25,9 +25,10 @@ pub mod sandboxes;
 pub mod secrets;
 pub mod share_access;
 pub mod shares;
+pub mod tasks;
 mod templates;
 mod vms;
-mod workspaces;
+pub mod workspaces;
 
 pub use error::Error;
 pub use manager::{Manager, ManagerConfig};

@@ -141,6 +141,11 @@ impl Manager {
         crate::sandboxes::Sandboxes::new(Arc::clone(self))
     }
 
+    /// The narrow handle over workspaces that the task service builds on.
+    pub fn workspace_access(self: &Arc<Self>) -> crate::workspaces::Workspaces {
+        crate::workspaces::Workspaces::new(Arc::clone(self))
+    }
+
     /// The event bus.
     pub fn events(&self) -> &Arc<crate::events::EventBus> {
         &self.events

@@ -1097,6 +1097,96 @@ async fn fetch_bundle(
     Ok(bundle)
 }
 
+/// Pushes `branch` from the git bundle `bundle` to `url` from the host, with the
+/// credential (if any) sent as a header through git's environment (never on a
+/// command line or in a file) and no redirect followed. `force` replaces the remote
+/// branch (a retried task's branch). Works in a scratch repository under `dir`,
+/// removed after.
+pub(crate) async fn push_bundle(
+    url: &str,
+    branch: &str,
+    secret: Option<&[u8]>,
+    bundle: &Path,
+    dir: &Path,
+) -> Result<(), Error> {
+    use base64::Engine;
+    let scratch = dir.join("push.git");
+    let _ = std::fs::remove_dir_all(&scratch);
+    let header = secret.map(|s| {
+        let (user, pass) = basic_parts(s);
+        format!(
+            "Authorization: Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+        )
+    });
+    let run = |args: Vec<String>, with_auth: bool| {
+        let mut c = tokio::process::Command::new("git");
+        c.args(&args)
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .kill_on_drop(true)
+            .stdin(std::process::Stdio::null());
+        if let (true, Some(h)) = (with_auth, &header) {
+            c.env("GIT_CONFIG_COUNT", "2")
+                .env("GIT_CONFIG_KEY_0", "http.extraHeader")
+                .env("GIT_CONFIG_VALUE_0", h)
+                .env("GIT_CONFIG_KEY_1", "http.followRedirects")
+                .env("GIT_CONFIG_VALUE_1", "false");
+        }
+        async move {
+            let out = match tokio::time::timeout(Duration::from_secs(900), c.output()).await {
+                Err(_) => return Err(Error::unavailable(format!("git {} timed out", args[0]))),
+                Ok(Err(e)) => return Err(Error::internal(format!("cannot run git: {e}"))),
+                Ok(Ok(out)) => out,
+            };
+            Ok(if out.status.success() {
+                Ok(())
+            } else {
+                Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+            })
+        }
+    };
+    let s = scratch.display().to_string();
+    let result = async {
+        run(
+            vec!["init".into(), "--quiet".into(), "--bare".into(), s.clone()],
+            false,
+        )
+        .await?
+        .map_err(|e| Error::internal(format!("git init: {e}")))?;
+        run(
+            vec![
+                "-C".into(),
+                s.clone(),
+                "fetch".into(),
+                "--quiet".into(),
+                bundle.display().to_string(),
+                format!("refs/heads/{branch}:refs/heads/{branch}"),
+            ],
+            false,
+        )
+        .await?
+        .map_err(|e| Error::internal(format!("reading the task's bundle: {e}")))?;
+        run(
+            vec![
+                "-C".into(),
+                s.clone(),
+                "push".into(),
+                "--quiet".into(),
+                "--force".into(),
+                "--".into(),
+                url.into(),
+                format!("refs/heads/{branch}:refs/heads/{branch}"),
+            ],
+            true,
+        )
+        .await?
+        .map_err(|e| Error::unavailable(format!("pushing {branch} to {url} failed: {e}")))
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

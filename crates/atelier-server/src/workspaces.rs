@@ -206,3 +206,125 @@ impl Manager {
         Ok(self.secret_box()?.open(name, &sealed)?)
     }
 }
+
+/// The narrow handle over workspaces that the task service uses: read a
+/// definition, make sure a prebuild is ready, and push a branch from the host with
+/// the repository's credentials. Nothing else of the manager is reachable from it.
+#[derive(Debug, Clone)]
+pub struct Workspaces {
+    mgr: std::sync::Arc<Manager>,
+}
+
+impl Workspaces {
+    pub(crate) fn new(mgr: std::sync::Arc<Manager>) -> Workspaces {
+        Workspaces { mgr }
+    }
+
+    /// A workspace's definition.
+    pub async fn spec(&self, name: &str) -> Result<WorkspaceSpec, Error> {
+        Ok(self.mgr.load_workspace(name).await?.1)
+    }
+
+    /// The workspace's newest ready prebuild; when it has none, waits for the one
+    /// building or starts one and waits for it (`progress` hears each step). Fails
+    /// with the build's error.
+    pub async fn ensure_prebuild(
+        &self,
+        name: &str,
+        progress: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<atelier_store::PrebuildRecord, Error> {
+        use futures::StreamExt;
+        // Subscribed first, so a build finishing meanwhile is not missed.
+        let mut events = Box::pin(self.mgr.events().subscribe(None));
+        if let Some(p) = self.mgr.newest_ready_prebuild(name).await? {
+            return Ok(p);
+        }
+        let building = self
+            .mgr
+            .store()
+            .prebuilds(Some(name))
+            .await?
+            .into_iter()
+            .find(|p| p.status == atelier_core::PrebuildStatus::Building);
+        let id = match building {
+            Some(p) => {
+                progress(&format!("waiting for prebuild {} of {name}", p.id));
+                p.id
+            }
+            None => {
+                let p = self.mgr.prebuild_create(name).await?;
+                progress(&format!("building prebuild {} of {name} first", p.id));
+                p.id
+            }
+        };
+        loop {
+            let p = self
+                .mgr
+                .store()
+                .prebuild(&id)
+                .await?
+                .ok_or_else(|| Error::unavailable(format!("prebuild {id} was removed")))?;
+            match p.status {
+                atelier_core::PrebuildStatus::Ready => return Ok(p),
+                atelier_core::PrebuildStatus::Failed => {
+                    return Err(Error::unavailable(format!(
+                        "prebuild {id} of {name} failed: {}; see `atelier prebuild logs {id}`",
+                        p.error.unwrap_or_default()
+                    )));
+                }
+                atelier_core::PrebuildStatus::Building => {}
+            }
+            // Wake on any of this build's events; re-read the row either way.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                while let Some(d) = events.next().await {
+                    if let crate::events::Delivery::Event(e) = d
+                        && let atelier_core::event::EventKind::PrebuildStatus { prebuild, .. } =
+                            &e.kind
+                        && *prebuild == id
+                    {
+                        return;
+                    }
+                }
+            })
+            .await;
+        }
+    }
+
+    /// Pushes `branch` (from a bundle made in a sandbox) to repository `repo` of
+    /// workspace `name`, from the host, with the repository's credentials.
+    pub async fn push_branch(
+        &self,
+        name: &str,
+        repo: usize,
+        branch: &str,
+        bundle: &std::path::Path,
+    ) -> Result<(), Error> {
+        let spec = self.spec(name).await?;
+        let r = spec.repos.get(repo).ok_or_else(|| {
+            Error::invalid(format!("workspace {name} has no repository number {repo}"))
+        })?;
+        let secret = match &r.credentials {
+            Some(s) => Some(self.mgr.secret_value(s).await?),
+            None => None,
+        };
+        let dir = bundle
+            .parent()
+            .ok_or_else(|| Error::internal("bundle path has no parent"))?;
+        crate::prebuild::push_bundle(
+            &r.url,
+            branch,
+            secret.as_deref().map(|v| &v[..]),
+            bundle,
+            dir,
+        )
+        .await
+    }
+
+    /// A private scratch directory for one task's host-side files (bundles).
+    pub fn scratch_dir(&self, task: &str) -> Result<std::path::PathBuf, Error> {
+        let d = self.mgr.config().data_dir.join("tasks").join(task);
+        std::fs::create_dir_all(&d)
+            .map_err(|e| Error::internal(format!("cannot create {}: {e}", d.display())))?;
+        Ok(d)
+    }
+}

@@ -52,6 +52,7 @@ impl Env {
             Route::Dev { .. } => None,
         })));
         let app = router(AppState {
+            tasks: atelier_server::tasks::Tasks::new(&mgr, Default::default()),
             mgr: Arc::clone(&mgr),
             swagger_dir: None,
             proxy: Some(Arc::new(proxy)),

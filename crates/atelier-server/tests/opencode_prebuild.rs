@@ -19,7 +19,7 @@ use atelier_core::workspace::WorkspaceSpec;
 use atelier_server::opencode::{OpenCodeServer, REQUEST_TIMEOUT, Reply, request_on};
 use atelier_server::{Manager, ManagerConfig};
 use atelier_testkit::model::RequestKind;
-use atelier_testkit::opencode::{MODEL, OPENCODE_IMAGE, PROVIDER, opencode_workspace_yaml};
+use atelier_testkit::opencode_ws::{MODEL, OPENCODE_IMAGE, PROVIDER, opencode_workspace_yaml};
 use atelier_testkit::{GitServer, ModelServer, NetSlot, PublicNet, Script, StaticDns, Turn};
 
 /// A prebuild with a cold OpenCode start under TCG takes minutes.

@@ -717,6 +717,34 @@ impl Store {
             .map_err(q("put setting"))?;
         Ok(())
     }
+
+    /// Removes a setting (absent is fine).
+    pub async fn delete_setting(&self, key: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM settings WHERE key = ?")
+            .bind(key)
+            .execute(&self.pool)
+            .await
+            .map_err(q("delete setting"))?;
+        Ok(())
+    }
+
+    /// Settings whose key starts with `prefix`, by key.
+    pub async fn settings_with_prefix(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT key, value FROM settings WHERE substr(key, 1, length(?1)) = ?1 ORDER BY key",
+        )
+        .bind(prefix)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("list settings"))?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get("key"), r.get("value")))
+            .collect())
+    }
 }
 
 /// A dev command row: its name and the JSON spec the server owns.

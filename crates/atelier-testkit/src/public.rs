@@ -139,8 +139,8 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-/// A bare repo `demo.git` served by `git daemon` inside the public namespace, and
-/// a work tree on the host that pushes to it.
+/// A bare repo `demo.git` served by `git daemon` inside the public namespace (fetch
+/// and push), and a work tree on the host that pushes to it.
 pub struct GitServer {
     _dir: tempfile::TempDir,
     /// The host work tree that pushes to the bare repo.
@@ -185,6 +185,8 @@ impl GitServer {
                 "daemon",
                 "--export-all",
                 "--reuseaddr",
+                // Tasks push their branches back (unauthenticated git://).
+                "--enable=receive-pack",
             ])
             .arg(format!("--base-path={}", dir.path().display()))
             .arg(format!("--listen={}", net.ip_a))
@@ -213,6 +215,11 @@ impl GitServer {
             daemon,
             url,
         }
+    }
+
+    /// The bare repository on the host (read it with `git -C`).
+    pub fn bare(&self) -> PathBuf {
+        self.work.parent().unwrap().join("demo.git")
     }
 
     /// Commits `content` as `hello.txt`, pushes it, and returns the new commit id.

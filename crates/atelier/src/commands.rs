@@ -227,6 +227,12 @@ pub async fn sandbox(g: &Global, cmd: SandboxCmd) -> anyhow::Result<u8> {
                 .map(|m| crate::shell::parse_mount(m))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let owner = crate::shell::owner();
+            if let Some(w) = &workspace
+                && !g.json
+                && !no_wait
+            {
+                crate::prebuild::ensure_ready(&c, w).await?;
+            }
             let t = Instant::now();
             if !g.json && !no_wait {
                 eprintln!("creating sandbox {name} ({image}, {vcpus} vCPU, {memory} MiB)…");

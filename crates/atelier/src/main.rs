@@ -13,6 +13,7 @@ mod forward;
 mod prebuild;
 mod serve;
 mod shell;
+mod task;
 mod workspace;
 
 use std::path::PathBuf;
@@ -74,6 +75,14 @@ enum Command {
     Sandbox(commands::SandboxCmd),
     /// An interactive terminal in a sandbox (the current folder's by default, shared at /workspace).
     Shell(shell::ShellArgs),
+    /// Tasks: a coding agent (OpenCode) works on a prompt in a sandbox of its own, on a branch of its own.
+    #[command(subcommand)]
+    Task(task::TaskCmd),
+    /// What tasks' agents ask of you (permissions, questions), and answering it.
+    Attention(task::AttentionArgs),
+    /// Task templates: implementation, reviews, simplification.
+    #[command(subcommand)]
+    Template(task::TemplateCmd),
     /// Dev commands in a sandbox: supervised servers with URLs through the proxy.
     #[command(subcommand)]
     Dev(dev::DevCmd),
@@ -157,6 +166,9 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve::run(&cli.global, *args).await,
             Command::Sandbox(cmd) => commands::sandbox(&cli.global, cmd).await,
             Command::Shell(args) => shell::run(&cli.global, args).await,
+            Command::Task(cmd) => task::task(&cli.global, cmd).await,
+            Command::Attention(args) => task::attention(&cli.global, args).await,
+            Command::Template(cmd) => task::template(&cli.global, cmd).await,
             Command::Dev(cmd) => dev::run(&cli.global, cmd).await,
             Command::Workspace(cmd) => workspace::workspace(&cli.global, cmd).await,
             Command::Prebuild(cmd) => prebuild::run(&cli.global, cmd).await,

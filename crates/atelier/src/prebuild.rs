@@ -61,7 +61,7 @@ fn age(ms: i64) -> String {
     }
 }
 
-async fn follow_log(c: &Client, id: &str) -> anyhow::Result<()> {
+pub async fn follow_log(c: &Client, id: &str) -> anyhow::Result<()> {
     let rb = c.request(
         Method::GET,
         &format!("/api/v1/prebuilds/{}/logs?follow=true", enc(id)),
@@ -73,6 +73,34 @@ async fn follow_log(c: &Client, id: &str) -> anyhow::Result<()> {
         out.flush()?;
     }
     Ok(())
+}
+
+/// Before spawning from `workspace`: when it has no ready (or stale) prebuild,
+/// starts one (or joins the one building) and streams its log, so the wait that
+/// follows shows progress instead of silence.
+pub async fn ensure_ready(c: &Client, workspace: &str) -> anyhow::Result<()> {
+    let items: Vec<PrebuildView> = c
+        .get_json(&format!("/api/v1/prebuilds?workspace={}", enc(workspace)))
+        .await?;
+    if items
+        .iter()
+        .any(|p| p.status == "ready" || p.status == "stale")
+    {
+        return Ok(());
+    }
+    let id = match items.iter().find(|p| p.status == "building") {
+        Some(p) => p.id.clone(),
+        None => {
+            let rb = c.request(
+                Method::POST,
+                &format!("/api/v1/workspaces/{}/prebuilds", enc(workspace)),
+            );
+            let p: PrebuildView = decode(c.send(rb).await?).await?;
+            p.id
+        }
+    };
+    eprintln!("workspace {workspace} has no ready prebuild: building {id} first");
+    follow_log(c, &id).await
 }
 
 /// Runs `atelier prebuild …`.

@@ -122,6 +122,19 @@ pub struct ServeArgs {
     /// Extra root certificates (PEM) to trust for the ACME server (a private CA).
     #[arg(long, env = "ATELIER_ACME_ROOT")]
     pub acme_root: Vec<PathBuf>,
+    /// Tasks with a running sandbox at once; more wait in the queue.
+    #[arg(long, env = "ATELIER_MAX_RUNNING_TASKS", default_value_t = 4,
+          value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub max_running_tasks: u64,
+    /// Seconds a task may wait on a person before its sandbox is paused to disk
+    /// (answering resumes it); 0 never parks.
+    #[arg(long, env = "ATELIER_PARK_AFTER_SECS", default_value_t = 900)]
+    pub park_after_secs: u64,
+    /// Seconds a working agent may go without any event before a "stalled"
+    /// attention item is raised.
+    #[arg(long, env = "ATELIER_STALL_AFTER_SECS", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub stall_after_secs: u64,
     /// Connections each listener serves at once; more wait in the accept queue.
     #[arg(long, env = "ATELIER_MAX_CONNECTIONS", default_value_t = 4096,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
@@ -284,7 +297,18 @@ pub async fn run(g: &Global, args: ServeArgs) -> anyhow::Result<u8> {
         Some(_) => Some(tls_setup(g, &args, challenges).await?),
         None => None,
     };
+    let tasks = atelier_server::tasks::Tasks::new(
+        &mgr,
+        atelier_server::tasks::TaskConfig {
+            max_running: args.max_running_tasks as usize,
+            park_after: (args.park_after_secs > 0)
+                .then(|| std::time::Duration::from_secs(args.park_after_secs)),
+            stall_after: std::time::Duration::from_secs(args.stall_after_secs),
+        },
+    );
+    tasks.spawn();
     let state = AppState {
+        tasks,
         mgr: Arc::clone(&mgr),
         swagger_dir: Some(args.swagger_dir.clone()),
         proxy: Some(Arc::new(ProxyState::new(&args.domain, args.sandbox_port))),

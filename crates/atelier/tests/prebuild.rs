@@ -114,7 +114,9 @@ fn prebuild_spawn_identity_secrets_and_stale_rebuild() {
     std::fs::write(ws.path(), workspace_yaml(&repo.url)).unwrap();
     srv.ok(&["workspace", "apply", "-f", ws.path().to_str().unwrap()]);
 
-    // No prebuild yet: a clear conflict.
+    // No prebuild yet: creating a sandbox builds one first (no dead end), with
+    // its log streamed, then spawns from it.
+    let v1 = git(&repo.work, &["rev-parse", "HEAD"]);
     let out = srv.run(&[
         "sandbox",
         "create",
@@ -123,23 +125,15 @@ fn prebuild_spawn_identity_secrets_and_stale_rebuild() {
         "--workspace",
         "demo",
     ]);
-    assert_eq!(
-        out.status.code(),
-        Some(5),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("prebuild create demo"));
-
-    // Build: streamed log, then ready with the repo's commit.
-    let v1 = git(&repo.work, &["rev-parse", "HEAD"]);
-    let out = srv.run(&["prebuild", "create", "demo"]);
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{log}");
     assert!(
-        log.contains("==> cloning") && log.contains("==> init 3/3"),
+        log.contains("no ready prebuild: building pb-")
+            && log.contains("==> cloning")
+            && log.contains("==> init 3/3"),
         "{log}"
     );
+    srv.ok(&["sandbox", "rm", "early"]);
     let list = prebuilds(&srv);
     assert_eq!(list[0]["status"], "ready", "{list:?}");
     assert_eq!(list[0]["commits"]["/workspace/demo"], v1);

@@ -11,6 +11,7 @@ mod sandboxes;
 mod secrets;
 mod sessions;
 mod system;
+mod tasks;
 mod workspaces;
 
 use std::sync::Arc;
@@ -35,6 +36,7 @@ pub use sandboxes::{ExecBody, ExecEventView, SandboxView};
 pub use secrets::SecretView;
 pub use sessions::{CreatedTokenView, SessionView, TokenCreateBody, TokenView};
 pub use system::StatusView;
+pub use tasks::{AnswerView, AttentionView, ChainBody, SayBody, TaskDetail, TaskView};
 pub use workspaces::WorkspaceView;
 
 /// Shared state of every handler.
@@ -48,6 +50,8 @@ pub struct AppState {
     pub proxy: Option<Arc<proxy::ProxyState>>,
     /// The local CA's certificate (PEM), when TLS uses it.
     pub ca_pem: Option<Arc<String>>,
+    /// The task service.
+    pub tasks: Arc<crate::tasks::Tasks>,
 }
 
 /// The JSON body of every error response.
@@ -240,6 +244,9 @@ mod tests {
         events::events,
         sessions::list_sessions, sessions::revoke_session, sessions::revoke_all_sessions,
         sessions::list_tokens, sessions::create_token, sessions::revoke_token,
+        tasks::create, tasks::list, tasks::show, tasks::start, tasks::retry, tasks::cancel, tasks::done,
+        tasks::say, tasks::chain, tasks::diff, tasks::attention, tasks::attention_item, tasks::answer,
+        tasks::templates, tasks::template, tasks::put_template, tasks::reset_template,
     ),
     components(schemas(ApiErrorBody, atelier_core::event::Event, atelier_core::event::EventKind)),
     modifiers(&BearerAuth, &ErrorResponses, &Constraints),
@@ -323,6 +330,25 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/tokens/{id}",
             axum::routing::delete(sessions::revoke_token),
+        )
+        .route("/tasks", get(tasks::list).post(tasks::create))
+        .route("/tasks/{id}", get(tasks::show))
+        .route("/tasks/{id}/start", post(tasks::start))
+        .route("/tasks/{id}/retry", post(tasks::retry))
+        .route("/tasks/{id}/cancel", post(tasks::cancel))
+        .route("/tasks/{id}/done", post(tasks::done))
+        .route("/tasks/{id}/say", post(tasks::say))
+        .route("/tasks/{id}/chain", post(tasks::chain))
+        .route("/tasks/{id}/diff", get(tasks::diff))
+        .route("/attention", get(tasks::attention))
+        .route("/attention/{id}", get(tasks::attention_item))
+        .route("/attention/{id}/answer", post(tasks::answer))
+        .route("/templates", get(tasks::templates))
+        .route(
+            "/templates/{name}",
+            get(tasks::template)
+                .put(tasks::put_template)
+                .delete(tasks::reset_template),
         )
         .route("/tls/ca", get(dev::ca))
         .route("/events", get(events::events))

@@ -104,11 +104,15 @@ impl Manager {
         let spawn = match spec.workspace.clone() {
             Some(w) => {
                 let (_rec, ws) = self.load_workspace(&w).await?;
-                let pb = self.newest_ready_prebuild(&w).await?.ok_or_else(|| {
-                    Error::conflict(format!(
-                        "workspace {w} has no ready prebuild yet; run `atelier prebuild create {w}`"
-                    ))
-                })?;
+                // No dead end: without a ready prebuild, one is built (or the one
+                // building is awaited) first.
+                let pb = match self.newest_ready_prebuild(&w).await? {
+                    Some(p) => p,
+                    None => {
+                        let log = |line: &str| tracing::info!(workspace = %w, "{line}");
+                        self.workspace_access().ensure_prebuild(&w, &log).await?
+                    }
+                };
                 spec.image = ws.image.clone();
                 spec.vcpus = ws.resources.vcpus;
                 spec.memory_mib = ws.resources.memory_mib;

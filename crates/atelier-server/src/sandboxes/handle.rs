@@ -111,6 +111,44 @@ impl Sandboxes {
             .map_err(Manager::agent_error)
     }
 
+    /// Copies a file out of a running sandbox into `dest` on the host, refusing
+    /// files larger than `max` bytes (the partial copy is removed).
+    pub async fn copy_out(
+        &self,
+        id_or_name: &str,
+        path: &str,
+        dest: &std::path::Path,
+        max: u64,
+    ) -> Result<u64, Error> {
+        use futures::StreamExt;
+        use std::io::Write;
+        let (_, agent) = self.mgr.agent(id_or_name).await?;
+        let mut stream = agent.read_file(path).await.map_err(Manager::agent_error)?;
+        let mut file = std::fs::File::create(dest)
+            .map_err(|e| Error::internal(format!("cannot create {}: {e}", dest.display())))?;
+        let mut total = 0u64;
+        let result = async {
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(Manager::agent_error)?;
+                total += chunk.len() as u64;
+                if total > max {
+                    return Err(Error::new(
+                        atelier_core::ErrorKind::ResourceExhausted,
+                        format!("{path} in the sandbox is larger than {max} bytes"),
+                    ));
+                }
+                file.write_all(&chunk)
+                    .map_err(|e| Error::internal(format!("writing {}: {e}", dest.display())))?;
+            }
+            Ok(total)
+        }
+        .await;
+        if result.is_err() {
+            let _ = std::fs::remove_file(dest);
+        }
+        result
+    }
+
     /// Opens a byte stream to `127.0.0.1:port` inside a running sandbox.
     pub async fn stream(&self, id_or_name: &str, port: u16) -> Result<GuestStream, Error> {
         self.mgr.guest_stream(id_or_name, port).await

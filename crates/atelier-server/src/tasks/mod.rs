@@ -1,0 +1,899 @@
+//! The task service: a prompt dispatched to OpenCode in a sandbox of its own, on a
+//! branch of its own; its attention items (permissions, questions) kept in our
+//! database; follow-ups, answers, done (commit + push from the host), cancel,
+//! retry and chain.
+//!
+//! It holds two narrow handles — [`Sandboxes`] and [`Workspaces`] — and the store;
+//! nothing else of the manager. Each task with a live session has one driver task
+//! ([`driver`]) that follows OpenCode's event stream and writes what it sees; the
+//! API calls below act on OpenCode directly and let the driver record the effect.
+//! A scheduler starts queued tasks up to the concurrency cap.
+
+mod driver;
+pub mod git;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use atelier_core::task::{
+    Answer, AttentionKind, AttentionStatus, Effort, TaskState, TaskTemplate, builtin_templates,
+    slug, title_of, validate_description,
+};
+use atelier_core::{ErrorKind, SandboxSpec};
+use atelier_store::{AttentionRecord, NewTask, Store, TaskPatch, TaskRecord};
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+use crate::events::EventBus;
+use crate::manager::{Manager, lock_map};
+use crate::sandboxes::Sandboxes;
+use crate::workspaces::Workspaces;
+
+/// How tasks run.
+#[derive(Debug, Clone)]
+pub struct TaskConfig {
+    /// Tasks with a running sandbox at once; more wait in `queued`.
+    pub max_running: usize,
+    /// A task waiting on a person this long has its sandbox paused to disk
+    /// (`None`: never).
+    pub park_after: Option<Duration>,
+    /// A busy session with no event this long raises a "stalled" item.
+    pub stall_after: Duration,
+}
+
+impl Default for TaskConfig {
+    fn default() -> Self {
+        TaskConfig {
+            max_running: 4,
+            park_after: Some(Duration::from_secs(15 * 60)),
+            stall_after: Duration::from_secs(10 * 60),
+        }
+    }
+}
+
+/// What a user asks to create.
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewTaskRequest {
+    /// Workspace whose prebuild the task's sandbox spawns from.
+    pub workspace: String,
+    /// What to do (the prompt; its first line is the title).
+    pub description: String,
+    /// Template (default `implementation`).
+    #[serde(default)]
+    pub template: Option<String>,
+    /// Effort (default: the template's).
+    #[serde(default)]
+    pub effort: Option<Effort>,
+    /// Start at once instead of landing in the backlog.
+    #[serde(default)]
+    pub start: bool,
+}
+
+/// The task service.
+#[derive(Debug)]
+pub struct Tasks {
+    sandboxes: Sandboxes,
+    workspaces: Workspaces,
+    store: Store,
+    events: Arc<EventBus>,
+    cfg: TaskConfig,
+    /// The driver of each task with a live session.
+    drivers: Mutex<HashMap<String, tokio::task::AbortHandle>>,
+    /// Wakes the scheduler.
+    wake: tokio::sync::Notify,
+    /// Serialises state-changing calls per task.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Settings key prefix of stored templates.
+const TEMPLATE_KEY: &str = "template:";
+
+fn new_id(prefix: &str) -> String {
+    use rand::Rng;
+    const A: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    let s: String = (0..10)
+        .map(|_| A[rng.random_range(0..A.len())] as char)
+        .collect();
+    format!("{prefix}-{s}")
+}
+
+impl Tasks {
+    /// The service over `mgr`'s sandboxes and workspaces. Call [`Tasks::spawn`]
+    /// after, to start the scheduler and pick up tasks a restart interrupted.
+    pub fn new(mgr: &Arc<Manager>, cfg: TaskConfig) -> Arc<Tasks> {
+        Arc::new(Tasks {
+            sandboxes: mgr.sandboxes(),
+            workspaces: mgr.workspace_access(),
+            store: mgr.store().clone(),
+            events: Arc::clone(mgr.events()),
+            cfg,
+            drivers: Mutex::default(),
+            wake: tokio::sync::Notify::new(),
+            locks: Mutex::default(),
+        })
+    }
+
+    /// The event bus (task and attention changes are published on it).
+    pub fn events(&self) -> &Arc<EventBus> {
+        &self.events
+    }
+
+    fn lock(&self, task: &str) -> Arc<tokio::sync::Mutex<()>> {
+        Arc::clone(lock_map(&self.locks).entry(task.to_owned()).or_default())
+    }
+
+    /// Every template: the built-in ones, with the operator's overrides and
+    /// additions (stored as settings `template:<name>`) in their place.
+    pub async fn templates(&self) -> Result<Vec<TaskTemplate>, Error> {
+        let mut all = builtin_templates();
+        for (key, value) in self.store.settings_with_prefix(TEMPLATE_KEY).await? {
+            let t: TaskTemplate = serde_json::from_str(&value)
+                .map_err(|e| Error::internal(format!("stored template {key}: {e}")))?;
+            match all.iter_mut().find(|b| b.name == t.name) {
+                Some(slot) => *slot = t,
+                None => all.push(t),
+            }
+        }
+        Ok(all)
+    }
+
+    /// A template by name.
+    pub async fn template(&self, name: &str) -> Result<TaskTemplate, Error> {
+        let all = self.templates().await?;
+        let names = all
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        all.iter().find(|t| t.name == name).cloned().ok_or_else(|| {
+            Error::not_found(format!(
+                "template {name:?} not found; `atelier template list` shows them ({names})"
+            ))
+        })
+    }
+
+    /// Stores a template: overrides the built-in one of that name, or adds one.
+    pub async fn put_template(&self, t: TaskTemplate) -> Result<TaskTemplate, Error> {
+        t.validate().map_err(Error::from)?;
+        let json = serde_json::to_string(&t).map_err(|e| Error::internal(e.to_string()))?;
+        self.store
+            .put_setting(&format!("{TEMPLATE_KEY}{}", t.name), &json)
+            .await?;
+        Ok(t)
+    }
+
+    /// Removes the operator's version of a template. Returns the template now in
+    /// effect: the built-in one of that name, or (for an added template) the one
+    /// removed.
+    pub async fn reset_template(&self, name: &str) -> Result<TaskTemplate, Error> {
+        let key = format!("{TEMPLATE_KEY}{name}");
+        let Some(stored) = self.store.setting(&key).await? else {
+            return Err(Error::not_found(format!(
+                "template {name:?} has no stored version to remove"
+            )));
+        };
+        self.store.delete_setting(&key).await?;
+        match builtin_templates().into_iter().find(|t| t.name == name) {
+            Some(t) => Ok(t),
+            None => serde_json::from_str(&stored)
+                .map_err(|e| Error::internal(format!("stored template {name}: {e}"))),
+        }
+    }
+
+    /// Creates a task (in the backlog, or queued with `start`).
+    pub async fn create(self: &Arc<Self>, req: NewTaskRequest) -> Result<TaskRecord, Error> {
+        self.create_inner(req, None).await
+    }
+
+    async fn create_inner(
+        self: &Arc<Self>,
+        req: NewTaskRequest,
+        parent: Option<&TaskRecord>,
+    ) -> Result<TaskRecord, Error> {
+        validate_description(&req.description).map_err(Error::from)?;
+        let template = self
+            .template(req.template.as_deref().unwrap_or("implementation"))
+            .await?;
+        let effort = req.effort.unwrap_or(template.default_effort);
+        let spec = self.workspaces.spec(&req.workspace).await?;
+        let repo = spec.repos.first().ok_or_else(|| {
+            Error::invalid(format!(
+                "workspace {} has no repository; a task works on a branch of its first repository",
+                req.workspace
+            ))
+        })?;
+        let id = new_id("tk");
+        let (branch, base_branch) = match parent {
+            Some(p) => (p.branch.clone(), p.base_branch.clone()),
+            None => (
+                format!("atelier/{id}-{}", slug(&req.description)),
+                repo.branch.clone(),
+            ),
+        };
+        let rec = self
+            .store
+            .insert_task(&NewTask {
+                id,
+                workspace: req.workspace,
+                template: template.name,
+                effort,
+                title: title_of(&req.description),
+                description: req.description,
+                state: if req.start {
+                    TaskState::Queued
+                } else {
+                    TaskState::Backlog
+                },
+                parent: parent.map(|p| p.id.clone()),
+                branch,
+                base_branch,
+            })
+            .await?;
+        self.wake.notify_one();
+        Ok(rec)
+    }
+
+    /// One task.
+    pub async fn get(&self, id: &str) -> Result<TaskRecord, Error> {
+        self.store
+            .task(id)
+            .await?
+            .ok_or_else(|| Error::not_found(format!("task {id} not found")))
+    }
+
+    /// Tasks, newest first.
+    pub async fn list(
+        &self,
+        workspace: Option<&str>,
+        states: &[TaskState],
+    ) -> Result<Vec<TaskRecord>, Error> {
+        Ok(self.store.tasks(workspace, states).await?)
+    }
+
+    /// Moves a backlog task to the queue.
+    pub async fn start(self: &Arc<Self>, id: &str) -> Result<TaskRecord, Error> {
+        let t = self.get(id).await?;
+        if t.state != TaskState::Backlog {
+            return Err(Error::conflict(format!(
+                "task {id} is {}; only a backlog task can be started (use `retry` for a failed or cancelled one)",
+                t.state
+            )));
+        }
+        let rec = self
+            .store
+            .task_transition(id, TaskState::Queued, None)
+            .await?;
+        self.wake.notify_one();
+        Ok(rec)
+    }
+
+    /// Queues a failed or cancelled task again (a fresh sandbox, the same branch).
+    pub async fn retry(self: &Arc<Self>, id: &str) -> Result<TaskRecord, Error> {
+        let lock = self.lock(id);
+        let _g = lock.lock().await;
+        let t = self.get(id).await?;
+        if !matches!(t.state, TaskState::Failed | TaskState::Cancelled) {
+            return Err(Error::conflict(format!(
+                "task {id} is {}; only a failed or cancelled task can be retried",
+                t.state
+            )));
+        }
+        self.release_sandbox(&t, true).await;
+        self.store
+            .update_task(
+                id,
+                TaskPatch {
+                    session: Some(None),
+                    parked: Some(false),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let rec = self
+            .store
+            .task_transition(id, TaskState::Queued, None)
+            .await?;
+        self.wake.notify_one();
+        Ok(rec)
+    }
+
+    /// Cancels a task: its session is aborted, its sandbox deleted, its pending
+    /// items dropped. The branch is not pushed.
+    pub async fn cancel(self: &Arc<Self>, id: &str) -> Result<TaskRecord, Error> {
+        let lock = self.lock(id);
+        let _g = lock.lock().await;
+        let t = self.get(id).await?;
+        if t.state.is_terminal() || t.state == TaskState::Finishing {
+            return Err(Error::conflict(format!(
+                "task {id} is {}; it cannot be cancelled",
+                t.state
+            )));
+        }
+        self.stop_driver(id);
+        let rec = self
+            .store
+            .task_transition(id, TaskState::Cancelled, None)
+            .await?;
+        self.drop_pending(id, "the task was cancelled").await;
+        self.release_sandbox(&rec, true).await;
+        self.wake.notify_one();
+        self.get(id).await
+    }
+
+    /// Chains a new task on `id`'s branch (`id` must be done: its branch pushed).
+    pub async fn chain(
+        self: &Arc<Self>,
+        id: &str,
+        template: Option<String>,
+        description: Option<String>,
+        effort: Option<Effort>,
+        start: bool,
+    ) -> Result<TaskRecord, Error> {
+        let parent = self.get(id).await?;
+        if parent.state != TaskState::Done {
+            return Err(Error::conflict(format!(
+                "task {id} is {}; chain onto a done task (its branch is pushed then)",
+                parent.state
+            )));
+        }
+        let description = description.unwrap_or_else(|| {
+            format!(
+                "Follow-up to \"{}\" (task {}): {}",
+                parent.title, parent.id, parent.description
+            )
+        });
+        self.create_inner(
+            NewTaskRequest {
+                workspace: parent.workspace.clone(),
+                description,
+                template,
+                effort,
+                start,
+            },
+            Some(&parent),
+        )
+        .await
+    }
+
+    /// Sends a follow-up message: at once when the agent is idle, else queued
+    /// until its turn ends.
+    pub async fn say(self: &Arc<Self>, id: &str, text: &str) -> Result<TaskRecord, Error> {
+        if text.trim().is_empty() || text.len() > atelier_core::task::MAX_MESSAGE_BYTES {
+            return Err(Error::invalid(format!(
+                "a message must be 1 to {} bytes",
+                atelier_core::task::MAX_MESSAGE_BYTES
+            )));
+        }
+        let lock = self.lock(id);
+        let _g = lock.lock().await;
+        let t = self.get(id).await?;
+        match t.state {
+            TaskState::Review => {
+                self.unpark(&t).await?;
+                let t = self.get(id).await?;
+                driver::prompt(self, &t, text).await?;
+                Ok(self
+                    .store
+                    .task_transition(id, TaskState::Working, None)
+                    .await?)
+            }
+            TaskState::Queued | TaskState::Starting | TaskState::Working | TaskState::Waiting => {
+                let mut q: Vec<String> = serde_json::from_str(&t.pending_say).unwrap_or_default();
+                if q.len() >= 32 {
+                    return Err(Error::new(
+                        ErrorKind::ResourceExhausted,
+                        format!("task {id} already has 32 queued messages"),
+                    ));
+                }
+                q.push(text.to_owned());
+                Ok(self
+                    .store
+                    .update_task(
+                        id,
+                        TaskPatch {
+                            pending_say: Some(serde_json::to_string(&q).unwrap_or_default()),
+                            ..Default::default()
+                        },
+                    )
+                    .await?)
+            }
+            other => Err(Error::conflict(format!(
+                "task {id} is {other}; messages go to a started task that is not over"
+            ))),
+        }
+    }
+
+    /// The branch's diff vs its base: live from the sandbox while the task has
+    /// one, else what was kept when it ended.
+    pub async fn diff(&self, id: &str) -> Result<(String, bool), Error> {
+        let t = self.get(id).await?;
+        if t.state.has_session()
+            && !t.parked
+            && let (Some(sb), Some(repo), Some(base)) = (&t.sandbox, &t.repo_path, &t.base_commit)
+            && let Ok(o) = git::outcome(&self.sandboxes, sb, repo, base).await
+        {
+            return Ok((o.diff, o.truncated));
+        }
+        Ok((t.diff.unwrap_or_default(), t.diff_truncated))
+    }
+
+    /// Finishes a task: aborts a busy turn, commits what is uncommitted, pushes the
+    /// branch from the host, keeps diff and commits, stops the sandbox.
+    pub async fn done(self: &Arc<Self>, id: &str) -> Result<TaskRecord, Error> {
+        let lock = self.lock(id);
+        let _g = lock.lock().await;
+        let t = self.get(id).await?;
+        if !t.state.has_session() {
+            return Err(Error::conflict(format!(
+                "task {id} is {}; only a started task with a session can be marked done",
+                t.state
+            )));
+        }
+        self.unpark(&t).await?;
+        let t = self
+            .store
+            .task_transition(id, TaskState::Finishing, None)
+            .await?;
+        self.stop_driver(id);
+        match self.finish(&t).await {
+            Ok(()) => {
+                self.drop_pending(id, "the task was marked done").await;
+                let rec = self
+                    .store
+                    .task_transition(id, TaskState::Done, None)
+                    .await?;
+                self.release_sandbox(&rec, false).await;
+                self.wake.notify_one();
+                Ok(self.get(id).await?)
+            }
+            Err(e) => {
+                let _ = self
+                    .store
+                    .task_transition(
+                        id,
+                        TaskState::Failed,
+                        Some(&format!("finishing: {}", e.message)),
+                    )
+                    .await;
+                self.drop_pending(id, "the task failed").await;
+                self.wake.notify_one();
+                Err(e)
+            }
+        }
+    }
+
+    async fn finish(self: &Arc<Self>, t: &TaskRecord) -> Result<(), Error> {
+        let (Some(sb), Some(repo), Some(base)) = (&t.sandbox, &t.repo_path, &t.base_commit) else {
+            return Err(Error::internal(format!(
+                "task {} has no sandbox or repository",
+                t.id
+            )));
+        };
+        let _ = driver::abort(self, t).await;
+        let message = format!(
+            "{}\n\nAtelier task {} ({} template, {} effort).",
+            t.title,
+            t.id,
+            t.template,
+            t.effort.as_str()
+        );
+        let out = git::finish(&self.sandboxes, sb, repo, base, &message).await?;
+        git::bundle(&self.sandboxes, sb, repo, &t.branch).await?;
+        let dir = self.workspaces.scratch_dir(&t.id)?;
+        let local = dir.join("branch.bundle");
+        let pushed = async {
+            self.sandboxes
+                .copy_out(sb, git::GUEST_BUNDLE, &local, git::MAX_BUNDLE_BYTES)
+                .await?;
+            self.workspaces
+                .push_branch(&t.workspace, 0, &t.branch, &local)
+                .await
+        }
+        .await;
+        let _ = std::fs::remove_dir_all(&dir);
+        pushed?;
+        let commits: Vec<serde_json::Value> = out
+            .commits
+            .iter()
+            .map(|(id, subject)| serde_json::json!({"id": id, "subject": subject}))
+            .collect();
+        self.store
+            .update_task(
+                &t.id,
+                TaskPatch {
+                    diff: Some((out.diff, out.truncated)),
+                    commits: Some(serde_json::to_string(&commits).unwrap_or_default()),
+                    files: Some(serde_json::to_string(&out.files).unwrap_or_default()),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Attention items, newest first (pending only unless `all`), of one task when
+    /// given.
+    pub async fn attention(
+        &self,
+        task: Option<&str>,
+        all: bool,
+    ) -> Result<Vec<AttentionRecord>, Error> {
+        Ok(self.store.attention_list(task, !all).await?)
+    }
+
+    /// One attention item.
+    pub async fn attention_item(&self, id: &str) -> Result<AttentionRecord, Error> {
+        self.store
+            .attention(id)
+            .await?
+            .ok_or_else(|| Error::not_found(format!("attention item {id} not found")))
+    }
+
+    /// Answers a pending item: hands the answer to OpenCode (resuming a parked
+    /// sandbox first) and records it. Returns the item and the other items that
+    /// went with it (a permission reject also rejects the session's other pending
+    /// requests).
+    pub async fn answer(
+        self: &Arc<Self>,
+        item: &str,
+        answer: Answer,
+    ) -> Result<(AttentionRecord, Vec<AttentionRecord>), Error> {
+        let a = self.attention_item(item).await?;
+        answer.validate_for(a.kind).map_err(Error::from)?;
+        let lock = self.lock(&a.task);
+        let _g = lock.lock().await;
+        let a = self.attention_item(item).await?;
+        if a.status != AttentionStatus::Pending {
+            return Err(Error::conflict(format!(
+                "attention item {item} is already {}",
+                a.status.as_str()
+            )));
+        }
+        let t = self.get(&a.task).await?;
+        self.unpark(&t).await?;
+        let t = self.get(&a.task).await?;
+        let delivered = driver::deliver(self, &t, &a, &answer).await;
+        if let Err(e) = delivered {
+            if e.kind == ErrorKind::NotFound {
+                // OpenCode no longer has it: answered elsewhere, or rejected along
+                // with another item.
+                let _ = self
+                    .store
+                    .resolve_attention(item, AttentionStatus::Gone, None)
+                    .await;
+                return Err(Error::conflict(format!(
+                    "attention item {item} is no longer pending in the agent (answered elsewhere, or rejected with another request)"
+                )));
+            }
+            return Err(e);
+        }
+        let json = serde_json::to_string(&answer).unwrap_or_default();
+        let rec = self
+            .store
+            .resolve_attention(item, AttentionStatus::Answered, Some(&json))
+            .await?;
+        let mut also = Vec::new();
+        if matches!(answer, Answer::Reject { .. }) && a.kind == AttentionKind::Permission {
+            also = driver::resync_pending(self, &t).await.unwrap_or_default();
+        }
+        if matches!(answer, Answer::Always)
+            && let Ok(detail) = serde_json::from_str::<serde_json::Value>(&a.detail)
+        {
+            let mut always: Vec<serde_json::Value> =
+                serde_json::from_str(&t.always).unwrap_or_default();
+            always.push(serde_json::json!({
+                "permission": detail["permission"],
+                "patterns": detail["always"],
+            }));
+            let _ = self
+                .store
+                .update_task(
+                    &t.id,
+                    TaskPatch {
+                        always: Some(serde_json::to_string(&always).unwrap_or_default()),
+                        ..Default::default()
+                    },
+                )
+                .await;
+        }
+        self.after_answer(&t.id).await;
+        Ok((rec, also))
+    }
+
+    /// After an answer: a task with nothing pending works again.
+    async fn after_answer(&self, task: &str) {
+        if let Ok(t) = self.get(task).await
+            && t.state == TaskState::Waiting
+            && self
+                .store
+                .attention_list(Some(task), true)
+                .await
+                .is_ok_and(|l| l.is_empty())
+        {
+            let _ = self
+                .store
+                .task_transition(task, TaskState::Working, None)
+                .await;
+        }
+    }
+
+    /// Marks every pending item of a task gone.
+    async fn drop_pending(&self, task: &str, _why: &str) {
+        if let Ok(items) = self.store.attention_list(Some(task), true).await {
+            for i in items {
+                let _ = self
+                    .store
+                    .resolve_attention(&i.id, AttentionStatus::Gone, None)
+                    .await;
+            }
+        }
+    }
+
+    /// Resumes a parked task's sandbox (and reconnects its driver).
+    async fn unpark(self: &Arc<Self>, t: &TaskRecord) -> Result<(), Error> {
+        if !t.parked {
+            return Ok(());
+        }
+        let sb = t
+            .sandbox
+            .as_deref()
+            .ok_or_else(|| Error::internal(format!("parked task {} has no sandbox", t.id)))?;
+        self.sandboxes.resume(sb).await?;
+        self.store
+            .update_task(
+                &t.id,
+                TaskPatch {
+                    parked: Some(false),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        tracing::info!(task = %t.id, sandbox = %sb, "unparked: sandbox resumed");
+        self.start_driver(&t.id);
+        Ok(())
+    }
+
+    /// Deletes (or, when `delete` is false, stops) a task's sandbox, if any.
+    async fn release_sandbox(&self, t: &TaskRecord, delete: bool) {
+        let Some(sb) = &t.sandbox else { return };
+        let r = if delete {
+            self.sandboxes.delete(sb).await
+        } else {
+            self.sandboxes.stop(sb).await
+        };
+        if let Err(e) = r
+            && e.kind != ErrorKind::NotFound
+        {
+            tracing::warn!(task = %t.id, sandbox = %sb, error = %e.message, "could not release the task's sandbox");
+        }
+        if delete {
+            let _ = self
+                .store
+                .update_task(
+                    &t.id,
+                    TaskPatch {
+                        sandbox: Some(None),
+                        ..Default::default()
+                    },
+                )
+                .await;
+        }
+    }
+
+    fn stop_driver(&self, task: &str) {
+        if let Some(h) = lock_map(&self.drivers).remove(task) {
+            h.abort();
+        }
+    }
+
+    fn start_driver(self: &Arc<Self>, task: &str) {
+        let me = Arc::clone(self);
+        let id = task.to_owned();
+        let h = tokio::spawn(async move { driver::follow(me, id).await });
+        if let Some(old) = lock_map(&self.drivers).insert(task.to_owned(), h.abort_handle()) {
+            old.abort();
+        }
+    }
+
+    /// Starts the scheduler and picks up what a restart interrupted: tasks that
+    /// were starting are queued again (their half-made sandbox deleted), tasks with
+    /// a session get their driver back, finishing ones finish.
+    pub fn spawn(self: &Arc<Self>) {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Err(e) = me.recover().await {
+                tracing::warn!(error = %e.message, "recovering tasks after start-up failed");
+            }
+            loop {
+                if let Err(e) = me.schedule().await {
+                    tracing::warn!(error = %e.message, "task scheduling failed");
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(5), me.wake.notified()).await;
+            }
+        });
+    }
+
+    async fn recover(self: &Arc<Self>) -> Result<(), Error> {
+        for t in self.store.tasks(None, &[TaskState::Starting]).await? {
+            self.delete_task_sandbox(&t).await;
+            self.store
+                .task_transition(&t.id, TaskState::Queued, None)
+                .await?;
+        }
+        for t in self
+            .store
+            .tasks(
+                None,
+                &[TaskState::Working, TaskState::Waiting, TaskState::Review],
+            )
+            .await?
+        {
+            if !t.parked {
+                self.start_driver(&t.id);
+            }
+        }
+        for t in self.store.tasks(None, &[TaskState::Finishing]).await? {
+            let _ = self
+                .store
+                .task_transition(
+                    &t.id,
+                    TaskState::Failed,
+                    Some("the manager restarted while the branch was being pushed; retry, or chain a task"),
+                )
+                .await;
+        }
+        Ok(())
+    }
+
+    /// A sandbox named after the task (made before its id was recorded) is deleted.
+    async fn delete_task_sandbox(&self, t: &TaskRecord) {
+        let target = t.sandbox.clone().unwrap_or_else(|| t.id.clone());
+        match self.sandboxes.delete(&target).await {
+            Ok(_) => {
+                tracing::info!(task = %t.id, sandbox = %target, "deleted a half-made task sandbox")
+            }
+            Err(e) if e.kind == ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(task = %t.id, error = %e.message, "could not delete a half-made task sandbox")
+            }
+        }
+    }
+
+    /// Starts queued tasks, oldest first, while fewer than the cap hold a running
+    /// sandbox.
+    async fn schedule(self: &Arc<Self>) -> Result<(), Error> {
+        let active = self
+            .store
+            .tasks(
+                None,
+                &[
+                    TaskState::Starting,
+                    TaskState::Working,
+                    TaskState::Waiting,
+                    TaskState::Review,
+                    TaskState::Finishing,
+                ],
+            )
+            .await?
+            .into_iter()
+            .filter(|t| !t.parked)
+            .count();
+        let mut queued = self.store.tasks(None, &[TaskState::Queued]).await?;
+        queued.reverse();
+        for t in queued
+            .into_iter()
+            .take(self.cfg.max_running.saturating_sub(active))
+        {
+            if self
+                .store
+                .task_transition(&t.id, TaskState::Starting, None)
+                .await
+                .is_ok()
+            {
+                let me = Arc::clone(self);
+                let id = t.id.clone();
+                tokio::spawn(async move { me.run_start(&id).await });
+            }
+        }
+        Ok(())
+    }
+
+    /// Where a queued task stands in the queue (1 = next), if it is queued.
+    pub async fn queue_position(&self, id: &str) -> Result<Option<usize>, Error> {
+        let mut queued = self.store.tasks(None, &[TaskState::Queued]).await?;
+        queued.reverse();
+        Ok(queued.iter().position(|t| t.id == id).map(|p| p + 1))
+    }
+
+    /// Sets up a starting task: prebuild, sandbox, branch, session, prompt. On
+    /// failure the task fails with the reason and its sandbox is deleted.
+    async fn run_start(self: &Arc<Self>, id: &str) {
+        let result = self.set_up(id).await;
+        match result {
+            Ok(()) => self.start_driver(id),
+            Err(e) => {
+                tracing::warn!(task = %id, error = %e.message, "task failed to start");
+                if let Ok(t) = self.get(id).await {
+                    if t.state == TaskState::Starting {
+                        let _ = self
+                            .store
+                            .task_transition(id, TaskState::Failed, Some(&e.message))
+                            .await;
+                    }
+                    self.release_sandbox(&t, true).await;
+                }
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    async fn set_up(self: &Arc<Self>, id: &str) -> Result<(), Error> {
+        let t = self.get(id).await?;
+        let spec = self.workspaces.spec(&t.workspace).await?;
+        let repo = spec
+            .repos
+            .first()
+            .ok_or_else(|| Error::invalid(format!("workspace {} has no repository", t.workspace)))?
+            .path
+            .clone();
+        let task_id = t.id.clone();
+        self.workspaces
+            .ensure_prebuild(&t.workspace, &move |line| {
+                tracing::info!(task = %task_id, "{line}");
+            })
+            .await?;
+        // Named after the task: a crash before the id is recorded still finds it.
+        let sb = self
+            .sandboxes
+            .create(SandboxSpec {
+                name: t.id.clone(),
+                image: spec.image.clone(),
+                vcpus: spec.resources.vcpus,
+                memory_mib: spec.resources.memory_mib,
+                mounts: Vec::new(),
+                mount_owner: None,
+                cold_boot: false,
+                egress: spec.egress.clone(),
+                workspace: Some(t.workspace.clone()),
+            })
+            .await?;
+        let sandbox = sb.id.to_string();
+        self.store
+            .update_task(
+                id,
+                TaskPatch {
+                    sandbox: Some(Some(sandbox.clone())),
+                    repo_path: Some(repo.clone()),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let base = git::start_branch(
+            &self.sandboxes,
+            &sandbox,
+            &repo,
+            &t.branch,
+            t.parent.is_some(),
+        )
+        .await?;
+        self.store
+            .update_task(
+                id,
+                TaskPatch {
+                    base_commit: Some(base),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let t = self.get(id).await?;
+        let template = self.template(&t.template).await?;
+        driver::open_session(self, &t, &template).await?;
+        self.store
+            .task_transition(id, TaskState::Working, None)
+            .await?;
+        Ok(())
+    }
+}
