@@ -376,17 +376,24 @@ impl Manager {
         Ok(Some(oc))
     }
 
-    /// After a restore from a prebuild with OpenCode: waits until it answers, then
-    /// hands it the workspace's provider keys (`PUT /auth/{provider}`).
+    /// After a restore from a prebuild with OpenCode (or a cold boot from its disk,
+    /// `restored` false, when OpenCode has just been started): waits until it
+    /// answers, then hands it the workspace's provider keys (`PUT /auth/{provider}`).
     pub(crate) async fn inject_opencode_keys(
         &self,
         sandbox: &str,
         agent: &AgentClient,
         oc: &OpenCodeServer,
         spec: &atelier_core::workspace::WorkspaceSpec,
+        restored: bool,
     ) -> Result<(), Error> {
         let t = Instant::now();
-        wait_healthy(agent, oc, RESTORED_DEADLINE, |_| {}).await?;
+        let deadline = if restored {
+            RESTORED_DEADLINE
+        } else {
+            START_DEADLINE
+        };
+        wait_healthy(agent, oc, deadline, |_| {}).await?;
         let healthy = t.elapsed();
         for (provider, secret) in &spec.opencode_keys {
             let key = self.secret_value(secret).await?;

@@ -837,7 +837,7 @@ impl Manager {
                     .await
                     .map_err(Manager::agent_error)?;
             }
-            self.inject_opencode_keys(&rec.name, agent, oc, spec)
+            self.inject_opencode_keys(&rec.name, agent, oc, spec, restored)
                 .await?;
         }
         Ok(())
