@@ -346,9 +346,13 @@ pub(crate) async fn fix_identity(
     .await
 }
 
+/// Most of each output stream [`run_to_end`] keeps (its tail).
+pub(crate) const RUN_TO_END_OUTPUT_MAX: usize = 16 << 20;
+
 /// Runs a command in the guest to its end. The guest kills it at the request's
 /// timeout (an hour when it has none); the host gives up that long plus the agent
-/// timeout after starting it.
+/// timeout after starting it. Each output stream keeps at most its last
+/// [`RUN_TO_END_OUTPUT_MAX`] bytes.
 pub(crate) async fn run_to_end(
     agent: &AgentClient,
     req: ExecRequest,
@@ -358,7 +362,14 @@ pub(crate) async fn run_to_end(
         None => req.timeout(Duration::from_secs(3600)),
     };
     let host_limit = Duration::from_millis(req.timeout_ms.unwrap_or(0)) + agent.timeout();
-    let run = async { agent.exec(req).await?.wait().await };
+    // A bounded tail of each stream: a guest cannot grow the manager's memory.
+    let run = async {
+        agent
+            .exec(req)
+            .await?
+            .wait_tail(RUN_TO_END_OUTPUT_MAX)
+            .await
+    };
     tokio::time::timeout(host_limit, run)
         .await
         .unwrap_or(Err(atelier_agent_proto::ProtoError::Timeout {

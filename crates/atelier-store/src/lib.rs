@@ -19,7 +19,7 @@ pub use workspaces::{SecretRecord, WorkspaceRecord};
 mod sessions;
 pub use sessions::{NewSession, SessionRecord, TokenRecord};
 mod tasks;
-pub use tasks::{AttentionRecord, NewTask, TaskPatch, TaskRecord};
+pub use tasks::{AttentionRecord, NewTask, TaskPatch, TaskRecord, WorkspaceUsage};
 
 /// A change the store committed, reported to its observer (the manager's event
 /// bus) right after the commit, in commit order for each sandbox.

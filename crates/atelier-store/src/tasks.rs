@@ -80,6 +80,23 @@ pub struct TaskRecord {
     pub updated_at: i64,
 }
 
+/// Usage of one workspace's tasks, summed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkspaceUsage {
+    /// Workspace name.
+    pub workspace: String,
+    /// Tasks.
+    pub tasks: i64,
+    /// Assistant messages.
+    pub messages: i64,
+    /// Input tokens.
+    pub tokens_in: i64,
+    /// Output tokens.
+    pub tokens_out: i64,
+    /// Cost.
+    pub cost: f64,
+}
+
 /// A new task row.
 #[derive(Debug, Clone)]
 pub struct NewTask {
@@ -294,6 +311,30 @@ impl Store {
         .await
         .map_err(q("list tasks"))?;
         rows.iter().map(task_from_row).collect()
+    }
+
+    /// Usage summed per workspace over all its tasks: (workspace, tasks, messages,
+    /// tokens in, tokens out, cost), by workspace name.
+    pub async fn task_usage(&self) -> Result<Vec<WorkspaceUsage>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT workspace, COUNT(*) AS n, SUM(messages) AS m, SUM(tokens_in) AS i,
+                    SUM(tokens_out) AS o, SUM(cost) AS c
+             FROM tasks GROUP BY workspace ORDER BY workspace",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("task usage"))?;
+        Ok(rows
+            .iter()
+            .map(|r| WorkspaceUsage {
+                workspace: r.get("workspace"),
+                tasks: r.get("n"),
+                messages: r.get("m"),
+                tokens_in: r.get("i"),
+                tokens_out: r.get("o"),
+                cost: r.get("c"),
+            })
+            .collect())
     }
 
     /// Moves a task to `to` if [`TaskState::can_transition_to`] allows it from its
@@ -609,6 +650,11 @@ mod tests {
             (1, 3, 100, Some("sb-x"))
         );
         assert_eq!(s.tasks(None, &[TaskState::Queued]).await.unwrap().len(), 1);
+        let u = s.task_usage().await.unwrap();
+        assert_eq!(
+            (u.len(), u[0].tasks, u[0].tokens_in, u[0].cost),
+            (1, 1, 100, 0.5)
+        );
         assert_eq!(s.tasks(Some("other"), &[]).await.unwrap().len(), 0);
     }
 

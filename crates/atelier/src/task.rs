@@ -2,7 +2,7 @@
 //! tasks, answer what their agents ask, and finish them.
 
 use atelier_core::task::{Answer, Effort, TaskTemplate};
-use atelier_server::api::{AnswerView, AttentionView, TaskDetail, TaskView};
+use atelier_server::api::{AnswerView, AttentionView, TaskDetail, TaskView, UsageView};
 use clap::{Args, Subcommand, ValueEnum};
 use reqwest::Method;
 use serde_json::json;
@@ -121,6 +121,8 @@ pub enum TaskCmd {
         /// Task id.
         id: String,
     },
+    /// Messages, tokens and cost summed per workspace.
+    Usage,
 }
 
 /// `atelier attention …`
@@ -425,6 +427,29 @@ pub async fn task(g: &Global, cmd: TaskCmd) -> anyhow::Result<u8> {
                     money(t.cost),
                     t.pending,
                     t.title
+                );
+            }
+            Ok(0)
+        }
+        TaskCmd::Usage => {
+            let items: Vec<UsageView> = c.get_json("/api/v1/tasks/usage").await?;
+            if g.json {
+                println!("{}", serde_json::to_string_pretty(&items)?);
+                return Ok(0);
+            }
+            println!(
+                "{:<16} {:>6} {:>9} {:>12} {:>12} {:>10}",
+                "WORKSPACE", "TASKS", "MESSAGES", "TOKENS IN", "TOKENS OUT", "COST"
+            );
+            for u in items {
+                println!(
+                    "{:<16} {:>6} {:>9} {:>12} {:>12} {:>10}",
+                    u.workspace,
+                    u.tasks,
+                    u.messages,
+                    u.tokens_in,
+                    u.tokens_out,
+                    money(u.cost)
                 );
             }
             Ok(0)

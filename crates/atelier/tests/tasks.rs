@@ -177,6 +177,11 @@ fn templates_and_task_inputs_get_clear_errors() {
     let t = json(&srv.ok(&["--json", "task", "cancel", &id]));
     assert_eq!(t["state"], "cancelled");
     fails(&srv, &["task", "cancel", &id], 5, "cannot be cancelled");
+    // Usage per workspace counts it (no tokens yet).
+    let usage = json(&srv.ok(&["--json", "task", "usage"]));
+    assert_eq!(usage[0]["workspace"], "shop");
+    assert_eq!(usage[0]["tasks"], 1);
+    assert_eq!(usage[0]["tokens_in"], 0);
     // A bad state filter is a 400.
     fails(&srv, &["task", "list", "--state", "sleeping"], 2, "state");
 }

@@ -36,7 +36,7 @@ pub use sandboxes::{ExecBody, ExecEventView, SandboxView};
 pub use secrets::SecretView;
 pub use sessions::{CreatedTokenView, SessionView, TokenCreateBody, TokenView};
 pub use system::StatusView;
-pub use tasks::{AnswerView, AttentionView, ChainBody, SayBody, TaskDetail, TaskView};
+pub use tasks::{AnswerView, AttentionView, ChainBody, SayBody, TaskDetail, TaskView, UsageView};
 pub use workspaces::WorkspaceView;
 
 /// Shared state of every handler.
@@ -244,7 +244,7 @@ mod tests {
         events::events,
         sessions::list_sessions, sessions::revoke_session, sessions::revoke_all_sessions,
         sessions::list_tokens, sessions::create_token, sessions::revoke_token,
-        tasks::create, tasks::list, tasks::show, tasks::start, tasks::retry, tasks::cancel, tasks::done,
+        tasks::create, tasks::list, tasks::usage, tasks::show, tasks::start, tasks::retry, tasks::cancel, tasks::done,
         tasks::say, tasks::chain, tasks::diff, tasks::attention, tasks::attention_item, tasks::answer,
         tasks::templates, tasks::template, tasks::put_template, tasks::reset_template,
     ),
@@ -332,6 +332,7 @@ pub fn router(state: AppState) -> Router {
             axum::routing::delete(sessions::revoke_token),
         )
         .route("/tasks", get(tasks::list).post(tasks::create))
+        .route("/tasks/usage", get(tasks::usage))
         .route("/tasks/{id}", get(tasks::show))
         .route("/tasks/{id}/start", post(tasks::start))
         .route("/tasks/{id}/retry", post(tasks::retry))

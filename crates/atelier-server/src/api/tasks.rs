@@ -269,6 +269,44 @@ pub async fn list(
     Ok(Json(out))
 }
 
+/// Usage of one workspace's tasks, summed.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct UsageView {
+    /// Workspace.
+    pub workspace: String,
+    /// Tasks (any state).
+    pub tasks: i64,
+    /// Assistant messages.
+    pub messages: i64,
+    /// Input tokens.
+    pub tokens_in: i64,
+    /// Output and reasoning tokens.
+    pub tokens_out: i64,
+    /// Cost, as the providers report it.
+    pub cost: f64,
+}
+
+/// Usage summed per workspace over all its tasks.
+#[utoipa::path(get, path = "/api/v1/tasks/usage", tag = "tasks",
+    responses((status = 200, body = [UsageView])))]
+pub async fn usage(State(st): State<AppState>) -> ApiResult<Json<Vec<UsageView>>> {
+    Ok(Json(
+        st.tasks
+            .usage()
+            .await?
+            .into_iter()
+            .map(|u| UsageView {
+                workspace: u.workspace,
+                tasks: u.tasks,
+                messages: u.messages,
+                tokens_in: u.tokens_in,
+                tokens_out: u.tokens_out,
+                cost: u.cost,
+            })
+            .collect(),
+    ))
+}
+
 /// One task, with its pending attention items.
 #[utoipa::path(get, path = "/api/v1/tasks/{id}", tag = "tasks",
     params(("id" = String, Path, description = "Task id")),

@@ -87,7 +87,8 @@ impl Sandboxes {
         self.mgr.delete(id_or_name).await
     }
 
-    /// Runs a command to completion in a running sandbox. The guest kills it at the
+    /// Runs a command to completion in a running sandbox (each output stream keeps
+    /// its last 16 MiB). The guest kills it at the
     /// request's timeout (an hour when it has none); the host gives up a little
     /// after that too.
     pub async fn exec(&self, id_or_name: &str, req: ExecRequest) -> Result<ExecOutput, Error> {

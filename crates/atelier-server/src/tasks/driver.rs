@@ -411,22 +411,7 @@ async fn resync_all(
     if let Ok(todos) = c.todos(session).await {
         write_todos(tasks, &t.id, &todos).await?;
     }
-    if let Ok(msgs) = c.messages(session).await {
-        usage.by_message.clear();
-        for m in msgs.iter().filter(|m| m.role == "assistant") {
-            usage.by_message.insert(
-                m.id.clone(),
-                (m.cost, m.tokens.input, m.tokens.output + m.tokens.reasoning),
-            );
-            if let Some(text) = m.parts.iter().rev().find_map(|p| match p {
-                oc::Part::Text { text } if !text.trim().is_empty() => Some(text.clone()),
-                _ => None,
-            }) {
-                usage.last_text = Some(text);
-            }
-        }
-        tasks.store.update_task(&t.id, usage.patch()).await?;
-    }
+    read_messages(tasks, c, t, session, usage).await?;
     let statuses = c
         .statuses()
         .await
@@ -440,6 +425,36 @@ async fn resync_all(
     } else {
         settle_state(tasks, &t.id).await?;
     }
+    Ok(())
+}
+
+/// Re-reads the session's messages: usage summed per assistant message, and the
+/// agent's last text as the task's summary; writes both.
+async fn read_messages(
+    tasks: &Tasks,
+    c: &oc::Client,
+    t: &TaskRecord,
+    session: &str,
+    usage: &mut Usage,
+) -> Result<(), Error> {
+    let msgs = c
+        .messages(session)
+        .await
+        .map_err(|e| oc_error("reading the session's messages", e))?;
+    usage.by_message.clear();
+    for m in msgs.iter().filter(|m| m.role == "assistant") {
+        usage.by_message.insert(
+            m.id.clone(),
+            (m.cost, m.tokens.input, m.tokens.output + m.tokens.reasoning),
+        );
+        if let Some(text) = m.parts.iter().rev().find_map(|p| match p {
+            oc::Part::Text { text } if !text.trim().is_empty() => Some(text.clone()),
+            _ => None,
+        }) {
+            usage.last_text = Some(text);
+        }
+    }
+    tasks.store.update_task(&t.id, usage.patch()).await?;
     Ok(())
 }
 
@@ -696,6 +711,9 @@ async fn follow_once(
                 )
                 .await?;
             }
+            if t.state == TaskState::Waiting {
+                answer_overdue(tasks, &t).await?;
+            }
             if let Some(limit) = tasks.cfg.park_after
                 && matches!(t.state, TaskState::Waiting | TaskState::Review)
                 && last_event.elapsed() >= limit
@@ -706,6 +724,46 @@ async fn follow_once(
             }
         }
     }
+}
+
+/// Answers the task's permissions and questions left pending longer than its
+/// template's `attention_timeout_secs`: a reject with a note, so the agent goes
+/// on without them (a rejected question ends the agent's turn).
+async fn answer_overdue(tasks: &Arc<Tasks>, t: &TaskRecord) -> Result<(), Error> {
+    let Some(secs) = tasks.template(&t.template).await?.attention_timeout_secs else {
+        return Ok(());
+    };
+    let now = now_ms();
+    for a in tasks.store.attention_list(Some(&t.id), true).await? {
+        if a.kind == AttentionKind::Stalled
+            || now - a.created_at < i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX)
+        {
+            continue;
+        }
+        let answer = Answer::Reject {
+            message: Some(format!(
+                "Nobody answered within {secs} s. Do not do this; carry on with the task without it."
+            )),
+        };
+        tracing::info!(task = %t.id, item = %a.id, "no answer in time: rejected with a note");
+        match deliver(tasks, t, &a, &answer).await {
+            Ok(()) => {
+                let json = serde_json::to_string(&answer).unwrap_or_default();
+                let _ = tasks
+                    .store
+                    .resolve_attention(&a.id, AttentionStatus::Answered, Some(&json))
+                    .await;
+            }
+            Err(e) if e.kind == atelier_core::ErrorKind::NotFound => {
+                let _ = tasks
+                    .store
+                    .resolve_attention(&a.id, AttentionStatus::Gone, None)
+                    .await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    settle_state(tasks, &t.id).await
 }
 
 /// Pauses a waiting task's sandbox to disk: the pending requests stay in
@@ -775,7 +833,8 @@ async fn handle(
                 settle_state(tasks, &t.id).await?;
             }
             if matches!(status, oc::SessionStatus::Idle) {
-                tasks.store.update_task(&t.id, usage.patch()).await?;
+                read_messages(tasks, c, t, session, usage).await?;
+                *usage_dirty = false;
                 on_idle(tasks, t).await?;
             }
             // OpenCode retries every failed model call with back-off, forever (no
@@ -805,25 +864,10 @@ async fn handle(
             }
         }
         oc::Event::SessionIdle { session: s } if s == session => {
-            tasks.store.update_task(&t.id, usage.patch()).await?;
+            // Usage and the agent's last text first, so a reader who sees the
+            // task in review sees its summary too.
+            read_messages(tasks, c, t, session, usage).await?;
             *usage_dirty = false;
-            if let Ok(msgs) = c.messages(session).await
-                && let Some(text) = msgs
-                    .iter()
-                    .rev()
-                    .filter(|m| m.role == "assistant")
-                    .find_map(|m| {
-                        m.parts.iter().rev().find_map(|p| match p {
-                            oc::Part::Text { text } if !text.trim().is_empty() => {
-                                Some(text.clone())
-                            }
-                            _ => None,
-                        })
-                    })
-            {
-                usage.last_text = Some(text);
-                tasks.store.update_task(&t.id, usage.patch()).await?;
-            }
             on_idle(tasks, t).await?;
         }
         // An abort (ours: retry, done, cancel) ends the turn with this error; it

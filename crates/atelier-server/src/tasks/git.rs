@@ -147,8 +147,9 @@ pub async fn outcome(
         .filter_map(|l| l.split_once('\t'))
         .map(|(h, s)| (h.to_owned(), s.to_owned()))
         .collect();
-    // Against the work tree, so uncommitted changes show while the task runs.
-    let mut diff = git(sb, sandbox, repo, &["diff", base]).await?;
+    // Against the work tree, new files included, so what the agent has not
+    // committed shows while the task runs.
+    let mut diff = work_tree_diff(sb, sandbox, repo, base, false).await?;
     let mut truncated = false;
     if diff.len() > MAX_DIFF_BYTES {
         let mut cut = MAX_DIFF_BYTES;
@@ -158,13 +159,52 @@ pub async fn outcome(
         diff.truncate(cut);
         truncated = true;
     }
-    let files = git(sb, sandbox, repo, &["diff", "--name-only", base]).await?;
+    let files = work_tree_diff(sb, sandbox, repo, base, true).await?;
     Ok(Outcome {
         diff,
         truncated,
         commits,
         files: files.lines().map(str::to_owned).collect(),
     })
+}
+
+/// Staged in a scratch index (a copy of the real one plus `add -A`), so untracked
+/// files count and the repository's own index is left as the agent had it.
+const WORK_TREE_DIFF: &str = r#"set -e
+idx=$(mktemp)
+trap 'rm -f "$idx"' EXIT
+cp "$(git rev-parse --git-path index)" "$idx" 2>/dev/null || true
+GIT_INDEX_FILE=$idx git add -A
+GIT_INDEX_FILE=$idx git diff --cached "$@" | head -c "$MAX"
+"#;
+
+async fn work_tree_diff(
+    sb: &Sandboxes,
+    sandbox: &str,
+    repo: &str,
+    base: &str,
+    names_only: bool,
+) -> Result<String, Error> {
+    let mut argv = vec!["sh", "-c", WORK_TREE_DIFF, "diff", base];
+    if names_only {
+        argv.push("--name-only");
+    }
+    let out = sb
+        .exec(
+            sandbox,
+            ExecRequest::new(argv)
+                .cwd(repo)
+                .env("MAX", (MAX_DIFF_BYTES + 1).to_string())
+                .timeout(Duration::from_secs(600)),
+        )
+        .await?;
+    if !out.success() {
+        return Err(Error::unavailable(format!(
+            "git diff in the sandbox failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Makes a bundle of `branch` in the guest (at [`GUEST_BUNDLE`]).

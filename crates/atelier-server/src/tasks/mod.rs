@@ -253,6 +253,11 @@ impl Tasks {
         Ok(self.store.tasks(workspace, states).await?)
     }
 
+    /// Usage (messages, tokens, cost) summed per workspace.
+    pub async fn usage(&self) -> Result<Vec<atelier_store::WorkspaceUsage>, Error> {
+        Ok(self.store.task_usage().await?)
+    }
+
     /// Moves a backlog task to the queue.
     pub async fn start(self: &Arc<Self>, id: &str) -> Result<TaskRecord, Error> {
         let t = self.get(id).await?;
