@@ -93,14 +93,7 @@ fn run_blocking(rt: &tokio::runtime::Handle, args: Args) -> anyhow::Result<u8> {
         ("ATELIER_DNS_UPSTREAM", dns_addr.as_str()),
         ("ATELIER_LOG", "warn"),
     ]);
-    let mut child = srv
-        .cli()
-        .args(["secret", "set", "bench-model-key"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()?;
-    std::io::Write::write_all(&mut child.stdin.take().context("stdin")?, b"sk-bench-key")?;
-    anyhow::ensure!(child.wait()?.success(), "secret set failed");
+    srv.set_secret("bench-model-key", "sk-bench-key");
     let url = repo.url.replace(&net.ip_a, MODEL_HOST);
     let yaml = opencode_workspace_yaml(
         "bench",

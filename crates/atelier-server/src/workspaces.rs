@@ -310,14 +310,9 @@ impl Workspaces {
         let dir = bundle
             .parent()
             .ok_or_else(|| Error::internal("bundle path has no parent"))?;
-        crate::prebuild::push_bundle(
-            &r.url,
-            branch,
-            secret.as_deref().map(|v| &v[..]),
-            bundle,
-            dir,
-        )
-        .await
+        let url = r.push_url.as_deref().unwrap_or(&r.url);
+        crate::prebuild::push_bundle(url, branch, secret.as_deref().map(|v| &v[..]), bundle, dir)
+            .await
     }
 
     /// A private scratch directory for one task's host-side files (bundles).

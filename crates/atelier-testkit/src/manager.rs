@@ -334,6 +334,31 @@ impl Server {
         c
     }
 
+    /// Stores a secret through the CLI (`atelier secret set NAME`, value on stdin).
+    pub fn set_secret(&self, name: &str, value: &str) {
+        use std::io::Write;
+        let mut child = self
+            .cli()
+            .args(["secret", "set", name])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(value.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "secret set {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Runs the CLI with `args` and returns its output.
     pub fn run(&self, args: &[&str]) -> Output {
         self.cli().args(args).output().unwrap()

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,29 +13,6 @@ use common::{GitServer, PublicNet, Server, git};
 
 fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("not json ({e}): {s}"))
-}
-
-fn set_secret(srv: &Server, name: &str, value: &str) {
-    let mut child = srv
-        .cli()
-        .args(["secret", "set", name])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(value.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn workspace_yaml(url: &str) -> String {
@@ -108,8 +84,8 @@ fn prebuild_spawn_identity_secrets_and_stale_rebuild() {
     let srv = Server::start_with(&[("ATELIER_PREBUILD_CHECK_SECS", "3")]);
     const API_KEY: &str = "sk-test-9f8e7d6c5b4a";
     const NPMRC: &str = "//registry.example.test/:_authToken=npm-secret-1234";
-    set_secret(&srv, "demo-api-key", API_KEY);
-    set_secret(&srv, "demo-npmrc", NPMRC);
+    srv.set_secret("demo-api-key", API_KEY);
+    srv.set_secret("demo-npmrc", NPMRC);
     let ws = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(ws.path(), workspace_yaml(&repo.url)).unwrap();
     srv.ok(&["workspace", "apply", "-f", ws.path().to_str().unwrap()]);
@@ -286,8 +262,8 @@ fn kill9_during_prebuild_and_during_spawn_leaves_nothing() {
     let net = PublicNet::start();
     let repo = GitServer::start(&net);
     let mut srv = Server::start_with(&[("ATELIER_FAULT_PAUSE", "prebuild-after-launch")]);
-    set_secret(&srv, "demo-api-key", "x");
-    set_secret(&srv, "demo-npmrc", "y");
+    srv.set_secret("demo-api-key", "x");
+    srv.set_secret("demo-npmrc", "y");
     let ws = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(ws.path(), workspace_yaml(&repo.url)).unwrap();
     srv.ok(&["workspace", "apply", "-f", ws.path().to_str().unwrap()]);
@@ -372,7 +348,7 @@ fn credentialed_repo_is_cloned_without_the_token_entering_the_snapshot() {
     assert!(!anon.status.success());
 
     let srv = Server::start();
-    set_secret(&srv, "repo-token", &format!("bot:{TOKEN}"));
+    srv.set_secret("repo-token", &format!("bot:{TOKEN}"));
     let yaml = format!(
         "name: priv\nimage: minimal\nresources: {{ vcpus: 1, memory_mib: 1024, disk_gib: 2 }}\nrepos:\n  - {{ url: \"{url}\", branch: main, path: /workspace/priv, credentials: repo-token }}\n"
     );

@@ -14,8 +14,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::Stdio;
 use std::time::Duration;
 
 use atelier_testkit::model::RequestKind;
@@ -33,29 +31,6 @@ const STEP: Duration = Duration::from_secs(300);
 
 fn json_of(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("not json ({e}): {s}"))
-}
-
-fn set_secret(srv: &Server, name: &str, value: &str) {
-    let mut child = srv
-        .cli()
-        .args(["secret", "set", name])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(value.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn task(srv: &Server, id: &str) -> serde_json::Value {
@@ -161,7 +136,7 @@ fn a_task_goes_from_prompt_to_pushed_branch_and_chains() {
         ("ATELIER_STALL_AFTER_SECS", "60"),
     ];
     let mut srv = Server::start_with(&env);
-    set_secret(&srv, "model-key", KEY);
+    srv.set_secret("model-key", KEY);
     let url = repo.url.replace(&net.ip_a, MODEL_HOST);
     let ws = tempfile::NamedTempFile::new().unwrap();
     // Guests reach the git server by name; the host (which pushes task branches)

@@ -213,6 +213,28 @@ pub(super) async fn deliver(
     r.map_err(|e| oc_error("answering", e))
 }
 
+/// A pending item of task `t`.
+fn new_item(
+    t: &TaskRecord,
+    kind: AttentionKind,
+    remote_id: String,
+    title: String,
+    detail: String,
+) -> AttentionRecord {
+    AttentionRecord {
+        id: new_id("at"),
+        task: t.id.clone(),
+        kind,
+        remote_id,
+        title,
+        detail,
+        status: AttentionStatus::Pending,
+        answer: None,
+        created_at: now_ms(),
+        resolved_at: None,
+    }
+}
+
 fn permission_title(p: &oc::PermissionRequest) -> String {
     let what = if p.patterns.is_empty() {
         String::new()
@@ -279,18 +301,13 @@ async fn on_permission(
     });
     let (rec, _) = tasks
         .store
-        .insert_attention(&AttentionRecord {
-            id: new_id("at"),
-            task: t.id.clone(),
-            kind: AttentionKind::Permission,
-            remote_id: p.id.clone(),
-            title: permission_title(p),
-            detail: detail.to_string(),
-            status: AttentionStatus::Pending,
-            answer: None,
-            created_at: now_ms(),
-            resolved_at: None,
-        })
+        .insert_attention(&new_item(
+            t,
+            AttentionKind::Permission,
+            p.id.clone(),
+            permission_title(p),
+            detail.to_string(),
+        ))
         .await?;
     Ok(rec.status == AttentionStatus::Pending)
 }
@@ -309,18 +326,13 @@ async fn on_question(
     })).collect::<Vec<_>>() });
     let (rec, _) = tasks
         .store
-        .insert_attention(&AttentionRecord {
-            id: new_id("at"),
-            task: t.id.clone(),
-            kind: AttentionKind::Question,
-            remote_id: q.id.clone(),
-            title: question_title(q),
-            detail: detail.to_string(),
-            status: AttentionStatus::Pending,
-            answer: None,
-            created_at: now_ms(),
-            resolved_at: None,
-        })
+        .insert_attention(&new_item(
+            t,
+            AttentionKind::Question,
+            q.id.clone(),
+            question_title(q),
+            detail.to_string(),
+        ))
         .await?;
     Ok(rec.status == AttentionStatus::Pending)
 }
@@ -558,18 +570,13 @@ async fn raise_stalled(tasks: &Tasks, t: &TaskRecord, why: &str) -> Result<(), E
     }
     tasks
         .store
-        .insert_attention(&AttentionRecord {
-            id: new_id("at"),
-            task: t.id.clone(),
-            kind: AttentionKind::Stalled,
-            remote_id: String::new(),
-            title: why.chars().take(300).collect(),
-            detail: serde_json::json!({"reason": why}).to_string(),
-            status: AttentionStatus::Pending,
-            answer: None,
-            created_at: now_ms(),
-            resolved_at: None,
-        })
+        .insert_attention(&new_item(
+            t,
+            AttentionKind::Stalled,
+            String::new(),
+            why.chars().take(300).collect(),
+            serde_json::json!({"reason": why}).to_string(),
+        ))
         .await?;
     settle_state(tasks, &t.id).await
 }
