@@ -194,6 +194,11 @@ pub(super) async fn deliver(
         (AttentionKind::Stalled, Answer::Retry) => {
             let session = t.session.clone().unwrap_or_default();
             let _ = c.abort(&session).await;
+            // The prompt goes once the aborted turn has ended (bounded wait).
+            let end = std::time::Instant::now() + Duration::from_secs(20);
+            while busy_now(&c, &session).await && std::time::Instant::now() < end {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
             drop(c);
             return prompt(
                 tasks,
@@ -506,6 +511,18 @@ async fn settle_state(tasks: &Tasks, id: &str) -> Result<(), Error> {
         tasks.store.task_transition(id, to, None).await?;
     }
     Ok(())
+}
+
+/// Whether OpenCode says the session is working right now. An idle event can be
+/// stale by the time it is read: a retry aborts the turn (idle) and prompts again
+/// at once, and that idle must not put the task in review.
+async fn busy_now(c: &oc::Client, session: &str) -> bool {
+    c.statuses().await.is_ok_and(|st| {
+        matches!(
+            st.get(session),
+            Some(oc::SessionStatus::Busy | oc::SessionStatus::Retry { .. })
+        )
+    })
 }
 
 /// The session went idle: send the next queued follow-up, or wait for review.
@@ -842,7 +859,9 @@ async fn handle(
             if matches!(status, oc::SessionStatus::Idle) {
                 read_messages(tasks, c, t, session, usage).await?;
                 *usage_dirty = false;
-                on_idle(tasks, t).await?;
+                if !busy_now(c, session).await {
+                    on_idle(tasks, t).await?;
+                }
             }
             // OpenCode retries every failed model call with back-off, forever (no
             // session.error comes): show the error, and after a few attempts ask a
@@ -875,7 +894,9 @@ async fn handle(
             // task in review sees its summary too.
             read_messages(tasks, c, t, session, usage).await?;
             *usage_dirty = false;
-            on_idle(tasks, t).await?;
+            if !busy_now(c, session).await {
+                on_idle(tasks, t).await?;
+            }
         }
         // An abort (ours: retry, done, cancel) ends the turn with this error; it
         // is not the agent's trouble.
