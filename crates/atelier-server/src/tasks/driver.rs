@@ -133,9 +133,28 @@ pub(super) async fn open_session(
         },
         t.effort,
     );
+    expect_busy(tasks, &t.id, true);
     c.prompt_async(&session.id, &prompt_of(template, t, text))
         .await
-        .map_err(|e| oc_error("sending the prompt", e))
+        .map_err(|e| {
+            expect_busy(tasks, &t.id, false);
+            oc_error("sending the prompt", e)
+        })
+}
+
+/// Marks (or clears) a task as prompted and not yet seen busy.
+fn expect_busy(tasks: &Tasks, task: &str, on: bool) {
+    let mut set = crate::manager::lock_map(&tasks.awaiting_busy);
+    if on {
+        set.insert(task.to_owned());
+    } else {
+        set.remove(task);
+    }
+}
+
+/// Whether the task was prompted and its session has not reported busy since.
+fn awaiting_busy(tasks: &Tasks, task: &str) -> bool {
+    crate::manager::lock_map(&tasks.awaiting_busy).contains(task)
 }
 
 /// Sends a follow-up prompt to the task's session.
@@ -145,11 +164,14 @@ pub(super) async fn prompt(tasks: &Tasks, t: &TaskRecord, text: &str) -> Result<
         .as_deref()
         .ok_or_else(|| Error::conflict(format!("task {} has no session", t.id)))?;
     let template = tasks.template(&t.template).await?;
-    client(tasks, t)
-        .await?
-        .prompt_async(session, &prompt_of(&template, t, text.to_owned()))
+    let c = client(tasks, t).await?;
+    expect_busy(tasks, &t.id, true);
+    c.prompt_async(session, &prompt_of(&template, t, text.to_owned()))
         .await
-        .map_err(|e| oc_error("sending the message", e))
+        .map_err(|e| {
+            expect_busy(tasks, &t.id, false);
+            oc_error("sending the message", e)
+        })
 }
 
 /// Aborts the session's turn, if it has one.
@@ -437,7 +459,13 @@ async fn resync_all(
         statuses.get(session),
         Some(oc::SessionStatus::Busy | oc::SessionStatus::Retry { .. })
     );
-    if !busy {
+    // After a (re)connect the events in between are lost: the status decides,
+    // except right after a prompt that OpenCode has not started yet (a prompt it
+    // dropped is caught by the stall watchdog).
+    if busy {
+        expect_busy(tasks, &t.id, false);
+    }
+    if !busy && !awaiting_busy(tasks, &t.id) {
         on_idle(tasks, t).await?;
     } else {
         settle_state(tasks, &t.id).await?;
@@ -853,13 +881,19 @@ async fn handle(
             write_todos(tasks, &t.id, &todos).await?;
         }
         oc::Event::SessionStatus { session: s, status } if s == session => {
+            if matches!(
+                status,
+                oc::SessionStatus::Busy | oc::SessionStatus::Retry { .. }
+            ) {
+                expect_busy(tasks, &t.id, false);
+            }
             if matches!(status, oc::SessionStatus::Busy) && t.state == TaskState::Review {
                 settle_state(tasks, &t.id).await?;
             }
             if matches!(status, oc::SessionStatus::Idle) {
                 read_messages(tasks, c, t, session, usage).await?;
                 *usage_dirty = false;
-                if !busy_now(c, session).await {
+                if !awaiting_busy(tasks, &t.id) && !busy_now(c, session).await {
                     on_idle(tasks, t).await?;
                 }
             }
@@ -894,7 +928,7 @@ async fn handle(
             // task in review sees its summary too.
             read_messages(tasks, c, t, session, usage).await?;
             *usage_dirty = false;
-            if !busy_now(c, session).await {
+            if !awaiting_busy(tasks, &t.id) && !busy_now(c, session).await {
                 on_idle(tasks, t).await?;
             }
         }

@@ -85,6 +85,9 @@ pub struct Tasks {
     wake: tokio::sync::Notify,
     /// Serialises state-changing calls per task.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Tasks prompted whose session has not reported busy since: an idle event
+    /// read meanwhile is the previous turn's (stale) and moves nothing.
+    awaiting_busy: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Settings key prefix of stored templates.
@@ -113,6 +116,7 @@ impl Tasks {
             drivers: Mutex::default(),
             wake: tokio::sync::Notify::new(),
             locks: Mutex::default(),
+            awaiting_busy: Mutex::default(),
         })
     }
 
