@@ -1008,6 +1008,35 @@ fn pct(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, USERINFO_KEEP).to_string()
 }
 
+/// `Authorization: Basic …` for a credential secret (see [`basic_parts`]).
+fn basic_auth_header(secret: &[u8]) -> String {
+    use base64::Engine;
+    let (user, pass) = basic_parts(secret);
+    format!(
+        "Authorization: Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+    )
+}
+
+/// `git` on the host: never prompts, stdin closed, killed when dropped. With
+/// `header` (a credential), git sends it on every HTTP request it makes, so it must
+/// not follow a redirect (to another host, or a downgrade) with it: a redirect
+/// fails the command instead.
+fn host_git(header: Option<&str>) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new("git");
+    c.env("GIT_TERMINAL_PROMPT", "0")
+        .kill_on_drop(true)
+        .stdin(std::process::Stdio::null());
+    if let Some(h) = header {
+        c.env("GIT_CONFIG_COUNT", "2")
+            .env("GIT_CONFIG_KEY_0", "http.extraHeader")
+            .env("GIT_CONFIG_VALUE_0", h)
+            .env("GIT_CONFIG_KEY_1", "http.followRedirects")
+            .env("GIT_CONFIG_VALUE_1", "false");
+    }
+    c
+}
+
 /// Fetches `branch` of `url` on the host with the credential (sent as an HTTP
 /// header through git's environment, never on a command line or in a file) and
 /// returns a bundle of it in `dir`.
@@ -1017,30 +1046,12 @@ async fn fetch_bundle(
     secret: &[u8],
     dir: &Path,
 ) -> Result<PathBuf, Error> {
-    use base64::Engine;
-    let (user, pass) = basic_parts(secret);
-    let header = format!(
-        "Authorization: Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
-    );
+    let header = basic_auth_header(secret);
     let mirror = dir.join("fetch.git");
     let _ = std::fs::remove_dir_all(&mirror);
     let git = |args: Vec<String>, with_auth: bool| {
-        let mut c = tokio::process::Command::new("git");
-        c.args(&args)
-            .env("GIT_TERMINAL_PROMPT", "0")
-            .kill_on_drop(true)
-            .stdin(std::process::Stdio::null());
-        if with_auth {
-            // The header goes to every request git makes, so git must not follow a
-            // redirect (to another host, or a downgrade) with it: a redirect fails
-            // the fetch instead.
-            c.env("GIT_CONFIG_COUNT", "2")
-                .env("GIT_CONFIG_KEY_0", "http.extraHeader")
-                .env("GIT_CONFIG_VALUE_0", &header)
-                .env("GIT_CONFIG_KEY_1", "http.followRedirects")
-                .env("GIT_CONFIG_VALUE_1", "false");
-        }
+        let mut c = host_git(with_auth.then_some(header.as_str()));
+        c.args(&args);
         c
     };
     let out = tokio::time::timeout(
@@ -1109,29 +1120,12 @@ pub(crate) async fn push_bundle(
     bundle: &Path,
     dir: &Path,
 ) -> Result<(), Error> {
-    use base64::Engine;
     let scratch = dir.join("push.git");
     let _ = std::fs::remove_dir_all(&scratch);
-    let header = secret.map(|s| {
-        let (user, pass) = basic_parts(s);
-        format!(
-            "Authorization: Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
-        )
-    });
+    let header = secret.map(basic_auth_header);
     let run = |args: Vec<String>, with_auth: bool| {
-        let mut c = tokio::process::Command::new("git");
-        c.args(&args)
-            .env("GIT_TERMINAL_PROMPT", "0")
-            .kill_on_drop(true)
-            .stdin(std::process::Stdio::null());
-        if let (true, Some(h)) = (with_auth, &header) {
-            c.env("GIT_CONFIG_COUNT", "2")
-                .env("GIT_CONFIG_KEY_0", "http.extraHeader")
-                .env("GIT_CONFIG_VALUE_0", h)
-                .env("GIT_CONFIG_KEY_1", "http.followRedirects")
-                .env("GIT_CONFIG_VALUE_1", "false");
-        }
+        let mut c = host_git(header.as_deref().filter(|_| with_auth));
+        c.args(&args);
         async move {
             let out = match tokio::time::timeout(Duration::from_secs(900), c.output()).await {
                 Err(_) => return Err(Error::unavailable(format!("git {} timed out", args[0]))),

@@ -247,24 +247,13 @@ pub async fn list(
     let states: Vec<TaskState> = q.state.into_iter().collect();
     let rows = st.tasks.list(q.workspace.as_deref(), &states).await?;
     let pending = st.tasks.attention(None, false).await?;
-    let mut queued: Vec<&TaskRecord> = rows
-        .iter()
-        .filter(|t| t.state == TaskState::Queued)
-        .collect();
-    queued.sort_by_key(|t| (t.created_at, t.id.clone()));
+    // Positions in the one queue of every workspace (the order tasks start in).
+    let queue = st.tasks.queue().await?;
     let mut out = Vec::with_capacity(rows.len());
-    for t in rows.iter().cloned() {
+    for t in rows {
         let n = pending.iter().filter(|a| a.task == t.id).count();
-        let pos = queued.iter().position(|q| q.id == t.id).map(|p| p + 1);
-        out.push(TaskView::new(
-            t,
-            n,
-            if states.is_empty() || states == [TaskState::Queued] {
-                pos
-            } else {
-                None
-            },
-        ));
+        let pos = queue.iter().position(|q| q.id == t.id).map(|p| p + 1);
+        out.push(TaskView::new(t, n, pos));
     }
     Ok(Json(out))
 }

@@ -697,7 +697,7 @@ async fn fail(tasks: &Tasks, id: &str, why: &str) {
         .await
         .is_ok()
     {
-        tasks.drop_pending(id, why).await;
+        tasks.drop_pending(id).await;
         if let Ok(t) = tasks.get(id).await {
             tasks.release_sandbox(&t, false).await;
         }

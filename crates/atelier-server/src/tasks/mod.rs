@@ -326,7 +326,7 @@ impl Tasks {
             .store
             .task_transition(id, TaskState::Cancelled, None)
             .await?;
-        self.drop_pending(id, "the task was cancelled").await;
+        self.drop_pending(id).await;
         self.release_sandbox(&rec, true).await;
         self.wake.notify_one();
         self.get(id).await
@@ -449,7 +449,7 @@ impl Tasks {
         self.stop_driver(id);
         match self.finish(&t).await {
             Ok(()) => {
-                self.drop_pending(id, "the task was marked done").await;
+                self.drop_pending(id).await;
                 let rec = self
                     .store
                     .task_transition(id, TaskState::Done, None)
@@ -467,7 +467,7 @@ impl Tasks {
                         Some(&format!("finishing: {}", e.message)),
                     )
                     .await;
-                self.drop_pending(id, "the task failed").await;
+                self.drop_pending(id).await;
                 self.wake.notify_one();
                 Err(e)
             }
@@ -630,7 +630,7 @@ impl Tasks {
     }
 
     /// Marks every pending item of a task gone.
-    async fn drop_pending(&self, task: &str, _why: &str) {
+    async fn drop_pending(&self, task: &str) {
         if let Ok(items) = self.store.attention_list(Some(task), true).await {
             for i in items {
                 let _ = self
@@ -790,9 +790,9 @@ impl Tasks {
             .into_iter()
             .filter(|t| !t.parked)
             .count();
-        let mut queued = self.store.tasks(None, &[TaskState::Queued]).await?;
-        queued.reverse();
-        for t in queued
+        for t in self
+            .queue()
+            .await?
             .into_iter()
             .take(self.cfg.max_running.saturating_sub(active))
         {
@@ -810,11 +810,21 @@ impl Tasks {
         Ok(())
     }
 
-    /// Where a queued task stands in the queue (1 = next), if it is queued.
-    pub async fn queue_position(&self, id: &str) -> Result<Option<usize>, Error> {
+    /// The queued tasks of every workspace, in the order they will start.
+    pub async fn queue(&self) -> Result<Vec<TaskRecord>, Error> {
         let mut queued = self.store.tasks(None, &[TaskState::Queued]).await?;
         queued.reverse();
-        Ok(queued.iter().position(|t| t.id == id).map(|p| p + 1))
+        Ok(queued)
+    }
+
+    /// Where a queued task stands in the queue (1 = next), if it is queued.
+    pub async fn queue_position(&self, id: &str) -> Result<Option<usize>, Error> {
+        Ok(self
+            .queue()
+            .await?
+            .iter()
+            .position(|t| t.id == id)
+            .map(|p| p + 1))
     }
 
     /// Sets up a starting task: prebuild, sandbox, branch, session, prompt. On
