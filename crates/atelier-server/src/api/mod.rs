@@ -67,6 +67,11 @@ pub struct ApiErrorBody {
     /// about this request carry it.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub request_id: String,
+    /// For invalid input, the field that was wrong, named as in the request:
+    /// a path into a document such as `repos[1].path` (a form shows the error
+    /// there).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
 }
 
 tokio::task_local! {
@@ -160,6 +165,7 @@ impl IntoResponse for ApiError {
         let status =
             StatusCode::from_u16(kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let request_id = current_request_id().unwrap_or_default();
+        let field = self.0.field.clone().filter(|_| kind == ErrorKind::Invalid);
         let message = if status.is_server_error() {
             // The whole chain goes to the log (inside the request's span, so the
             // line carries the request id); the client gets no host detail.
@@ -178,6 +184,7 @@ impl IntoResponse for ApiError {
                 code: kind,
                 message,
                 request_id,
+                field,
             }),
         )
             .into_response()
