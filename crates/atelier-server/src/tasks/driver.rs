@@ -15,7 +15,7 @@ use atelier_store::{AttentionRecord, TaskPatch, TaskRecord, now_ms};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 
-use super::{Tasks, new_id};
+use super::{Tasks, conversation, new_id};
 use crate::Error;
 use crate::sandboxes::Sandboxes;
 
@@ -163,7 +163,7 @@ pub(super) async fn prompt(tasks: &Tasks, t: &TaskRecord, text: &str) -> Result<
         .session
         .as_deref()
         .ok_or_else(|| Error::conflict(format!("task {} has no session", t.id)))?;
-    let template = tasks.template(&t.template).await?;
+    let template = tasks.task_template(t).await?;
     let c = client(tasks, t).await?;
     expect_busy(tasks, &t.id, true);
     c.prompt_async(session, &prompt_of(&template, t, text.to_owned()))
@@ -396,7 +396,8 @@ pub(super) async fn resync_pending(
     }
     let mut gone = Vec::new();
     for a in tasks.store.attention_list(Some(&t.id), true).await? {
-        if a.kind != AttentionKind::Stalled
+        // Stalled and budget items are ours, not OpenCode's.
+        if matches!(a.kind, AttentionKind::Permission | AttentionKind::Question)
             && !live.contains(&(a.kind.as_str(), a.remote_id.clone()))
             && let Ok(r) = tasks
                 .store
@@ -486,6 +487,7 @@ async fn read_messages(
         .messages(session)
         .await
         .map_err(|e| oc_error("reading the session's messages", e))?;
+    let kept = conversation::kept_copy(&msgs);
     usage.by_message.clear();
     for m in msgs.iter().filter(|m| m.role == "assistant") {
         usage.by_message.insert(
@@ -499,8 +501,149 @@ async fn read_messages(
             usage.last_text = Some(text);
         }
     }
-    tasks.store.update_task(&t.id, usage.patch()).await?;
+    tasks
+        .store
+        .update_task(
+            &t.id,
+            TaskPatch {
+                conversation: Some(kept),
+                ..usage.patch()
+            },
+        )
+        .await?;
+    check_budget(tasks, c, &t.id, session).await
+}
+
+/// The newest `limit` messages of the session, read live, and whether older ones
+/// exist.
+pub(super) async fn read_conversation(
+    tasks: &Tasks,
+    t: &TaskRecord,
+    session: &str,
+    limit: usize,
+) -> Result<(Vec<conversation::MessageView>, bool), Error> {
+    let msgs = client(tasks, t)
+        .await?
+        .messages_limited(session, Some(limit + 1))
+        .await
+        .map_err(|e| oc_error("reading the session's messages", e))?;
+    Ok(conversation::newest(
+        msgs.iter().map(conversation::render).collect(),
+        limit,
+    ))
+}
+
+/// Reads the session's messages and keeps a copy on the task.
+pub(super) async fn keep_conversation(tasks: &Tasks, t: &TaskRecord) -> Result<(), Error> {
+    let Some(session) = t.session.as_deref() else {
+        return Ok(());
+    };
+    let msgs = client(tasks, t)
+        .await?
+        .messages(session)
+        .await
+        .map_err(|e| oc_error("reading the session's messages", e))?;
+    tasks
+        .store
+        .update_task(
+            &t.id,
+            TaskPatch {
+                conversation: Some(conversation::kept_copy(&msgs)),
+                ..Default::default()
+            },
+        )
+        .await?;
     Ok(())
+}
+
+/// Raises a `budget` item when the task's usage reached its budget, or its
+/// workspace's tasks together reached the workspace's (unless waived for this
+/// task): the turn is aborted if it runs, and a person answers continue or stop.
+/// Nothing is raised while one is pending, nor again before the task has used
+/// more than when the last one was raised.
+async fn check_budget(tasks: &Tasks, c: &oc::Client, id: &str, session: &str) -> Result<(), Error> {
+    let t = tasks.get(id).await?;
+    if !t.state.has_session() {
+        return Ok(());
+    }
+    let used_tokens = t.tokens_in.saturating_add(t.tokens_out);
+    let own = atelier_core::task::Budget {
+        usd: t.budget_usd,
+        tokens: t.budget_tokens,
+    };
+    let mut hit = own
+        .reached(t.cost, used_tokens)
+        .map(|which| ("task", which, own, t.cost, used_tokens));
+    if hit.is_none() && !t.workspace_budget_waived {
+        let spec = match tasks.workspaces.spec(&t.workspace).await {
+            Ok(s) => Some(s),
+            Err(e) if e.kind == atelier_core::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        if let Some(b) = spec.and_then(|s| s.budget) {
+            let (cost, tokens) = tasks.store.workspace_spend(&t.workspace).await?;
+            hit = b
+                .reached(cost, tokens)
+                .map(|which| ("workspace", which, b, cost, tokens));
+        }
+    }
+    let Some((scope, which, budget, cost, tokens)) = hit else {
+        return Ok(());
+    };
+    let items = tasks.store.attention_list(Some(id), false).await?;
+    let mut budget_items = items.iter().filter(|a| a.kind == AttentionKind::Budget);
+    if let Some(last) = budget_items.next() {
+        let d: serde_json::Value = serde_json::from_str(&last.detail).unwrap_or_default();
+        let grown = used_tokens > d["task_tokens"].as_i64().unwrap_or(0)
+            || t.cost > d["task_usd"].as_f64().unwrap_or(0.0);
+        if last.status == AttentionStatus::Pending || !grown {
+            return Ok(());
+        }
+    }
+    let aborted = busy_now(c, session).await;
+    if aborted {
+        c.abort(session)
+            .await
+            .map_err(|e| oc_error("stopping the turn at the budget", e))?;
+    }
+    let whose = if scope == "task" {
+        "the task's".to_owned()
+    } else {
+        format!("workspace {}'s", t.workspace)
+    };
+    let title = match which {
+        "usd" => format!(
+            "budget reached: ${cost:.4} of {whose} ${:.2}; continue?",
+            budget.usd.unwrap_or_default()
+        ),
+        _ => format!(
+            "budget reached: {tokens} of {whose} {} tokens; continue?",
+            budget.tokens.unwrap_or_default()
+        ),
+    };
+    tracing::info!(task = %id, scope, limit = which, aborted, "budget reached");
+    tasks
+        .store
+        .insert_attention(&new_item(
+            &t,
+            AttentionKind::Budget,
+            String::new(),
+            title,
+            serde_json::json!({
+                "scope": scope,
+                "limit": which,
+                "budget_usd": budget.usd,
+                "budget_tokens": budget.tokens,
+                "used_usd": cost,
+                "used_tokens": tokens,
+                "task_usd": t.cost,
+                "task_tokens": used_tokens,
+                "aborted": aborted,
+            })
+            .to_string(),
+        ))
+        .await?;
+    settle_state(tasks, id).await
 }
 
 async fn write_todos(tasks: &Tasks, id: &str, todos: &[oc::Todo]) -> Result<(), Error> {
@@ -751,6 +894,7 @@ async fn follow_once(
             if usage_dirty {
                 tasks.store.update_task(&t.id, usage.patch()).await?;
                 usage_dirty = false;
+                check_budget(tasks, &c, &t.id, session).await?;
             }
             if t.state == TaskState::Working && last_event.elapsed() >= tasks.cfg.stall_after {
                 raise_stalled(
@@ -782,12 +926,12 @@ async fn follow_once(
 /// template's `attention_timeout_secs`: a reject with a note, so the agent goes
 /// on without them (a rejected question ends the agent's turn).
 async fn answer_overdue(tasks: &Arc<Tasks>, t: &TaskRecord) -> Result<(), Error> {
-    let Some(secs) = tasks.template(&t.template).await?.attention_timeout_secs else {
+    let Some(secs) = tasks.task_template(t).await?.attention_timeout_secs else {
         return Ok(());
     };
     let now = now_ms();
     for a in tasks.store.attention_list(Some(&t.id), true).await? {
-        if a.kind == AttentionKind::Stalled
+        if !matches!(a.kind, AttentionKind::Permission | AttentionKind::Question)
             || now - a.created_at < i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX)
         {
             continue;
@@ -959,11 +1103,13 @@ async fn handle(
             tokens,
             error,
         } if s == session && role == "assistant" => {
-            usage.by_message.insert(
-                message_id,
-                (cost, tokens.input, tokens.output + tokens.reasoning),
-            );
-            *usage_dirty = true;
+            let entry = (cost, tokens.input, tokens.output + tokens.reasoning);
+            if usage.by_message.insert(message_id, entry) != Some(entry) {
+                // Written at once, so a budget stops the turn as it is reached.
+                tasks.store.update_task(&t.id, usage.patch()).await?;
+                *usage_dirty = false;
+                check_budget(tasks, c, &t.id, session).await?;
+            }
             if let Some(err) = error
                 && !err.starts_with("MessageAbortedError")
             {
