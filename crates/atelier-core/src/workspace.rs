@@ -500,9 +500,15 @@ impl WorkspaceSpec {
     }
 
     /// SHA-256 (hex) of the definition's canonical JSON (defaults filled in, object
-    /// keys sorted): equal definitions hash equal however they were written.
+    /// keys sorted): equal definitions hash equal however they were written. It
+    /// covers what a prebuild is made from: `budget` and `templates`, read when
+    /// tasks run, are left out, so changing them rebuilds nothing.
     pub fn content_hash(&self) -> String {
-        let value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        let mut value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        if let Some(m) = value.as_object_mut() {
+            m.remove("budget");
+            m.remove("templates");
+        }
         let text = canonical(value).to_string();
         hex::encode(Sha256::digest(text.as_bytes()))
     }
@@ -835,6 +841,16 @@ opencode: { model: "provider/model" }
         let mut e = d.clone();
         e.init.push("true".into());
         assert_ne!(d.content_hash(), e.content_hash());
+        // Budget and templates are read at task time: no new revision for them.
+        let f = WorkspaceSpec::from_yaml(
+            "opencode: {a: {c: 3, d: 2}, b: 1}\nname: x\nbudget: {usd: 3}\ntemplates: {quick: {title: q, prompt: p}}\n",
+        )
+        .unwrap();
+        assert_eq!(d.content_hash(), f.content_hash());
+        assert_ne!(
+            serde_json::to_string(&d).unwrap(),
+            serde_json::to_string(&f).unwrap()
+        );
     }
 
     #[test]

@@ -317,7 +317,12 @@ fn templates_and_task_inputs_get_clear_errors() {
         "name: shop\nimage: minimal\nrepos: [{url: \"git://198.18.250.2/none.git\", path: /workspace/shop}]\nbudget: { usd: 10 }\ntemplates:\n  implementation: { title: Shop, prompt: \"Shop: {{task.description}}\", attention_timeout_secs: 30 }\n  quick: { title: Quick one, prompt: \"Quickly: {{task.description}}\" }\n",
     )
     .unwrap();
+    let before = json(&srv.ok(&["--json", "workspace", "show", "shop"]));
     srv.ok(&["workspace", "apply", "-f", ws.to_str().unwrap()]);
+    // Budget and templates are read at task time: same revision, no prebuild rebuilt.
+    let after = json(&srv.ok(&["--json", "workspace", "show", "shop"]));
+    assert_eq!(after["revision"], before["revision"], "{after}");
+    assert_eq!(after["spec"]["budget"]["usd"], 10.0, "{after}");
     let w = json(&srv.ok(&[
         "--json",
         "template",
