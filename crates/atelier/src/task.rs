@@ -295,6 +295,19 @@ fn print_task(t: &TaskView) {
         t.tokens_out,
         money(t.cost)
     );
+    if t.budget_usd.is_some() || t.budget_tokens.is_some() {
+        let mut parts = Vec::new();
+        if let Some(u) = t.budget_usd {
+            parts.push(format!("${u:.2}"));
+        }
+        if let Some(n) = t.budget_tokens {
+            parts.push(format!("{n} tokens"));
+        }
+        println!("  budget     {}", parts.join(" / "));
+    }
+    if t.workspace_budget_waived {
+        println!("  budget     the workspace's budget is waived for this task");
+    }
     for todo in &t.todos {
         let mark = match todo.status.as_str() {
             "completed" => "x",

@@ -871,7 +871,6 @@ async fn follow_once(
         .map_err(|e| oc_error("opening OpenCode's event stream", e))?;
     resync_all(tasks, &c, t, usage).await?;
     let mut last_event = Instant::now();
-    let mut usage_dirty = false;
     loop {
         let tick = Duration::from_secs(5);
         let next = tokio::time::timeout(tick, events.next()).await;
@@ -889,13 +888,8 @@ async fn follow_once(
             return Ok(Ended::TaskOver);
         }
         if let Some(ev) = ev {
-            handle(tasks, &c, &t, session, ev, usage, &mut usage_dirty).await?;
+            handle(tasks, &c, &t, session, ev, usage).await?;
         } else {
-            if usage_dirty {
-                tasks.store.update_task(&t.id, usage.patch()).await?;
-                usage_dirty = false;
-                check_budget(tasks, &c, &t.id, session).await?;
-            }
             if t.state == TaskState::Working && last_event.elapsed() >= tasks.cfg.stall_after {
                 raise_stalled(
                     tasks,
@@ -991,7 +985,6 @@ async fn handle(
     session: &str,
     ev: oc::Event,
     usage: &mut Usage,
-    usage_dirty: &mut bool,
 ) -> Result<(), Error> {
     match ev {
         oc::Event::PermissionAsked(p) if p.session_id == session => {
@@ -1036,7 +1029,6 @@ async fn handle(
             }
             if matches!(status, oc::SessionStatus::Idle) {
                 read_messages(tasks, c, t, session, usage).await?;
-                *usage_dirty = false;
                 if !awaiting_busy(tasks, &t.id) && !busy_now(c, session).await {
                     on_idle(tasks, t).await?;
                 }
@@ -1071,7 +1063,6 @@ async fn handle(
             // Usage and the agent's last text first, so a reader who sees the
             // task in review sees its summary too.
             read_messages(tasks, c, t, session, usage).await?;
-            *usage_dirty = false;
             if !awaiting_busy(tasks, &t.id) && !busy_now(c, session).await {
                 on_idle(tasks, t).await?;
             }
@@ -1107,7 +1098,6 @@ async fn handle(
             if usage.by_message.insert(message_id, entry) != Some(entry) {
                 // Written at once, so a budget stops the turn as it is reached.
                 tasks.store.update_task(&t.id, usage.patch()).await?;
-                *usage_dirty = false;
                 check_budget(tasks, c, &t.id, session).await?;
             }
             if let Some(err) = error
