@@ -9,7 +9,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use atelier_core::task::{Answer, AttentionKind, AttentionStatus, TaskState, TaskTemplate};
+use atelier_core::task::{Answer, AttentionKind, AttentionStatus, Budget, TaskState, TaskTemplate};
 use atelier_opencode as oc;
 use atelier_store::{AttentionRecord, TaskPatch, TaskRecord, now_ms};
 use futures::StreamExt;
@@ -556,6 +556,63 @@ pub(super) async fn keep_conversation(tasks: &Tasks, t: &TaskRecord) -> Result<(
     Ok(())
 }
 
+/// A budget a task reached: whose (`task` or `workspace`), which limit (`usd` or
+/// `tokens`), the budget, and the usage measured against it.
+#[derive(Debug, PartialEq)]
+struct BudgetHit {
+    scope: &'static str,
+    limit: &'static str,
+    budget: Budget,
+    cost: f64,
+    tokens: i64,
+}
+
+/// Whether task `t` is due a `budget` item: it reached its own budget, or (unless
+/// waived for it) `workspace` — the workspace's budget and its tasks' summed
+/// (cost, tokens) — and `last`, its newest budget item, is neither pending nor
+/// raised at the usage the task has now (an answer is not asked again until the
+/// task spends more).
+fn budget_due(
+    t: &TaskRecord,
+    workspace: Option<(Budget, (f64, i64))>,
+    last: Option<&AttentionRecord>,
+) -> Option<BudgetHit> {
+    let used_tokens = t.tokens_in.saturating_add(t.tokens_out);
+    let own = Budget {
+        usd: t.budget_usd,
+        tokens: t.budget_tokens,
+    };
+    let hit = match own.reached(t.cost, used_tokens) {
+        Some(limit) => BudgetHit {
+            scope: "task",
+            limit,
+            budget: own,
+            cost: t.cost,
+            tokens: used_tokens,
+        },
+        None if t.workspace_budget_waived => return None,
+        None => {
+            let (budget, (cost, tokens)) = workspace?;
+            BudgetHit {
+                scope: "workspace",
+                limit: budget.reached(cost, tokens)?,
+                budget,
+                cost,
+                tokens,
+            }
+        }
+    };
+    if let Some(last) = last {
+        let d: serde_json::Value = serde_json::from_str(&last.detail).unwrap_or_default();
+        let grown = used_tokens > d["task_tokens"].as_i64().unwrap_or(0)
+            || t.cost > d["task_usd"].as_f64().unwrap_or(0.0);
+        if last.status == AttentionStatus::Pending || !grown {
+            return None;
+        }
+    }
+    Some(hit)
+}
+
 /// Raises a `budget` item when the task's usage reached its budget, or its
 /// workspace's tasks together reached the workspace's (unless waived for this
 /// task): the turn is aborted if it runs, and a person answers continue or stop.
@@ -567,39 +624,34 @@ async fn check_budget(tasks: &Tasks, c: &oc::Client, id: &str, session: &str) ->
         return Ok(());
     }
     let used_tokens = t.tokens_in.saturating_add(t.tokens_out);
-    let own = atelier_core::task::Budget {
+    let own = Budget {
         usd: t.budget_usd,
         tokens: t.budget_tokens,
     };
-    let mut hit = own
-        .reached(t.cost, used_tokens)
-        .map(|which| ("task", which, own, t.cost, used_tokens));
-    if hit.is_none() && !t.workspace_budget_waived {
+    // The workspace's spend is summed only when its budget can matter.
+    let mut workspace = None;
+    if own.reached(t.cost, used_tokens).is_none() && !t.workspace_budget_waived {
         let spec = match tasks.workspaces.spec(&t.workspace).await {
             Ok(s) => Some(s),
             Err(e) if e.kind == atelier_core::ErrorKind::NotFound => None,
             Err(e) => return Err(e),
         };
         if let Some(b) = spec.and_then(|s| s.budget) {
-            let (cost, tokens) = tasks.store.workspace_spend(&t.workspace).await?;
-            hit = b
-                .reached(cost, tokens)
-                .map(|which| ("workspace", which, b, cost, tokens));
+            workspace = Some((b, tasks.store.workspace_spend(&t.workspace).await?));
         }
     }
-    let Some((scope, which, budget, cost, tokens)) = hit else {
+    let items = tasks.store.attention_list(Some(id), false).await?;
+    let last = items.iter().find(|a| a.kind == AttentionKind::Budget);
+    let Some(BudgetHit {
+        scope,
+        limit: which,
+        budget,
+        cost,
+        tokens,
+    }) = budget_due(&t, workspace, last)
+    else {
         return Ok(());
     };
-    let items = tasks.store.attention_list(Some(id), false).await?;
-    let mut budget_items = items.iter().filter(|a| a.kind == AttentionKind::Budget);
-    if let Some(last) = budget_items.next() {
-        let d: serde_json::Value = serde_json::from_str(&last.detail).unwrap_or_default();
-        let grown = used_tokens > d["task_tokens"].as_i64().unwrap_or(0)
-            || t.cost > d["task_usd"].as_f64().unwrap_or(0.0);
-        if last.status == AttentionStatus::Pending || !grown {
-            return Ok(());
-        }
-    }
     let aborted = busy_now(c, session).await;
     if aborted {
         c.abort(session)
@@ -1167,6 +1219,107 @@ mod tests {
         assert!(!covered(always, &perm("edit", &["npm test"])));
         assert!(!covered(always, &perm("bash", &[])));
         assert!(!covered("not json", &perm("bash", &["npm test"])));
+    }
+
+    fn task(cost: f64, tokens: i64, usd: Option<f64>, limit: Option<i64>) -> TaskRecord {
+        TaskRecord {
+            id: "tk-1".into(),
+            workspace: "shop".into(),
+            template: "implementation".into(),
+            effort: atelier_core::task::Effort::Medium,
+            title: "t".into(),
+            description: "d".into(),
+            state: TaskState::Working,
+            parent: None,
+            branch: "b".into(),
+            base_branch: "main".into(),
+            base_commit: None,
+            repo_path: None,
+            sandbox: None,
+            session: None,
+            parked: false,
+            error: None,
+            todos_done: 0,
+            todos_total: 0,
+            todos: "[]".into(),
+            files: "[]".into(),
+            messages: 1,
+            tokens_in: tokens,
+            tokens_out: 0,
+            cost,
+            summary: None,
+            always: "[]".into(),
+            pending_say: "[]".into(),
+            diff: None,
+            diff_truncated: false,
+            commits: "[]".into(),
+            budget_usd: usd,
+            budget_tokens: limit,
+            workspace_budget_waived: false,
+            conversation: None,
+            conversation_at: None,
+            created_at: 0,
+            started_at: None,
+            finished_at: None,
+            updated_at: 0,
+        }
+    }
+
+    fn item(status: AttentionStatus, task_usd: f64, task_tokens: i64) -> AttentionRecord {
+        AttentionRecord {
+            id: "at-1".into(),
+            task: "tk-1".into(),
+            kind: AttentionKind::Budget,
+            remote_id: String::new(),
+            title: "budget reached".into(),
+            detail: serde_json::json!({"task_usd": task_usd, "task_tokens": task_tokens})
+                .to_string(),
+            status,
+            answer: None,
+            created_at: 0,
+            resolved_at: None,
+        }
+    }
+
+    #[test]
+    fn budgets_are_due_once_per_spend() {
+        let ws = |usd: f64, spent: f64| {
+            Some((
+                Budget {
+                    usd: Some(usd),
+                    tokens: None,
+                },
+                (spent, 0),
+            ))
+        };
+        // Under every limit: nothing.
+        assert_eq!(
+            budget_due(&task(0.5, 10, Some(1.0), Some(100)), ws(9.0, 2.0), None),
+            None
+        );
+        // The task's own tokens.
+        let hit = budget_due(&task(0.5, 100, Some(1.0), Some(100)), None, None).unwrap();
+        assert_eq!((hit.scope, hit.limit, hit.tokens), ("task", "tokens", 100));
+        // The workspace's cost, over all its tasks.
+        let hit = budget_due(&task(0.5, 10, None, None), ws(2.0, 2.5), None).unwrap();
+        assert_eq!((hit.scope, hit.limit, hit.cost), ("workspace", "usd", 2.5));
+        // Waived for this task: the workspace's budget does not stop it; its own does.
+        let mut waived = task(0.5, 10, None, None);
+        waived.workspace_budget_waived = true;
+        assert_eq!(budget_due(&waived, ws(2.0, 2.5), None), None);
+        waived.budget_tokens = Some(5);
+        assert_eq!(
+            budget_due(&waived, ws(2.0, 2.5), None).unwrap().scope,
+            "task"
+        );
+        // One pending at a time; after an answer, again only once it spent more.
+        let t = task(0.5, 100, None, Some(50));
+        let pending = item(AttentionStatus::Pending, 0.1, 60);
+        assert_eq!(budget_due(&t, None, Some(&pending)), None);
+        let answered_here = item(AttentionStatus::Answered, 0.5, 100);
+        assert_eq!(budget_due(&t, None, Some(&answered_here)), None);
+        let answered_before = item(AttentionStatus::Answered, 0.5, 60);
+        assert!(budget_due(&t, None, Some(&answered_before)).is_some());
     }
 
     #[test]
