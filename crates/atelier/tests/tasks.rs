@@ -385,4 +385,101 @@ fn templates_and_task_inputs_get_clear_errors() {
         4,
         "template \"quick\" not found",
     );
+
+    // Budget answers. Raising an item needs a live agent (task_loop.rs does it);
+    // here the items are put in the database beside the running manager.
+    let qid = q["id"].as_str().unwrap().to_owned();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = rt
+        .block_on(atelier_store::Store::open(
+            &srv.data_dir.path().join("atelier.db"),
+        ))
+        .unwrap();
+    let raise = |id: &str, scope: &str| {
+        rt.block_on(store.insert_attention(&atelier_store::AttentionRecord {
+            id: id.into(),
+            task: qid.clone(),
+            kind: atelier_core::task::AttentionKind::Budget,
+            remote_id: String::new(),
+            title: "budget reached: 500 of the task's 400 tokens; continue?".into(),
+            detail: serde_json::json!({"scope": scope, "aborted": false}).to_string(),
+            status: atelier_core::task::AttentionStatus::Pending,
+            answer: None,
+            created_at: 1,
+            resolved_at: None,
+        }))
+        .unwrap();
+    };
+    rt.block_on(store.update_task(
+        &qid,
+        atelier_store::TaskPatch {
+            usage: Some((1, 400, 100, 0.0)),
+            ..Default::default()
+        },
+    ))
+    .unwrap();
+    raise("at-budget0001", "task");
+    let listed = srv.ok(&["attention"]);
+    assert!(listed.contains("at-budget0001  budget"), "{listed}");
+    fails(
+        &srv,
+        &["attention", "answer", "at-budget0001", "--once"],
+        2,
+        "budget takes continue or stop",
+    );
+    fails(
+        &srv,
+        &[
+            "attention",
+            "answer",
+            "at-budget0001",
+            "--continue",
+            "--budget-tokens",
+            "500",
+        ],
+        2,
+        "is not above what task",
+    );
+    srv.ok(&[
+        "attention",
+        "answer",
+        "at-budget0001",
+        "--continue",
+        "--budget-tokens",
+        "2000",
+    ]);
+    let t = json(&srv.ok(&["--json", "task", "show", &qid]));
+    assert_eq!(
+        (t["budget_tokens"].as_i64(), t["budget_usd"].as_f64()),
+        (Some(2000), None),
+        "{t}"
+    );
+    fails(
+        &srv,
+        &["attention", "answer", "at-budget0001", "--stop"],
+        5,
+        "already answered",
+    );
+    // The workspace's budget reached, continue with no new limit: waived for this
+    // task, its own budget kept.
+    raise("at-budget0002", "workspace");
+    srv.ok(&["attention", "answer", "at-budget0002", "--continue"]);
+    let t = json(&srv.ok(&["--json", "task", "show", &qid]));
+    assert_eq!(t["workspace_budget_waived"], true, "{t}");
+    assert_eq!(t["budget_tokens"], 2000, "{t}");
+    assert!(srv.ok(&["task", "show", &qid]).contains("waived"));
+    // The task's own, continue with no new limit: lifted.
+    raise("at-budget0003", "task");
+    srv.ok(&["attention", "answer", "at-budget0003", "--continue"]);
+    let t = json(&srv.ok(&["--json", "task", "show", &qid]));
+    assert!(t["budget_tokens"].is_null(), "{t}");
+    // Stop: answered; the task stays where it is (a waiting one goes to review).
+    raise("at-budget0004", "task");
+    let r = json(&srv.ok(&["--json", "attention", "answer", "at-budget0004", "--stop"]));
+    assert_eq!(r["item"]["status"], "answered", "{r}");
+    assert_eq!(r["item"]["answer"]["answer"], "stop", "{r}");
+    assert_eq!(
+        json(&srv.ok(&["--json", "task", "show", &qid]))["state"],
+        "backlog"
+    );
 }
