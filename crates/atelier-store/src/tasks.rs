@@ -232,9 +232,9 @@ pub struct AttentionRecord {
     pub id: String,
     /// Its task.
     pub task: String,
-    /// Permission, question or stalled.
+    /// Permission, question, stalled or budget.
     pub kind: AttentionKind,
-    /// OpenCode's request id (empty for stalled).
+    /// OpenCode's request id (empty for stalled and budget items).
     pub remote_id: String,
     /// One line.
     pub title: String,

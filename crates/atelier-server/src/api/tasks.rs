@@ -175,7 +175,7 @@ pub struct AttentionView {
     pub id: String,
     /// Its task.
     pub task: String,
-    /// Permission, question or stalled.
+    /// Permission, question, stalled or budget.
     pub kind: AttentionKind,
     /// Pending, answered or gone.
     pub status: AttentionStatus,
@@ -545,7 +545,9 @@ pub struct AnswerView {
 /// Answer a pending item. Permissions: `once`, `always`, `reject` (with an
 /// optional `message` the agent continues with). Questions: `reply` with
 /// `answers` (one list of labels or text per question) or `reject`. Stalled:
-/// `retry` or `abort`. An item answered already is a 409.
+/// `retry` or `abort`. Budget: `continue` (optional `budget_usd`/`budget_tokens`
+/// as the task's new limits, each above what it used; none lifts the limit
+/// reached) or `stop` (the task goes to review). An item answered already is a 409.
 #[utoipa::path(post, path = "/api/v1/attention/{id}/answer", tag = "attention", request_body = Answer,
     params(("id" = String, Path, description = "Item id")),
     responses((status = 200, body = AnswerView), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody),
