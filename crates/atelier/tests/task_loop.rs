@@ -575,14 +575,29 @@ fn a_task_goes_from_prompt_to_pushed_branch_and_chains() {
     }
     let f = wait_state(&srv, &hid, "failed", STEP);
     assert!(f["error"].as_str().unwrap_or("").contains(&hsb), "{f}");
+    // Its conversation is still there: the copy kept at its last turn.
+    let kept = json_of(&srv.ok(&["--json", "task", "log", &hid]));
+    assert_eq!(kept["live"], false, "{kept}");
+    assert!(
+        kept["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["text"].as_str().unwrap_or("").contains("Fine now.")),
+        "{kept}"
+    );
 
-    // The key appears in no API answer.
+    // The key appears in no API answer (the conversations included).
+    let conversation = format!("/api/v1/tasks/{id}/messages?limit=1000");
+    let hid_conversation = format!("/api/v1/tasks/{hid}/messages");
     for path in [
         "/api/v1/tasks",
         "/api/v1/attention?all=true",
         "/api/v1/workspaces/shop",
         "/api/v1/prebuilds",
         "/api/v1/sandboxes",
+        conversation.as_str(),
+        hid_conversation.as_str(),
     ] {
         let body = rt.block_on(async {
             let r = srv.api(reqwest::Method::GET, path).send().await.unwrap();
