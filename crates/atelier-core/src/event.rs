@@ -118,14 +118,14 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
-    /// An attention item (permission, question, stalled) was raised or resolved.
+    /// An attention item (permission, question, stalled, budget) was raised or resolved.
     #[serde(rename = "attention.changed")]
     AttentionChanged {
         /// Item id.
         item: String,
         /// Its task.
         task: String,
-        /// Permission, question or stalled.
+        /// Permission, question, stalled or budget.
         kind: crate::task::AttentionKind,
         /// Pending, answered or gone.
         status: crate::task::AttentionStatus,

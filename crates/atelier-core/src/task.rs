@@ -226,7 +226,9 @@ fn star() -> String {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskTemplate {
-    /// Name (`implementation`, `security-review`, ...).
+    /// Name (`implementation`, `security-review`, ...). In a workspace's
+    /// `templates` map it may be left out (the key names it).
+    #[serde(default)]
     pub name: String,
     /// One line for lists.
     pub title: String,
@@ -464,6 +466,9 @@ pub enum AttentionKind {
     Question,
     /// The agent has been busy with no sign of life: retry or abort.
     Stalled,
+    /// The task (or its workspace) reached its budget; the turn was stopped:
+    /// continue or stop.
+    Budget,
 }
 
 impl AttentionKind {
@@ -473,6 +478,7 @@ impl AttentionKind {
             AttentionKind::Permission => "permission",
             AttentionKind::Question => "question",
             AttentionKind::Stalled => "stalled",
+            AttentionKind::Budget => "budget",
         }
     }
 
@@ -482,6 +488,7 @@ impl AttentionKind {
             AttentionKind::Permission,
             AttentionKind::Question,
             AttentionKind::Stalled,
+            AttentionKind::Budget,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -524,7 +531,7 @@ impl AttentionStatus {
 }
 
 /// A person's answer to an attention item.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case", tag = "answer")]
 pub enum Answer {
     /// Allow this once.
@@ -548,6 +555,20 @@ pub enum Answer {
     Retry,
     /// Stalled: abort the turn and leave the task in review.
     Abort,
+    /// Budget reached: carry on. Given limits replace the task's budget (each must
+    /// be above what the task has used); with none, the limit that was reached is
+    /// lifted for this task (its own budget removed, or the workspace's waived).
+    Continue {
+        /// The task's new cost limit (USD).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        budget_usd: Option<f64>,
+        /// The task's new token limit (input + output).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        budget_tokens: Option<i64>,
+    },
+    /// Budget reached: stop here; the task goes to review (its work is kept: read
+    /// the diff, then `done`, `say` or `cancel`).
+    Stop,
 }
 
 impl Answer {
@@ -562,15 +583,30 @@ impl Answer {
                 Answer::Reply { .. } | Answer::Reject { .. },
                 AttentionKind::Question
             ) | (Answer::Retry | Answer::Abort, AttentionKind::Stalled)
+                | (
+                    Answer::Continue { .. } | Answer::Stop,
+                    AttentionKind::Budget
+                )
         );
         if !ok {
             return Err(ValidationError::new(
                 "answer",
                 format!(
-                    "a {} cannot be answered this way: permissions take once, always or reject; questions take reply or reject; stalled takes retry or abort",
+                    "a {} cannot be answered this way: permissions take once, always or reject; questions take reply or reject; stalled takes retry or abort; budget takes continue or stop",
                     kind.as_str()
                 ),
             ));
+        }
+        if let Answer::Continue {
+            budget_usd,
+            budget_tokens,
+        } = self
+        {
+            Budget {
+                usd: *budget_usd,
+                tokens: *budget_tokens,
+            }
+            .validate()?;
         }
         let mut total = 0;
         if let Answer::Reject { message: Some(m) } = self {
@@ -592,6 +628,64 @@ impl Answer {
             ));
         }
         Ok(())
+    }
+}
+
+/// A spending limit: cost in USD and/or tokens (input + output, reasoning
+/// included). Reaching either stops the agent's turn and asks a person.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    /// Cost limit in USD (as the provider reports cost; unpriced models cost 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usd: Option<f64>,
+    /// Token limit: input plus output tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<i64>,
+}
+
+/// Largest cost limit accepted (USD).
+pub const MAX_BUDGET_USD: f64 = 1_000_000.0;
+
+impl Budget {
+    /// Whether it limits nothing.
+    pub fn is_empty(&self) -> bool {
+        self.usd.is_none() && self.tokens.is_none()
+    }
+
+    /// Checks the limits: a positive finite cost up to [`MAX_BUDGET_USD`], a
+    /// positive token count.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if let Some(u) = self.usd
+            && !(u.is_finite() && u > 0.0 && u <= MAX_BUDGET_USD)
+        {
+            return Err(ValidationError::new(
+                "budget_usd",
+                format!(
+                    "{u} is not a cost limit: give a number of USD above 0 and at most {MAX_BUDGET_USD}"
+                ),
+            ));
+        }
+        if let Some(t) = self.tokens
+            && t <= 0
+        {
+            return Err(ValidationError::new(
+                "budget_tokens",
+                format!("{t} is not a token limit: give a number above 0"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Which limit `cost` and `tokens` reach, if any (`usd` or `tokens`).
+    pub fn reached(&self, cost: f64, tokens: i64) -> Option<&'static str> {
+        if self.usd.is_some_and(|u| cost >= u) {
+            Some("usd")
+        } else if self.tokens.is_some_and(|t| tokens >= t) {
+            Some("tokens")
+        } else {
+            None
+        }
     }
 }
 
@@ -706,6 +800,52 @@ mod tests {
                 .is_err()
         );
         assert!(Answer::Retry.validate_for(AttentionKind::Stalled).is_ok());
+        assert!(Answer::Stop.validate_for(AttentionKind::Budget).is_ok());
+        assert!(Answer::Stop.validate_for(AttentionKind::Stalled).is_err());
+        let bad = Answer::Continue {
+            budget_usd: Some(-1.0),
+            budget_tokens: None,
+        };
+        let e = bad.validate_for(AttentionKind::Budget).unwrap_err();
+        assert!(e.to_string().contains("budget_usd"), "{e}");
+        assert_eq!(AttentionKind::parse("budget"), Some(AttentionKind::Budget));
+    }
+
+    #[test]
+    fn budgets_validate_and_say_which_limit_is_reached() {
+        let b = Budget {
+            usd: Some(2.0),
+            tokens: Some(1000),
+        };
+        b.validate().unwrap();
+        assert_eq!(b.reached(1.0, 10), None);
+        assert_eq!(b.reached(2.0, 10), Some("usd"));
+        assert_eq!(b.reached(0.5, 1000), Some("tokens"));
+        assert_eq!(Budget::default().reached(1e9, i64::MAX), None);
+        for bad in [
+            Budget {
+                usd: Some(f64::NAN),
+                tokens: None,
+            },
+            Budget {
+                usd: Some(0.0),
+                tokens: None,
+            },
+            Budget {
+                usd: None,
+                tokens: Some(0),
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+        let a: Answer = serde_json::from_str(r#"{"answer":"continue","budget_usd":5}"#).unwrap();
+        assert_eq!(
+            a,
+            Answer::Continue {
+                budget_usd: Some(5.0),
+                budget_tokens: None
+            }
+        );
     }
 
     #[test]

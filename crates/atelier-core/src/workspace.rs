@@ -90,7 +90,19 @@ pub struct WorkspaceSpec {
     /// `{allow: [domains]}`.
     #[serde(default, deserialize_with = "egress_any_format")]
     pub egress: crate::EgressPolicy,
+    /// Spending limit over all the workspace's tasks together (cost in USD and/or
+    /// tokens); reaching it stops a task's turn and asks a person.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<crate::task::Budget>,
+    /// Task templates for this workspace's tasks, by name: each replaces the
+    /// global (or built-in) template of its name, or adds one. The inner `name`
+    /// may be left out.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub templates: BTreeMap<String, crate::task::TaskTemplate>,
 }
+
+/// Most task templates one workspace defines.
+pub const MAX_WORKSPACE_TEMPLATES: usize = 32;
 
 /// Machine shape of a workspace's sandboxes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -264,7 +276,64 @@ impl WorkspaceSpec {
             );
         }
         self.validate_opencode_keys()?;
+        if let Some(b) = &self.budget {
+            if b.is_empty() {
+                return err(
+                    "budget",
+                    "give `usd` and/or `tokens`, or leave `budget` out",
+                );
+            }
+            b.validate().map_err(|e| {
+                let field = match e.field.as_ref() {
+                    "budget_usd" => "budget.usd",
+                    _ => "budget.tokens",
+                };
+                ValidationError::new(field, e.reason)
+            })?;
+        }
+        self.validate_templates()?;
         self.egress.validate()
+    }
+
+    fn validate_templates(&self) -> Res {
+        if self.templates.len() > MAX_WORKSPACE_TEMPLATES {
+            return err(
+                "templates",
+                format!("at most {MAX_WORKSPACE_TEMPLATES} templates"),
+            );
+        }
+        for (key, t) in &self.templates {
+            validate_name(key).map_err(|e| {
+                ValidationError::new(
+                    format!("templates.{key}"),
+                    format!("bad template name: {}", e.reason),
+                )
+            })?;
+            if !t.name.is_empty() && t.name != *key {
+                return err(
+                    format!("templates.{key}.name"),
+                    format!(
+                        "{:?} differs from its key {key:?}; leave `name` out or make them equal",
+                        t.name
+                    ),
+                );
+            }
+            self.template(key)
+                .unwrap_or_else(|| t.clone())
+                .validate()
+                .map_err(|e| {
+                    ValidationError::new(format!("templates.{key}.{}", e.field), e.reason)
+                })?;
+        }
+        Ok(())
+    }
+
+    /// The workspace's own template `name`, with its name filled in, if it has one.
+    pub fn template(&self, name: &str) -> Option<crate::task::TaskTemplate> {
+        self.templates.get(name).map(|t| crate::task::TaskTemplate {
+            name: name.to_owned(),
+            ..t.clone()
+        })
     }
 
     fn validate_resources(&self) -> Res {
@@ -431,9 +500,15 @@ impl WorkspaceSpec {
     }
 
     /// SHA-256 (hex) of the definition's canonical JSON (defaults filled in, object
-    /// keys sorted): equal definitions hash equal however they were written.
+    /// keys sorted): equal definitions hash equal however they were written. It
+    /// covers what a prebuild is made from: `budget` and `templates`, read when
+    /// tasks run, are left out, so changing them rebuilds nothing.
     pub fn content_hash(&self) -> String {
-        let value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        let mut value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        if let Some(m) = value.as_object_mut() {
+            m.remove("budget");
+            m.remove("templates");
+        }
         let text = canonical(value).to_string();
         hex::encode(Sha256::digest(text.as_bytes()))
     }
@@ -766,6 +841,65 @@ opencode: { model: "provider/model" }
         let mut e = d.clone();
         e.init.push("true".into());
         assert_ne!(d.content_hash(), e.content_hash());
+        // Budget and templates are read at task time: no new revision for them.
+        let f = WorkspaceSpec::from_yaml(
+            "opencode: {a: {c: 3, d: 2}, b: 1}\nname: x\nbudget: {usd: 3}\ntemplates: {quick: {title: q, prompt: p}}\n",
+        )
+        .unwrap();
+        assert_eq!(d.content_hash(), f.content_hash());
+        assert_ne!(
+            serde_json::to_string(&d).unwrap(),
+            serde_json::to_string(&f).unwrap()
+        );
+    }
+
+    #[test]
+    fn budget_and_templates_are_validated_with_their_field() {
+        let good = format!(
+            "{EXAMPLE}budget: {{ usd: 12.5, tokens: 2000000 }}\ntemplates:\n  implementation:\n    title: Ours\n    prompt: \"Do {{{{task.description}}}} on {{{{branch}}}}\"\n    attention_timeout_secs: 30\n"
+        );
+        let s = WorkspaceSpec::from_yaml(&good).unwrap();
+        assert_eq!(s.budget.unwrap().usd, Some(12.5));
+        let t = s.template("implementation").unwrap();
+        assert_eq!(
+            (t.name.as_str(), t.attention_timeout_secs),
+            ("implementation", Some(30))
+        );
+        assert!(s.template("security-review").is_none());
+        let cases = [
+            ("budget: { usd: -1 }\n", "budget.usd"),
+            ("budget: { tokens: 0 }\n", "budget.tokens"),
+            ("budget: {}\n", "budget"),
+            ("budget: { dollars: 3 }\n", "unknown field `dollars`"),
+            (
+                "templates: { impl: { title: t, prompt: \"{{task.descripton}}\" } }\n",
+                "templates.impl.prompt: unknown placeholder {{task.descripton}}",
+            ),
+            (
+                "templates: { impl: { title: t, prompt: \"  \" } }\n",
+                "templates.impl.prompt: must not be empty",
+            ),
+            (
+                "templates: { impl: { name: other, title: t, prompt: p } }\n",
+                "templates.impl.name",
+            ),
+            (
+                "templates: { Bad_Name: { title: t, prompt: p } }\n",
+                "templates.Bad_Name",
+            ),
+            (
+                "templates: { impl: { title: t, prompt: p, efforts: { extreme: {} } } }\n",
+                "unknown variant `extreme`",
+            ),
+            (
+                "templates: { impl: { title: t, prompt: p, default_effort: huge } }\n",
+                "unknown variant `huge`",
+            ),
+        ];
+        for (extra, needle) in cases {
+            let e = WorkspaceSpec::from_yaml(&format!("{EXAMPLE}{extra}")).unwrap_err();
+            assert!(e.to_string().contains(needle), "{extra}: {e}");
+        }
     }
 
     #[test]

@@ -310,7 +310,20 @@ impl Client {
     /// `GET /session/{id}/message`: the session's messages with their parts, oldest
     /// first; assistant messages carry cost and tokens.
     pub async fn messages(&self, session: &str) -> Result<Vec<Message>, Error> {
-        let path = format!("/session/{}/message", encode_component(session));
+        self.messages_limited(session, None).await
+    }
+
+    /// `GET /session/{id}/message?limit=N`: the newest `limit` messages, oldest
+    /// first (all of them without a limit).
+    pub async fn messages_limited(
+        &self,
+        session: &str,
+        limit: Option<usize>,
+    ) -> Result<Vec<Message>, Error> {
+        let mut path = format!("/session/{}/message", encode_component(session));
+        if let Some(n) = limit {
+            path.push_str(&format!("?limit={n}"));
+        }
         let items: Vec<Value> = self
             .json(
                 "session messages",

@@ -285,6 +285,12 @@ pub struct Message {
     pub id: String,
     /// `user` or `assistant`.
     pub role: String,
+    /// Created, ms since epoch (`info.time.created`).
+    pub created: Option<i64>,
+    /// Finished, ms since epoch (assistant messages, once done).
+    pub completed: Option<i64>,
+    /// `provider/model` that answered (assistant messages).
+    pub model: Option<String>,
     /// Cost in USD (0 for user messages and unpriced models).
     pub cost: f64,
     /// Tokens used (zero for user messages).
@@ -337,7 +343,14 @@ pub(crate) fn message_of(v: &Value) -> Result<Message, String> {
         .iter()
         .map(part_of)
         .collect();
+    let model = match (info["providerID"].as_str(), info["modelID"].as_str()) {
+        (Some(p), Some(m)) => Some(format!("{p}/{m}")),
+        _ => None,
+    };
     Ok(Message {
+        created: info["time"]["created"].as_f64().map(|t| t as i64),
+        completed: info["time"]["completed"].as_f64().map(|t| t as i64),
+        model,
         cost: info["cost"].as_f64().unwrap_or(0.0),
         tokens: tokens_of(&info["tokens"]),
         error: error_text(&info["error"]),
@@ -384,6 +397,8 @@ mod tests {
     fn a_message_with_tool_and_text_parts() {
         let m = message_of(&json!({
             "info": {"id": "msg_1", "role": "assistant", "cost": 0.5,
+                     "time": {"created": 1700000000000i64, "completed": 1700000001000i64},
+                     "providerID": "local", "modelID": "scripted",
                      "tokens": {"input": 10, "output": 2, "reasoning": 0, "cache": {"read": 1, "write": 0}},
                      "error": {"name": "APIError", "data": {"message": "boom", "isRetryable": false}}},
             "parts": [
@@ -395,6 +410,14 @@ mod tests {
         }))
         .expect("decodes");
         assert_eq!(m.tokens.total(), 13);
+        assert_eq!(
+            (m.created, m.completed, m.model.as_deref()),
+            (
+                Some(1700000000000),
+                Some(1700000001000),
+                Some("local/scripted")
+            )
+        );
         assert_eq!(m.error.as_deref(), Some("APIError: boom"));
         assert_eq!(m.parts.len(), 3);
         assert!(

@@ -197,6 +197,15 @@ async fn a_turn_through_permission_question_and_todos() {
     let messages = client.messages(&session.id).await.expect("messages");
     let total: u64 = messages.iter().map(|m| m.tokens.total()).sum();
     assert!(total > 0, "no tokens counted: {messages:?}");
+    assert!(messages.iter().all(|m| m.created.is_some()), "{messages:?}");
+    // A limit keeps the newest messages, oldest first.
+    let newest = client
+        .messages_limited(&session.id, Some(2))
+        .await
+        .expect("limited messages");
+    let ids = |v: &[atelier_opencode::Message]| v.iter().map(|m| m.id.clone()).collect::<Vec<_>>();
+    assert!(messages.len() > 2, "{messages:?}");
+    assert_eq!(ids(&newest), ids(&messages[messages.len() - 2..]));
     let tools: Vec<&str> = messages
         .iter()
         .flat_map(|m| &m.parts)

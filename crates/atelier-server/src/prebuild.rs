@@ -898,7 +898,18 @@ impl Manager {
                 let commits: BTreeMap<String, String> =
                     serde_json::from_str(&newest.commits).unwrap_or_default();
                 for r in &spec.repos {
-                    match ls_remote(&r.url, &r.branch).await {
+                    let secret = match &r.credentials {
+                        Some(name) => match self.secret_value(name).await {
+                            Ok(v) => Some(v),
+                            Err(e) => {
+                                tracing::warn!(workspace = %w.name, repo = %r.url, error = %e.message, "cannot read the repository's credentials; not checked");
+                                continue;
+                            }
+                        },
+                        None => None,
+                    };
+                    match ls_remote(&r.url, &r.branch, secret.as_ref().map(|s| s.as_slice())).await
+                    {
                         Ok(head) if commits.get(&r.path) != Some(&head) => {
                             tracing::info!(workspace = %w.name, repo = %r.url, "branch moved on; prebuild is stale");
                             self.store.set_prebuild_stale(&newest.id).await?;
@@ -965,14 +976,14 @@ impl Manager {
     }
 }
 
-/// The commit a branch points at, asked from the host.
-async fn ls_remote(url: &str, branch: &str) -> Result<String, String> {
+/// The commit a branch points at, asked from the host with the repository's
+/// credential (if it has one) as an HTTP header, like fetches and pushes.
+async fn ls_remote(url: &str, branch: &str, secret: Option<&[u8]>) -> Result<String, String> {
+    let header = secret.map(basic_auth_header);
     let out = tokio::time::timeout(
         Duration::from_secs(60),
-        tokio::process::Command::new("git")
+        host_git(header.as_deref())
             .args(["ls-remote", "--", url, &format!("refs/heads/{branch}")])
-            .env("GIT_TERMINAL_PROMPT", "0")
-            .kill_on_drop(true)
             .output(),
     )
     .await
@@ -1215,6 +1226,42 @@ http.server.ThreadingHTTPServer(("127.0.0.1", redir), R).serve_forever()
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .expect("a free port")
+    }
+
+    #[tokio::test]
+    async fn ls_remote_sends_the_credentials_as_a_header() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let record = dir.path().join("seen.txt");
+        let (redir, coll) = (free_port(), free_port());
+        let mut servers = tokio::process::Command::new("python3")
+            .args(["-c", REDIRECT_AND_RECORD])
+            .arg(redir.to_string())
+            .arg(coll.to_string())
+            .arg(&record)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python3");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", coll))
+            .await
+            .is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "test server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let url = format!("http://127.0.0.1:{coll}/demo.git");
+        // The recorder answers 404: the call fails, after sending its header.
+        let r = ls_remote(&url, "main", Some(b"bot:s3cret-token")).await;
+        let _ = servers.kill().await;
+        assert!(r.is_err(), "{r:?}");
+        let seen = std::fs::read_to_string(&record).unwrap_or_default();
+        assert!(
+            seen.contains(&basic_auth_header(b"bot:s3cret-token")["Authorization: ".len()..]),
+            "ls-remote did not send the credentials: {seen}"
+        );
     }
 
     #[tokio::test]

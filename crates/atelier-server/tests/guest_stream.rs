@@ -135,7 +135,7 @@ fn spec(name: &str) -> SandboxSpec {
 
 /// Boots sandbox `name` in `env`, checks its network interfaces are `nics`, then
 /// runs the stream checks through `Manager::guest_stream`.
-async fn check_streams(env: &Env, name: &str, spec: SandboxSpec, nics: &str) {
+async fn check_streams(env: &Env, name: &str, spec: SandboxSpec, nics: &str, fork: bool) {
     let mgr = &env.mgr;
     let started = Instant::now();
     mgr.create(spec, true).await.expect("create");
@@ -180,13 +180,41 @@ async fn check_streams(env: &Env, name: &str, spec: SandboxSpec, nics: &str) {
     eprintln!("{name}: peak buffered while flooded: {peak} bytes");
 
     agent.ping(DEADLINE).await.expect("agent still answers");
+    if fork {
+        // A fork keeps the source's OpenCode endpoint (its server runs on in the
+        // copied memory): a task's sandbox forked is still reachable.
+        let src = mgr.get(name).await.expect("source");
+        let oc = atelier_store::OpenCodeServer {
+            version: "1.18.33".into(),
+            port: 4096,
+            password: "pw-of-the-source".into(),
+            directory: "/workspace/demo".into(),
+        };
+        mgr.store()
+            .set_sandbox_opencode(&src.id, &oc)
+            .await
+            .expect("record an endpoint");
+        let copy = format!("{name}-fork");
+        mgr.fork(name, &copy).await.expect("fork");
+        let ep = mgr
+            .sandboxes()
+            .opencode(&copy)
+            .await
+            .expect("endpoint")
+            .expect("the fork has the source's OpenCode endpoint");
+        assert_eq!(
+            (ep.port, ep.password.as_str(), ep.directory.as_str()),
+            (4096, "pw-of-the-source", "/workspace/demo")
+        );
+        mgr.delete(&copy).await.expect("delete the fork");
+    }
     mgr.delete(name).await.expect("delete");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_to_guest_ports_without_a_network_card() {
     let env = Env::start(false).await;
-    check_streams(&env, "streamy", spec("streamy"), "lo").await;
+    check_streams(&env, "streamy", spec("streamy"), "lo", true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -194,7 +222,7 @@ async fn streams_to_guest_ports_with_egress_deny_all() {
     let env = Env::start(true).await;
     let mut s = spec("closed");
     s.egress = EgressPolicy::DenyAll;
-    check_streams(&env, "closed", s, "eth0 lo").await;
+    check_streams(&env, "closed", s, "eth0 lo", false).await;
 }
 
 /// A sandbox whose image carries a protocol-1 agent (built before streams existed,

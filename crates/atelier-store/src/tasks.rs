@@ -70,6 +70,16 @@ pub struct TaskRecord {
     pub diff_truncated: bool,
     /// JSON list of commits (`id`, `subject`).
     pub commits: String,
+    /// The task's own cost limit (USD).
+    pub budget_usd: Option<f64>,
+    /// The task's own token limit (input + output).
+    pub budget_tokens: Option<i64>,
+    /// A person let it go on past its workspace's budget.
+    pub workspace_budget_waived: bool,
+    /// The session's messages as last read (JSON), for when the sandbox is gone.
+    pub conversation: Option<String>,
+    /// When they were read, ms since epoch.
+    pub conversation_at: Option<i64>,
     /// Created, ms since epoch.
     pub created_at: i64,
     /// Last started.
@@ -120,6 +130,10 @@ pub struct NewTask {
     pub branch: String,
     /// Base branch.
     pub base_branch: String,
+    /// Cost limit (USD).
+    pub budget_usd: Option<f64>,
+    /// Token limit.
+    pub budget_tokens: Option<i64>,
 }
 
 /// Fields a running task updates; `None` leaves a column as it is.
@@ -153,6 +167,12 @@ pub struct TaskPatch {
     pub commits: Option<String>,
     /// Error text (`Some(None)` clears it).
     pub error: Option<Option<String>>,
+    /// The task's budget: (USD, tokens), `None` in either clears that limit.
+    pub budget: Option<(Option<f64>, Option<i64>)>,
+    /// The workspace's budget is waived for this task.
+    pub workspace_budget_waived: Option<bool>,
+    /// The conversation as last read (JSON), stamped now.
+    pub conversation: Option<String>,
 }
 
 fn task_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<TaskRecord, StoreError> {
@@ -193,6 +213,11 @@ fn task_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<TaskRecord, StoreError> 
         diff: r.get("diff"),
         diff_truncated: r.get::<i64, _>("diff_truncated") != 0,
         commits: r.get("commits"),
+        budget_usd: r.get("budget_usd"),
+        budget_tokens: r.get("budget_tokens"),
+        workspace_budget_waived: r.get::<i64, _>("workspace_budget_waived") != 0,
+        conversation: r.get("conversation"),
+        conversation_at: r.get("conversation_at"),
         created_at: r.get("created_at"),
         started_at: r.get("started_at"),
         finished_at: r.get("finished_at"),
@@ -207,9 +232,9 @@ pub struct AttentionRecord {
     pub id: String,
     /// Its task.
     pub task: String,
-    /// Permission, question or stalled.
+    /// Permission, question, stalled or budget.
     pub kind: AttentionKind,
-    /// OpenCode's request id (empty for stalled).
+    /// OpenCode's request id (empty for stalled and budget items).
     pub remote_id: String,
     /// One line.
     pub title: String,
@@ -252,8 +277,8 @@ impl Store {
     pub async fn insert_task(&self, t: &NewTask) -> Result<TaskRecord, StoreError> {
         let now = now_ms();
         sqlx::query(
-            "INSERT INTO tasks (id, workspace, template, effort, title, description, state, parent, branch, base_branch, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO tasks (id, workspace, template, effort, title, description, state, parent, branch, base_branch, budget_usd, budget_tokens, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&t.id)
         .bind(&t.workspace)
@@ -265,6 +290,8 @@ impl Store {
         .bind(&t.parent)
         .bind(&t.branch)
         .bind(&t.base_branch)
+        .bind(t.budget_usd)
+        .bind(t.budget_tokens)
         .bind(now)
         .bind(now)
         .execute(&self.pool)
@@ -335,6 +362,19 @@ impl Store {
                 cost: r.get("c"),
             })
             .collect())
+    }
+
+    /// Cost and tokens (input + output) of every task of one workspace, summed.
+    pub async fn workspace_spend(&self, workspace: &str) -> Result<(f64, i64), StoreError> {
+        let row = sqlx::query(
+            "SELECT COALESCE(SUM(cost), 0.0) AS c, COALESCE(SUM(tokens_in + tokens_out), 0) AS t
+             FROM tasks WHERE workspace = ?",
+        )
+        .bind(workspace)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(q("workspace spend"))?;
+        Ok((row.get("c"), row.get("t")))
     }
 
     /// Moves a task to `to` if [`TaskState::can_transition_to`] allows it from its
@@ -447,6 +487,17 @@ impl Store {
         }
         if let Some(v) = patch.error {
             b.push(", error = ").push_bind(v);
+        }
+        if let Some((usd, tokens)) = patch.budget {
+            b.push(", budget_usd = ").push_bind(usd);
+            b.push(", budget_tokens = ").push_bind(tokens);
+        }
+        if let Some(v) = patch.workspace_budget_waived {
+            b.push(", workspace_budget_waived = ").push_bind(v as i64);
+        }
+        if let Some(v) = patch.conversation {
+            b.push(", conversation = ").push_bind(v);
+            b.push(", conversation_at = ").push_bind(now_ms());
         }
         b.push(" WHERE id = ").push_bind(id);
         let done = b
@@ -587,6 +638,8 @@ mod tests {
             parent: None,
             branch: format!("atelier/{id}-add"),
             base_branch: "main".into(),
+            budget_usd: None,
+            budget_tokens: None,
         }
     }
 
@@ -656,6 +709,69 @@ mod tests {
             (1, 1, 100, 0.5)
         );
         assert_eq!(s.tasks(Some("other"), &[]).await.unwrap().len(), 0);
+    }
+
+    #[tokio::test]
+    async fn budgets_spend_and_the_kept_conversation() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+        assert_eq!(s.workspace_spend("shop").await.unwrap(), (0.0, 0));
+        let t = s
+            .insert_task(&NewTask {
+                budget_usd: Some(2.5),
+                budget_tokens: Some(1000),
+                ..new("tk-a")
+            })
+            .await
+            .unwrap();
+        assert_eq!((t.budget_usd, t.budget_tokens), (Some(2.5), Some(1000)));
+        assert!(!t.workspace_budget_waived && t.conversation.is_none());
+        s.insert_task(&new("tk-b")).await.unwrap();
+        for (id, usage) in [("tk-a", (1, 100, 20, 0.5)), ("tk-b", (1, 300, 80, 1.25))] {
+            s.update_task(
+                id,
+                TaskPatch {
+                    usage: Some(usage),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        }
+        assert_eq!(s.workspace_spend("shop").await.unwrap(), (1.75, 500));
+        let t = s
+            .update_task(
+                "tk-a",
+                TaskPatch {
+                    budget: Some((None, Some(5000))),
+                    workspace_budget_waived: Some(true),
+                    conversation: Some("[]".into()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!((t.budget_usd, t.budget_tokens), (None, Some(5000)));
+        assert!(t.workspace_budget_waived);
+        assert_eq!(t.conversation.as_deref(), Some("[]"));
+        assert!(t.conversation_at.is_some());
+        let item = AttentionRecord {
+            id: "at-b".into(),
+            task: "tk-a".into(),
+            kind: AttentionKind::Budget,
+            remote_id: String::new(),
+            title: "budget reached".into(),
+            detail: "{}".into(),
+            status: AttentionStatus::Pending,
+            answer: None,
+            created_at: now_ms(),
+            resolved_at: None,
+        };
+        s.insert_attention(&item).await.unwrap();
+        assert_eq!(
+            s.attention("at-b").await.unwrap().unwrap().kind,
+            AttentionKind::Budget
+        );
     }
 
     #[tokio::test]

@@ -55,9 +55,10 @@ fn secret_from_row(r: &sqlx::sqlite::SqliteRow) -> SecretRecord {
 }
 
 impl Store {
-    /// Creates or updates a workspace definition. The same hash as stored leaves the
-    /// row as it is; otherwise the revision grows by one (1 for a new name). Returns
-    /// the revision in effect and whether anything changed.
+    /// Creates or updates a workspace definition. A new hash grows the revision by
+    /// one (1 for a new name); the same hash keeps it, storing the definition if it
+    /// differs in what the hash leaves out (budget, templates). Returns the
+    /// revision in effect and whether anything changed.
     pub async fn put_workspace(
         &self,
         name: &str,
@@ -70,15 +71,28 @@ impl Store {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(q("begin"))?;
-        let current = sqlx::query("SELECT hash, revision FROM workspaces WHERE name = ?")
+        let current = sqlx::query("SELECT spec, hash, revision FROM workspaces WHERE name = ?")
             .bind(name)
             .fetch_optional(&mut *tx)
             .await
             .map_err(q("get workspace"))?;
         let now = now_ms();
         let revision = match current {
-            Some(row) if row.get::<&str, _>("hash") == hash => {
+            Some(row)
+                if row.get::<&str, _>("hash") == hash
+                    && row.get::<&str, _>("spec") == spec_json =>
+            {
                 return Ok((row.get("revision"), false));
+            }
+            Some(row) if row.get::<&str, _>("hash") == hash => {
+                sqlx::query("UPDATE workspaces SET spec = ?, updated_at = ? WHERE name = ?")
+                    .bind(spec_json)
+                    .bind(now)
+                    .bind(name)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(q("update workspace"))?;
+                row.get::<i64, _>("revision")
             }
             Some(row) => {
                 let revision = row.get::<i64, _>("revision") + 1;
@@ -221,6 +235,18 @@ mod tests {
         assert_eq!(s.get_workspace("w").await.unwrap(), None);
         assert_eq!(s.put_workspace("w", "{}", "h1").await.unwrap(), (1, true));
         assert_eq!(s.put_workspace("w", "{}", "h1").await.unwrap(), (1, false));
+        // The same hash with another definition (a budget): stored, same revision.
+        assert_eq!(
+            s.put_workspace("w", r#"{"budget":{}}"#, "h1")
+                .await
+                .unwrap(),
+            (1, true)
+        );
+        assert_eq!(
+            s.get_workspace("w").await.unwrap().unwrap().spec,
+            r#"{"budget":{}}"#
+        );
+        assert_eq!(s.put_workspace("w", "{}", "h1").await.unwrap(), (1, true));
         let first = s.get_workspace("w").await.unwrap().unwrap();
         assert_eq!(
             s.put_workspace("w", r#"{"a":1}"#, "h2").await.unwrap(),

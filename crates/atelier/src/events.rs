@@ -214,3 +214,35 @@ fn human(e: &Event) -> String {
     };
     format!("{t} {:<17} {what}", e.kind.name())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use atelier_core::task::{AttentionKind, AttentionStatus};
+
+    #[test]
+    fn a_budget_item_reads_as_one() {
+        let e = Event {
+            id: 1,
+            at_ms: 3_600_000 + 61_000,
+            kind: EventKind::AttentionChanged {
+                item: "at-1".into(),
+                task: "tk-1".into(),
+                kind: AttentionKind::Budget,
+                status: AttentionStatus::Pending,
+                title: "budget reached: 120 of the task's 100 tokens; continue?".into(),
+            },
+        };
+        let line = human(&e);
+        assert!(
+            line.starts_with("01:01:01.000Z attention.changed"),
+            "{line}"
+        );
+        assert!(
+            line.contains("at-1 of tk-1 budget pending: budget reached"),
+            "{line}"
+        );
+        let v = serde_json::to_value(&e).unwrap_or_default();
+        assert_eq!(v["kind"], "budget");
+    }
+}

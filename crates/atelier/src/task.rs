@@ -3,6 +3,7 @@
 
 use atelier_core::task::{Answer, Effort, TaskTemplate};
 use atelier_server::api::{AnswerView, AttentionView, TaskDetail, TaskView, UsageView};
+use atelier_server::tasks::conversation::Conversation;
 use clap::{Args, Subcommand, ValueEnum};
 use reqwest::Method;
 use serde_json::json;
@@ -53,6 +54,12 @@ pub enum TaskCmd {
         /// Start at once (queue for a slot).
         #[arg(long)]
         start: bool,
+        /// Cost limit in USD: reaching it stops the agent and asks you (continue or stop).
+        #[arg(long)]
+        budget_usd: Option<f64>,
+        /// Token limit (input + output), likewise.
+        #[arg(long)]
+        budget_tokens: Option<i64>,
         /// What to do; its first line is the title.
         description: String,
     },
@@ -89,6 +96,16 @@ pub enum TaskCmd {
         /// Task id.
         id: String,
     },
+    /// Print the conversation with the agent: prompts, its answers, tool calls,
+    /// tokens and cost (live while the sandbox runs, else the copy kept).
+    #[command(alias = "messages")]
+    Log {
+        /// Task id.
+        id: String,
+        /// The newest this many messages (1 to 1000).
+        #[arg(long, short = 'n', default_value_t = 200)]
+        limit: usize,
+    },
     /// Finish: commit what is left, push the branch, stop the sandbox.
     Done {
         /// Task id.
@@ -110,6 +127,12 @@ pub enum TaskCmd {
         /// Leave it in the backlog instead of starting it.
         #[arg(long)]
         no_start: bool,
+        /// The new task's cost limit in USD.
+        #[arg(long)]
+        budget_usd: Option<f64>,
+        /// The new task's token limit (input + output).
+        #[arg(long)]
+        budget_tokens: Option<i64>,
     },
     /// Cancel a task: abort the agent and delete its sandbox (nothing is pushed).
     Cancel {
@@ -181,6 +204,19 @@ pub struct AnswerArgs {
     /// Stalled: abort the turn and leave the task for review.
     #[arg(long, group = "how")]
     abort: bool,
+    /// Budget reached: carry on (with --budget-usd/--budget-tokens as the task's
+    /// new limits; without, the limit reached is lifted for this task).
+    #[arg(long = "continue", group = "how")]
+    go_on: bool,
+    /// Budget reached: stop; the task goes to review.
+    #[arg(long, group = "how")]
+    stop: bool,
+    /// With --continue: the task's new cost limit in USD.
+    #[arg(long, requires = "go_on")]
+    budget_usd: Option<f64>,
+    /// With --continue: the task's new token limit.
+    #[arg(long, requires = "go_on")]
+    budget_tokens: Option<i64>,
 }
 
 /// `atelier template …`
@@ -188,11 +224,19 @@ pub struct AnswerArgs {
 pub enum TemplateCmd {
     /// List task templates.
     #[command(alias = "ls")]
-    List,
+    List {
+        /// As this workspace's tasks see them (its own templates first).
+        #[arg(long, short)]
+        workspace: Option<String>,
+    },
     /// Show a template: prompt, agent, permission rules, efforts.
     Show {
         /// Template name.
         name: String,
+        /// As this workspace's tasks see it (its own template of that name first,
+        /// then the global one, then the built-in one).
+        #[arg(long, short)]
+        workspace: Option<String>,
     },
     /// Store a template from a YAML or JSON file (`atelier template show NAME
     /// --json` is a starting point): replaces the built-in one of that name, or adds one.
@@ -251,6 +295,19 @@ fn print_task(t: &TaskView) {
         t.tokens_out,
         money(t.cost)
     );
+    if t.budget_usd.is_some() || t.budget_tokens.is_some() {
+        let mut parts = Vec::new();
+        if let Some(u) = t.budget_usd {
+            parts.push(format!("${u:.2}"));
+        }
+        if let Some(n) = t.budget_tokens {
+            parts.push(format!("{n} tokens"));
+        }
+        println!("  budget     {}", parts.join(" / "));
+    }
+    if t.workspace_budget_waived {
+        println!("  budget     the workspace's budget is waived for this task");
+    }
     for todo in &t.todos {
         let mark = match todo.status.as_str() {
             "completed" => "x",
@@ -302,6 +359,57 @@ fn print_item(a: &AttentionView) {
     }
 }
 
+fn indent(text: &str, pad: &str) -> String {
+    text.lines()
+        .map(|l| format!("{pad}{l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn print_conversation(conv: &Conversation) {
+    if !conv.live {
+        match conv.captured_at {
+            Some(at) => println!(
+                "(the sandbox is not running: the copy kept {} ago)",
+                crate::prebuild::age(at)
+            ),
+            None => println!("(no conversation yet: the task has not started its session)"),
+        }
+    }
+    if conv.truncated {
+        println!("(older messages left out; --limit shows more)");
+    }
+    for m in &conv.messages {
+        let mut head = format!("── {}", m.role);
+        if let Some(model) = &m.model {
+            head.push_str(&format!(" ({model})"));
+        }
+        if let (Some(i), Some(o)) = (m.tokens_in, m.tokens_out) {
+            head.push_str(&format!(
+                "  tokens {i} in / {o} out  cost {}",
+                money(m.cost.unwrap_or(0.0))
+            ));
+        }
+        println!("{head}");
+        if !m.text.is_empty() {
+            println!("{}", indent(&m.text, "  "));
+        }
+        for t in &m.tools {
+            let what = t.title.as_deref().unwrap_or(&t.input);
+            println!("  [{}] {} {what}", t.status, t.tool);
+            if let Some(o) = &t.output {
+                let short: String = o.lines().take(8).collect::<Vec<_>>().join("\n");
+                if !short.is_empty() {
+                    println!("{}", indent(&short, "    | "));
+                }
+            }
+        }
+        if let Some(e) = &m.error {
+            println!("  error: {e}");
+        }
+    }
+}
+
 /// Runs `atelier task …`.
 pub async fn task(g: &Global, cmd: TaskCmd) -> anyhow::Result<u8> {
     let c = Client::new(g)?;
@@ -323,6 +431,8 @@ pub async fn task(g: &Global, cmd: TaskCmd) -> anyhow::Result<u8> {
             template,
             effort,
             start,
+            budget_usd,
+            budget_tokens,
             description,
         } => {
             let t = post(
@@ -333,6 +443,8 @@ pub async fn task(g: &Global, cmd: TaskCmd) -> anyhow::Result<u8> {
                     "effort": effort.map(Effort::from),
                     "start": start,
                     "description": description,
+                    "budget_usd": budget_usd,
+                    "budget_tokens": budget_tokens,
                 }),
             )
             .await?;
@@ -363,6 +475,8 @@ pub async fn task(g: &Global, cmd: TaskCmd) -> anyhow::Result<u8> {
             effort,
             description,
             no_start,
+            budget_usd,
+            budget_tokens,
         } => show(
             post(
                 format!("/api/v1/tasks/{}/chain", enc(&id)),
@@ -371,6 +485,8 @@ pub async fn task(g: &Global, cmd: TaskCmd) -> anyhow::Result<u8> {
                     "effort": effort.map(Effort::from),
                     "description": description,
                     "start": !no_start,
+                    "budget_usd": budget_usd,
+                    "budget_tokens": budget_tokens,
                 }),
             )
             .await?,
@@ -454,6 +570,20 @@ pub async fn task(g: &Global, cmd: TaskCmd) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
+        TaskCmd::Log { id, limit } => {
+            let conv: Conversation = c
+                .get_json(&format!(
+                    "/api/v1/tasks/{}/messages?limit={limit}",
+                    enc(&id)
+                ))
+                .await?;
+            if g.json {
+                println!("{}", serde_json::to_string_pretty(&conv)?);
+                return Ok(0);
+            }
+            print_conversation(&conv);
+            Ok(0)
+        }
         TaskCmd::Diff { id } => {
             let resp = c
                 .send(c.request(Method::GET, &format!("/api/v1/tasks/{}/diff", enc(&id))))
@@ -506,6 +636,13 @@ pub async fn attention(g: &Global, args: AttentionArgs) -> anyhow::Result<u8> {
                 Answer::Retry
             } else if a.abort {
                 Answer::Abort
+            } else if a.go_on {
+                Answer::Continue {
+                    budget_usd: a.budget_usd,
+                    budget_tokens: a.budget_tokens,
+                }
+            } else if a.stop {
+                Answer::Stop
             } else if let Some(text) = a.text {
                 Answer::Reply {
                     answers: vec![vec![text]],
@@ -567,8 +704,12 @@ pub async fn attention(g: &Global, args: AttentionArgs) -> anyhow::Result<u8> {
 pub async fn template(g: &Global, cmd: TemplateCmd) -> anyhow::Result<u8> {
     let c = Client::new(g)?;
     match cmd {
-        TemplateCmd::List => {
-            let items: Vec<TaskTemplate> = c.get_json("/api/v1/templates").await?;
+        TemplateCmd::List { workspace } => {
+            let path = match &workspace {
+                Some(w) => format!("/api/v1/templates?workspace={}", enc(w)),
+                None => "/api/v1/templates".to_owned(),
+            };
+            let items: Vec<TaskTemplate> = c.get_json(&path).await?;
             if g.json {
                 println!("{}", serde_json::to_string_pretty(&items)?);
             } else {
@@ -577,10 +718,12 @@ pub async fn template(g: &Global, cmd: TemplateCmd) -> anyhow::Result<u8> {
                 }
             }
         }
-        TemplateCmd::Show { name } => {
-            let t: TaskTemplate = c
-                .get_json(&format!("/api/v1/templates/{}", enc(&name)))
-                .await?;
+        TemplateCmd::Show { name, workspace } => {
+            let mut path = format!("/api/v1/templates/{}", enc(&name));
+            if let Some(w) = &workspace {
+                path.push_str(&format!("?workspace={}", enc(w)));
+            }
+            let t: TaskTemplate = c.get_json(&path).await?;
             if g.json {
                 println!("{}", serde_json::to_string_pretty(&t)?);
             } else {
@@ -595,6 +738,9 @@ pub async fn template(g: &Global, cmd: TemplateCmd) -> anyhow::Result<u8> {
                         "permission: {} {} -> {:?}",
                         r.permission, r.pattern, r.action
                     );
+                }
+                if let Some(secs) = t.attention_timeout_secs {
+                    println!("unanswered items are rejected after {secs} s");
                 }
                 for (e, s) in &t.efforts {
                     println!(

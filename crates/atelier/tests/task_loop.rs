@@ -9,7 +9,12 @@
 //! → answering resumes it → todos reach 100 % → review → answering twice is a 409 →
 //! done → the branch on the git server holds the agent's file in the expected
 //! commit → a chained review task on the same branch sees that commit. The provider
-//! key reaches the model and appears in no API answer.
+//! key reaches the model and appears in no API answer. Along the way: an "always"
+//! answer covers the same command asked again (no second item); the conversation
+//! API shows the session live, then the copy kept once the sandbox is stopped; the
+//! workspace's own review template rejects an unanswered permission after its
+//! `attention_timeout_secs`; a task's token budget stops it with a `budget` item
+//! and `continue` with a higher budget lets it finish.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -100,6 +105,11 @@ fn a_task_goes_from_prompt_to_pushed_branch_and_chains() {
                 ],
             }]}),
         ),
+        // The same command again: the "always" answer covers it.
+        Turn::tool(
+            "bash",
+            json!({"command": "cat feature.txt", "description": "Show the new file"}),
+        ),
         Turn::tool(
             "todowrite",
             json!({"todos": [
@@ -147,6 +157,11 @@ fn a_task_goes_from_prompt_to_pushed_branch_and_chains() {
             &format!("path: /workspace/shop, push_url: \"{}\" }}", repo.url),
         );
     assert!(yaml.contains("push_url"), "{yaml}");
+    // The workspace's own review template: an unanswered permission is rejected
+    // after 8 s (the global and built-in ones never time out).
+    let yaml = format!(
+        "{yaml}templates:\n  best-practices-review:\n    title: Review with a deadline\n    prompt: \"Review {{{{branch}}}}: {{{{task.description}}}}\"\n    permission: [{{permission: edit, action: deny}}, {{permission: bash, action: ask}}]\n    attention_timeout_secs: 8\n"
+    );
     std::fs::write(ws.path(), yaml).unwrap();
     srv.ok(&["workspace", "apply", "-f", ws.path().to_str().unwrap()]);
     let base = git(&repo.work, &["rev-parse", "HEAD"]);
@@ -222,7 +237,7 @@ fn a_task_goes_from_prompt_to_pushed_branch_and_chains() {
             .any(|a| a["id"] == item.as_str()),
         "{after}"
     );
-    srv.ok(&["attention", "answer", &item, "--once"]);
+    srv.ok(&["attention", "answer", &item, "--always"]);
 
     // The question; the task waits on it long enough to be parked.
     let q = wait_item(&srv, &id, "question", STEP);
@@ -268,6 +283,64 @@ fn a_task_goes_from_prompt_to_pushed_branch_and_chains() {
             .any(|t| t.contains("postgres")),
         "the model never got the answer"
     );
+    // The second identical command ran under the "always" answer: no new item,
+    // and the model got its output twice.
+    let items = json_of(&srv.ok(&["--json", "attention", "list", "--all", "--task", &id]));
+    let perms: Vec<_> = items
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["kind"] == "permission")
+        .collect();
+    assert_eq!(perms.len(), 1, "{items}");
+    assert!(
+        model.requests().iter().any(|r| r
+            .tool_results()
+            .iter()
+            .filter(|t| t.contains("made by the agent"))
+            .count()
+            >= 2),
+        "the repeated command did not run"
+    );
+    // The conversation, live: the prompt, the tool calls, usage per agent message.
+    let conv = json_of(&srv.ok(&["--json", "task", "log", &id]));
+    assert_eq!(conv["live"], true, "{conv}");
+    let msgs = conv["messages"].as_array().unwrap();
+    assert_eq!(msgs[0]["role"], "user", "{conv}");
+    assert!(
+        msgs[0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("Add feature.txt"),
+        "{conv}"
+    );
+    let tools: Vec<&serde_json::Value> = msgs
+        .iter()
+        .flat_map(|m| m["tools"].as_array().unwrap())
+        .collect();
+    let bash: Vec<_> = tools.iter().filter(|t| t["tool"] == "bash").collect();
+    assert_eq!(bash.len(), 2, "{conv}");
+    assert_eq!(bash[0]["input"], "cat feature.txt");
+    assert_eq!(bash[0]["status"], "completed");
+    assert!(
+        bash[0]["output"]
+            .as_str()
+            .unwrap_or("")
+            .contains("made by the agent"),
+        "{conv}"
+    );
+    assert!(tools.iter().any(|t| t["tool"] == "question"), "{conv}");
+    assert!(
+        msgs.iter()
+            .any(|m| m["role"] == "assistant" && m["tokens_in"].as_i64().unwrap_or(0) > 0),
+        "{conv}"
+    );
+    let two = json_of(&srv.ok(&["--json", "task", "log", &id, "-n", "2"]));
+    assert_eq!(two["messages"].as_array().unwrap().len(), 2);
+    assert_eq!(two["truncated"], true);
+    assert_eq!(two["messages"][1]["id"], msgs[msgs.len() - 1]["id"]);
+    let printed = srv.ok(&["task", "log", &id]);
+    assert!(printed.contains("[completed] bash"), "{printed}");
     // Answering again: a clear conflict.
     let out = srv.run(&["attention", "answer", &qid, "--option", "2"]);
     assert_eq!(
@@ -306,9 +379,29 @@ fn a_task_goes_from_prompt_to_pushed_branch_and_chains() {
     assert!(kept.contains("+made by the agent"), "{kept}");
     let stopped = json_of(&srv.ok(&["--json", "sandbox", "show", &sb]));
     assert_eq!(stopped["state"], "stopped", "{stopped}");
+    // The conversation stays readable: the copy kept when it finished.
+    let kept = json_of(&srv.ok(&["--json", "task", "log", &id]));
+    assert_eq!(kept["live"], false, "{kept}");
+    assert!(kept["captured_at"].is_i64(), "{kept}");
+    assert!(
+        kept["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["text"].as_str().unwrap_or("").contains("on postgres")),
+        "{kept}"
+    );
 
-    // Chained: a review on the same branch sees the commit.
-    model.set_script(Script::new(vec![Turn::text("Reviewed: looks right.")]));
+    // Chained: a review on the same branch sees the commit. Its template (the
+    // workspace's) rejects the permission nobody answers after 8 s, with a note the
+    // agent carries on with.
+    model.set_script(Script::new(vec![
+        Turn::tool(
+            "bash",
+            json!({"command": "git log --oneline -1", "description": "See the last commit"}),
+        ),
+        Turn::text("Reviewed: looks right."),
+    ]));
     let review = json_of(&srv.ok(&[
         "--json",
         "task",
@@ -338,11 +431,39 @@ fn a_task_goes_from_prompt_to_pushed_branch_and_chains() {
         r["summary"].as_str().unwrap_or("").contains("Reviewed"),
         "{r}"
     );
+    let items = json_of(&srv.ok(&["--json", "attention", "list", "--all", "--task", &rid]));
+    let timed_out = &items[0];
+    assert_eq!(items.as_array().unwrap().len(), 1, "{items}");
+    assert_eq!(timed_out["kind"], "permission", "{items}");
+    assert_eq!(timed_out["status"], "answered", "{items}");
+    assert_eq!(timed_out["answer"]["answer"], "reject", "{items}");
+    assert!(
+        timed_out["answer"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Nobody answered within 8 s"),
+        "{items}"
+    );
+    let waited =
+        timed_out["resolved_at"].as_i64().unwrap() - timed_out["created_at"].as_i64().unwrap();
+    assert!(
+        waited >= 8000,
+        "answered after {waited} ms, before the timeout"
+    );
+    assert!(
+        model
+            .requests()
+            .iter()
+            .flat_map(|r| r.tool_results())
+            .any(|t| t.contains("Nobody answered within 8 s")),
+        "the model never got the note"
+    );
     let c = json_of(&srv.ok(&["--json", "task", "cancel", &rid]));
     assert_eq!(c["state"], "cancelled");
 
     // Never stuck silently. A hung model: a "stalled" item; retry works.
     model.set_script(Script::new(vec![Turn::Hang]));
+    // It has a token budget the first answer will reach.
     let h = json_of(&srv.ok(&[
         "--json",
         "task",
@@ -350,6 +471,8 @@ fn a_task_goes_from_prompt_to_pushed_branch_and_chains() {
         "-w",
         "shop",
         "--start",
+        "--budget-tokens",
+        "1",
         "Think hard",
     ]));
     let hid = h["id"].as_str().unwrap().to_owned();
@@ -368,10 +491,50 @@ fn a_task_goes_from_prompt_to_pushed_branch_and_chains() {
         stalled["id"].as_str().unwrap(),
         "--retry",
     ]);
-    let r = wait_state(&srv, &hid, "review", STEP);
+    // The answer after the retry reaches the budget: the turn is stopped (if it
+    // still ran) and a budget item asks.
+    let over = wait_item(&srv, &hid, "budget", STEP);
     assert!(
-        r["summary"].as_str().unwrap_or("").contains("Recovered"),
-        "{r}"
+        over["title"]
+            .as_str()
+            .unwrap()
+            .starts_with("budget reached:"),
+        "{over}"
+    );
+    assert_eq!(over["detail"]["scope"], "task", "{over}");
+    assert_eq!(over["detail"]["limit"], "tokens", "{over}");
+    assert_eq!(task(&srv, &hid)["state"], "waiting");
+    // Continue with a higher budget: the agent carries on (when it was stopped
+    // mid-turn) and the task reaches review with no second budget item.
+    model.set_script(Script::new(vec![Turn::text(
+        "Carried on within the new budget.",
+    )]));
+    srv.ok(&[
+        "attention",
+        "answer",
+        over["id"].as_str().unwrap(),
+        "--continue",
+        "--budget-tokens",
+        "1000000000",
+    ]);
+    let r = wait_state(&srv, &hid, "review", STEP);
+    assert_eq!(r["budget_tokens"], 1_000_000_000i64, "{r}");
+    let expect = if over["detail"]["aborted"] == true {
+        "Carried on"
+    } else {
+        "Recovered"
+    };
+    assert!(r["summary"].as_str().unwrap_or("").contains(expect), "{r}");
+    let budget_items = json_of(&srv.ok(&["--json", "attention", "list", "--all", "--task", &hid]));
+    assert_eq!(
+        budget_items
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["kind"] == "budget")
+            .count(),
+        1,
+        "{budget_items}"
     );
     // A model error is shown, and retrying works.
     model.set_script(Script::new(vec![Turn::error(
@@ -412,14 +575,29 @@ fn a_task_goes_from_prompt_to_pushed_branch_and_chains() {
     }
     let f = wait_state(&srv, &hid, "failed", STEP);
     assert!(f["error"].as_str().unwrap_or("").contains(&hsb), "{f}");
+    // Its conversation is still there: the copy kept at its last turn.
+    let kept = json_of(&srv.ok(&["--json", "task", "log", &hid]));
+    assert_eq!(kept["live"], false, "{kept}");
+    assert!(
+        kept["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["text"].as_str().unwrap_or("").contains("Fine now.")),
+        "{kept}"
+    );
 
-    // The key appears in no API answer.
+    // The key appears in no API answer (the conversations included).
+    let conversation = format!("/api/v1/tasks/{id}/messages?limit=1000");
+    let hid_conversation = format!("/api/v1/tasks/{hid}/messages");
     for path in [
         "/api/v1/tasks",
         "/api/v1/attention?all=true",
         "/api/v1/workspaces/shop",
         "/api/v1/prebuilds",
         "/api/v1/sandboxes",
+        conversation.as_str(),
+        hid_conversation.as_str(),
     ] {
         let body = rt.block_on(async {
             let r = srv.api(reqwest::Method::GET, path).send().await.unwrap();

@@ -184,4 +184,302 @@ fn templates_and_task_inputs_get_clear_errors() {
     assert_eq!(usage[0]["tokens_in"], 0);
     // A bad state filter is a 400.
     fails(&srv, &["task", "list", "--state", "sleeping"], 2, "state");
+
+    // The conversation: empty before a session, and bounded.
+    let conv = json(&srv.ok(&["--json", "task", "log", &id]));
+    assert_eq!(conv["live"], false, "{conv}");
+    assert_eq!(conv["messages"].as_array().unwrap().len(), 0, "{conv}");
+    assert!(conv["captured_at"].is_null(), "{conv}");
+    assert!(
+        srv.ok(&["task", "log", &id])
+            .contains("no conversation yet")
+    );
+    fails(
+        &srv,
+        &["task", "log", &id, "--limit", "0"],
+        2,
+        "limit 0 is out of range",
+    );
+    fails(
+        &srv,
+        &["task", "log", &id, "-n", "1001"],
+        2,
+        "give 1 to 1000",
+    );
+    fails(
+        &srv,
+        &["task", "log", "tk-nothere00"],
+        4,
+        "task tk-nothere00 not found",
+    );
+
+    // Budgets: per task (validated), shown on the task.
+    fails(
+        &srv,
+        &["task", "create", "-w", "shop", "--budget-usd", "0", "do it"],
+        2,
+        "budget_usd",
+    );
+    fails(
+        &srv,
+        &[
+            "task",
+            "create",
+            "-w",
+            "shop",
+            "--budget-tokens=-5",
+            "do it",
+        ],
+        2,
+        "budget_tokens",
+    );
+    let b = json(&srv.ok(&[
+        "--json",
+        "task",
+        "create",
+        "-w",
+        "shop",
+        "--budget-usd",
+        "2.5",
+        "--budget-tokens",
+        "100000",
+        "Stay cheap",
+    ]));
+    assert_eq!(
+        (b["budget_usd"].as_f64(), b["budget_tokens"].as_i64()),
+        (Some(2.5), Some(100000)),
+        "{b}"
+    );
+    assert_eq!(b["workspace_budget_waived"], false);
+    // Budget answers need --continue; answering an unknown item is a 404.
+    let out = srv.run(&["attention", "answer", "at-nothere00", "--budget-usd", "3"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fails(
+        &srv,
+        &[
+            "attention",
+            "answer",
+            "at-nothere00",
+            "--continue",
+            "--budget-usd",
+            "3",
+        ],
+        4,
+        "not found",
+    );
+    // Per workspace: in its definition, validated with the field named.
+    let bad_ws = |extra: &str, needle: &str| {
+        std::fs::write(
+            &ws,
+            format!("name: shop\nimage: minimal\nrepos: [{{url: \"git://198.18.250.2/none.git\", path: /workspace/shop}}]\n{extra}"),
+        )
+        .unwrap();
+        fails(
+            &srv,
+            &["workspace", "apply", "-f", ws.to_str().unwrap()],
+            2,
+            needle,
+        );
+    };
+    bad_ws("budget: { usd: -3 }\n", "budget.usd");
+    bad_ws("budget: { tokens: 0 }\n", "budget.tokens");
+    bad_ws(
+        "templates: { implementation: { title: t, prompt: \"{{task.descriptoin}}\" } }\n",
+        "templates.implementation.prompt: unknown placeholder {{task.descriptoin}}",
+    );
+    bad_ws(
+        "templates: { implementation: { title: t, prompt: \" \" } }\n",
+        "templates.implementation.prompt: must not be empty",
+    );
+    bad_ws(
+        "templates: { implementation: { title: t, prompt: p, efforts: { extreme: {} } } }\n",
+        "unknown variant `extreme`",
+    );
+    bad_ws(
+        "templates: { quick: { name: slow, title: t, prompt: p } }\n",
+        "templates.quick.name",
+    );
+
+    // Template precedence: the workspace's over the global over the built-in.
+    std::fs::write(
+        &good,
+        "name: implementation\ntitle: Global\nprompt: \"Global: {{task.description}}\"\n",
+    )
+    .unwrap();
+    srv.ok(&["template", "set", "-f", good.to_str().unwrap()]);
+    std::fs::write(
+        &ws,
+        "name: shop\nimage: minimal\nrepos: [{url: \"git://198.18.250.2/none.git\", path: /workspace/shop}]\nbudget: { usd: 10 }\ntemplates:\n  implementation: { title: Shop, prompt: \"Shop: {{task.description}}\", attention_timeout_secs: 30 }\n  quick: { title: Quick one, prompt: \"Quickly: {{task.description}}\" }\n",
+    )
+    .unwrap();
+    let before = json(&srv.ok(&["--json", "workspace", "show", "shop"]));
+    srv.ok(&["workspace", "apply", "-f", ws.to_str().unwrap()]);
+    // Budget and templates are read at task time: same revision, no prebuild rebuilt.
+    let after = json(&srv.ok(&["--json", "workspace", "show", "shop"]));
+    assert_eq!(after["revision"], before["revision"], "{after}");
+    assert_eq!(after["spec"]["budget"]["usd"], 10.0, "{after}");
+    let w = json(&srv.ok(&[
+        "--json",
+        "template",
+        "show",
+        "implementation",
+        "--workspace",
+        "shop",
+    ]));
+    assert_eq!(
+        (w["name"].as_str(), w["title"].as_str()),
+        (Some("implementation"), Some("Shop")),
+        "{w}"
+    );
+    assert_eq!(w["attention_timeout_secs"], 30);
+    let shown = srv.ok(&["template", "show", "implementation", "-w", "shop"]);
+    assert!(shown.contains("rejected after 30 s"), "{shown}");
+    let g = json(&srv.ok(&["--json", "template", "show", "implementation"]));
+    assert_eq!(g["title"], "Global");
+    srv.ok(&["template", "reset", "implementation"]);
+    let names = json(&srv.ok(&["--json", "template", "list", "-w", "shop"]));
+    assert!(
+        names
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == "quick"),
+        "{names}"
+    );
+    assert_eq!(
+        json(&srv.ok(&[
+            "--json",
+            "template",
+            "show",
+            "security-review",
+            "-w",
+            "shop"
+        ]))["name"],
+        "security-review"
+    );
+    fails(
+        &srv,
+        &["template", "show", "quick"],
+        4,
+        "template \"quick\" not found",
+    );
+    fails(
+        &srv,
+        &["template", "show", "quick", "-w", "ghost"],
+        4,
+        "workspace ghost not found",
+    );
+    // A workspace's own template is usable by its tasks only.
+    let q = json(&srv.ok(&[
+        "--json", "task", "create", "-w", "shop", "-t", "quick", "Fast",
+    ]));
+    assert_eq!(q["template"], "quick");
+    fails(
+        &srv,
+        &["task", "create", "-w", "norepo", "-t", "quick", "do it"],
+        4,
+        "template \"quick\" not found",
+    );
+
+    // Budget answers. Raising an item needs a live agent (task_loop.rs does it);
+    // here the items are put in the database beside the running manager.
+    let qid = q["id"].as_str().unwrap().to_owned();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = rt
+        .block_on(atelier_store::Store::open(
+            &srv.data_dir.path().join("atelier.db"),
+        ))
+        .unwrap();
+    let raise = |id: &str, scope: &str| {
+        rt.block_on(store.insert_attention(&atelier_store::AttentionRecord {
+            id: id.into(),
+            task: qid.clone(),
+            kind: atelier_core::task::AttentionKind::Budget,
+            remote_id: String::new(),
+            title: "budget reached: 500 of the task's 400 tokens; continue?".into(),
+            detail: serde_json::json!({"scope": scope, "aborted": false}).to_string(),
+            status: atelier_core::task::AttentionStatus::Pending,
+            answer: None,
+            created_at: 1,
+            resolved_at: None,
+        }))
+        .unwrap();
+    };
+    rt.block_on(store.update_task(
+        &qid,
+        atelier_store::TaskPatch {
+            usage: Some((1, 400, 100, 0.0)),
+            ..Default::default()
+        },
+    ))
+    .unwrap();
+    raise("at-budget0001", "task");
+    let listed = srv.ok(&["attention"]);
+    assert!(listed.contains("at-budget0001  budget"), "{listed}");
+    fails(
+        &srv,
+        &["attention", "answer", "at-budget0001", "--once"],
+        2,
+        "budget takes continue or stop",
+    );
+    fails(
+        &srv,
+        &[
+            "attention",
+            "answer",
+            "at-budget0001",
+            "--continue",
+            "--budget-tokens",
+            "500",
+        ],
+        2,
+        "is not above what task",
+    );
+    srv.ok(&[
+        "attention",
+        "answer",
+        "at-budget0001",
+        "--continue",
+        "--budget-tokens",
+        "2000",
+    ]);
+    let t = json(&srv.ok(&["--json", "task", "show", &qid]));
+    assert_eq!(
+        (t["budget_tokens"].as_i64(), t["budget_usd"].as_f64()),
+        (Some(2000), None),
+        "{t}"
+    );
+    fails(
+        &srv,
+        &["attention", "answer", "at-budget0001", "--stop"],
+        5,
+        "already answered",
+    );
+    // The workspace's budget reached, continue with no new limit: waived for this
+    // task, its own budget kept.
+    raise("at-budget0002", "workspace");
+    srv.ok(&["attention", "answer", "at-budget0002", "--continue"]);
+    let t = json(&srv.ok(&["--json", "task", "show", &qid]));
+    assert_eq!(t["workspace_budget_waived"], true, "{t}");
+    assert_eq!(t["budget_tokens"], 2000, "{t}");
+    assert!(srv.ok(&["task", "show", &qid]).contains("waived"));
+    // The task's own, continue with no new limit: lifted.
+    raise("at-budget0003", "task");
+    srv.ok(&["attention", "answer", "at-budget0003", "--continue"]);
+    let t = json(&srv.ok(&["--json", "task", "show", &qid]));
+    assert!(t["budget_tokens"].is_null(), "{t}");
+    // Stop: answered; the task stays where it is (a waiting one goes to review).
+    raise("at-budget0004", "task");
+    let r = json(&srv.ok(&["--json", "attention", "answer", "at-budget0004", "--stop"]));
+    assert_eq!(r["item"]["status"], "answered", "{r}");
+    assert_eq!(r["item"]["answer"]["answer"], "stop", "{r}");
+    assert_eq!(
+        json(&srv.ok(&["--json", "task", "show", &qid]))["state"],
+        "backlog"
+    );
 }

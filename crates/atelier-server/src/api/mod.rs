@@ -285,7 +285,7 @@ mod tests {
         sessions::list_sessions, sessions::revoke_session, sessions::revoke_all_sessions,
         sessions::list_tokens, sessions::create_token, sessions::revoke_token, sessions::me,
         tasks::create, tasks::list, tasks::usage, tasks::show, tasks::start, tasks::retry, tasks::cancel, tasks::done,
-        tasks::say, tasks::chain, tasks::diff, tasks::attention, tasks::attention_item, tasks::answer,
+        tasks::say, tasks::chain, tasks::diff, tasks::messages, tasks::attention, tasks::attention_item, tasks::answer,
         tasks::templates, tasks::template, tasks::put_template, tasks::reset_template,
     ),
     components(schemas(ApiErrorBody, atelier_core::event::Event, atelier_core::event::EventKind)),
@@ -394,6 +394,7 @@ pub fn router(state: AppState) -> Router {
         .route("/tasks/{id}/say", post(tasks::say))
         .route("/tasks/{id}/chain", post(tasks::chain))
         .route("/tasks/{id}/diff", get(tasks::diff))
+        .route("/tasks/{id}/messages", get(tasks::messages))
         .route("/attention", get(tasks::attention))
         .route("/attention/{id}", get(tasks::attention_item))
         .route("/attention/{id}/answer", post(tasks::answer))

@@ -86,6 +86,12 @@ pub struct TaskView {
     pub tokens_out: i64,
     /// Cost so far, as the provider reports it (USD for most).
     pub cost: f64,
+    /// The task's own cost limit (USD), if any.
+    pub budget_usd: Option<f64>,
+    /// The task's own token limit (input + output), if any.
+    pub budget_tokens: Option<i64>,
+    /// A person let it go on past its workspace's budget.
+    pub workspace_budget_waived: bool,
     /// The agent's last text.
     pub summary: Option<String>,
     /// Pending attention items.
@@ -140,6 +146,9 @@ impl TaskView {
             tokens_in: t.tokens_in,
             tokens_out: t.tokens_out,
             cost: t.cost,
+            budget_usd: t.budget_usd,
+            budget_tokens: t.budget_tokens,
+            workspace_budget_waived: t.workspace_budget_waived,
             summary: t.summary,
             created_at: t.created_at,
             started_at: t.started_at,
@@ -166,7 +175,7 @@ pub struct AttentionView {
     pub id: String,
     /// Its task.
     pub task: String,
-    /// Permission, question or stalled.
+    /// Permission, question, stalled or budget.
     pub kind: AttentionKind,
     /// Pending, answered or gone.
     pub status: AttentionStatus,
@@ -398,6 +407,12 @@ pub struct ChainBody {
     /// Start at once.
     #[serde(default)]
     pub start: bool,
+    /// The new task's cost limit (USD).
+    #[serde(default)]
+    pub budget_usd: Option<f64>,
+    /// The new task's token limit (input + output).
+    #[serde(default)]
+    pub budget_tokens: Option<i64>,
 }
 
 /// Chain a new task on a done task's branch (a review, an audit, a simplification).
@@ -418,6 +433,10 @@ pub async fn chain(
             body.description,
             body.effort,
             body.start,
+            atelier_core::task::Budget {
+                usd: body.budget_usd,
+                tokens: body.budget_tokens,
+            },
         )
         .await?;
     Ok((StatusCode::CREATED, Json(view(&st, t).await?)))
@@ -441,6 +460,36 @@ pub async fn diff(State(st): State<AppState>, Path(id): Path<String>) -> ApiResu
         text,
     )
         .into_response())
+}
+
+/// `?limit=` for a task's messages.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct MessagesQuery {
+    /// How many of the newest messages (1 to 1000, default 200).
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+/// The task's conversation with its agent: the newest `limit` messages of its
+/// OpenCode session, oldest first. Each has its text parts joined, its tool calls
+/// summarised (tool, title, a short input, status, output cut at 4 KiB), and for
+/// the agent's messages tokens and cost. Read live from OpenCode while the task's
+/// sandbox runs (`live: true`); otherwise (parked, done, failed, cancelled, or
+/// the sandbox unreachable) the copy kept on the task at its last turn, with
+/// `captured_at` (its newest 200 messages). Before the task has a session the
+/// list is empty.
+#[utoipa::path(get, path = "/api/v1/tasks/{id}/messages", tag = "tasks",
+    params(("id" = String, Path, description = "Task id"), MessagesQuery),
+    responses((status = 200, body = crate::tasks::conversation::Conversation), (status = 400, body = ApiErrorBody),
+              (status = 404, body = ApiErrorBody)))]
+pub async fn messages(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<MessagesQuery>,
+) -> ApiResult<Json<crate::tasks::conversation::Conversation>> {
+    let limit = q.limit.unwrap_or(crate::tasks::conversation::DEFAULT_LIMIT);
+    Ok(Json(st.tasks.messages(&id, limit).await?))
 }
 
 /// `?all=&task=` for attention items.
@@ -496,7 +545,9 @@ pub struct AnswerView {
 /// Answer a pending item. Permissions: `once`, `always`, `reject` (with an
 /// optional `message` the agent continues with). Questions: `reply` with
 /// `answers` (one list of labels or text per question) or `reject`. Stalled:
-/// `retry` or `abort`. An item answered already is a 409.
+/// `retry` or `abort`. Budget: `continue` (optional `budget_usd`/`budget_tokens`
+/// as the task's new limits, each above what it used; none lifts the limit
+/// reached) or `stop` (the task goes to review). An item answered already is a 409.
 #[utoipa::path(post, path = "/api/v1/attention/{id}/answer", tag = "attention", request_body = Answer,
     params(("id" = String, Path, description = "Item id")),
     responses((status = 200, body = AnswerView), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody),
@@ -513,22 +564,38 @@ pub async fn answer(
     }))
 }
 
-/// The task templates.
-#[utoipa::path(get, path = "/api/v1/templates", tag = "tasks",
-    responses((status = 200, body = [TaskTemplate])))]
-pub async fn templates(State(st): State<AppState>) -> ApiResult<Json<Vec<TaskTemplate>>> {
-    Ok(Json(st.tasks.templates().await?))
+/// `?workspace=` for templates.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct TemplateQuery {
+    /// As this workspace's tasks see them: its own templates (its definition's
+    /// `templates`) over the global ones over the built-in ones.
+    #[serde(default)]
+    pub workspace: Option<String>,
 }
 
-/// One task template.
+/// The task templates (global and built-in, or as a workspace's tasks see them).
+#[utoipa::path(get, path = "/api/v1/templates", tag = "tasks", params(TemplateQuery),
+    responses((status = 200, body = [TaskTemplate]), (status = 404, body = ApiErrorBody)))]
+pub async fn templates(
+    State(st): State<AppState>,
+    ApiQuery(q): ApiQuery<TemplateQuery>,
+) -> ApiResult<Json<Vec<TaskTemplate>>> {
+    Ok(Json(st.tasks.templates_for(q.workspace.as_deref()).await?))
+}
+
+/// One task template (global or built-in, or as a workspace's tasks see it).
 #[utoipa::path(get, path = "/api/v1/templates/{name}", tag = "tasks",
-    params(("name" = String, Path, description = "Template name")),
+    params(("name" = String, Path, description = "Template name"), TemplateQuery),
     responses((status = 200, body = TaskTemplate), (status = 404, body = ApiErrorBody)))]
 pub async fn template(
     State(st): State<AppState>,
     Path(name): Path<String>,
+    ApiQuery(q): ApiQuery<TemplateQuery>,
 ) -> ApiResult<Json<TaskTemplate>> {
-    Ok(Json(st.tasks.template(&name).await?))
+    Ok(Json(
+        st.tasks.template_for(&name, q.workspace.as_deref()).await?,
+    ))
 }
 
 /// Store a template: replaces the built-in one of that name for every task

@@ -193,6 +193,11 @@ impl Manager {
                 self.store
                     .set_boot_ms(&rec.id, started.elapsed().as_millis() as i64)
                     .await?;
+                // The copy runs the same OpenCode server (memory and all): it is
+                // reached the same way, with the same password.
+                if let Some(oc) = self.store.sandbox_opencode(&src.id).await? {
+                    self.store.set_sandbox_opencode(&rec.id, &oc).await?;
+                }
                 tracing::info!(sandbox = %rec.id, from = %src.id, "sandbox forked");
                 Ok(self
                     .store

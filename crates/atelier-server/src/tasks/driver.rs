@@ -9,13 +9,13 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use atelier_core::task::{Answer, AttentionKind, AttentionStatus, TaskState, TaskTemplate};
+use atelier_core::task::{Answer, AttentionKind, AttentionStatus, Budget, TaskState, TaskTemplate};
 use atelier_opencode as oc;
 use atelier_store::{AttentionRecord, TaskPatch, TaskRecord, now_ms};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 
-use super::{Tasks, new_id};
+use super::{Tasks, conversation, new_id};
 use crate::Error;
 use crate::sandboxes::Sandboxes;
 
@@ -163,7 +163,7 @@ pub(super) async fn prompt(tasks: &Tasks, t: &TaskRecord, text: &str) -> Result<
         .session
         .as_deref()
         .ok_or_else(|| Error::conflict(format!("task {} has no session", t.id)))?;
-    let template = tasks.template(&t.template).await?;
+    let template = tasks.task_template(t).await?;
     let c = client(tasks, t).await?;
     expect_busy(tasks, &t.id, true);
     c.prompt_async(session, &prompt_of(&template, t, text.to_owned()))
@@ -396,7 +396,8 @@ pub(super) async fn resync_pending(
     }
     let mut gone = Vec::new();
     for a in tasks.store.attention_list(Some(&t.id), true).await? {
-        if a.kind != AttentionKind::Stalled
+        // Stalled and budget items are ours, not OpenCode's.
+        if matches!(a.kind, AttentionKind::Permission | AttentionKind::Question)
             && !live.contains(&(a.kind.as_str(), a.remote_id.clone()))
             && let Ok(r) = tasks
                 .store
@@ -486,6 +487,7 @@ async fn read_messages(
         .messages(session)
         .await
         .map_err(|e| oc_error("reading the session's messages", e))?;
+    let kept = conversation::kept_copy(&msgs);
     usage.by_message.clear();
     for m in msgs.iter().filter(|m| m.role == "assistant") {
         usage.by_message.insert(
@@ -499,8 +501,201 @@ async fn read_messages(
             usage.last_text = Some(text);
         }
     }
-    tasks.store.update_task(&t.id, usage.patch()).await?;
+    tasks
+        .store
+        .update_task(
+            &t.id,
+            TaskPatch {
+                conversation: Some(kept),
+                ..usage.patch()
+            },
+        )
+        .await?;
+    check_budget(tasks, c, &t.id, session).await
+}
+
+/// The newest `limit` messages of the session, read live, and whether older ones
+/// exist.
+pub(super) async fn read_conversation(
+    tasks: &Tasks,
+    t: &TaskRecord,
+    session: &str,
+    limit: usize,
+) -> Result<(Vec<conversation::MessageView>, bool), Error> {
+    let msgs = client(tasks, t)
+        .await?
+        .messages_limited(session, Some(limit + 1))
+        .await
+        .map_err(|e| oc_error("reading the session's messages", e))?;
+    Ok(conversation::newest(
+        msgs.iter().map(conversation::render).collect(),
+        limit,
+    ))
+}
+
+/// Reads the session's messages and keeps a copy on the task.
+pub(super) async fn keep_conversation(tasks: &Tasks, t: &TaskRecord) -> Result<(), Error> {
+    let Some(session) = t.session.as_deref() else {
+        return Ok(());
+    };
+    let msgs = client(tasks, t)
+        .await?
+        .messages(session)
+        .await
+        .map_err(|e| oc_error("reading the session's messages", e))?;
+    tasks
+        .store
+        .update_task(
+            &t.id,
+            TaskPatch {
+                conversation: Some(conversation::kept_copy(&msgs)),
+                ..Default::default()
+            },
+        )
+        .await?;
     Ok(())
+}
+
+/// A budget a task reached: whose (`task` or `workspace`), which limit (`usd` or
+/// `tokens`), the budget, and the usage measured against it.
+#[derive(Debug, PartialEq)]
+struct BudgetHit {
+    scope: &'static str,
+    limit: &'static str,
+    budget: Budget,
+    cost: f64,
+    tokens: i64,
+}
+
+/// Whether task `t` is due a `budget` item: it reached its own budget, or (unless
+/// waived for it) `workspace` — the workspace's budget and its tasks' summed
+/// (cost, tokens) — and `last`, its newest budget item, is neither pending nor
+/// raised at the usage the task has now (an answer is not asked again until the
+/// task spends more).
+fn budget_due(
+    t: &TaskRecord,
+    workspace: Option<(Budget, (f64, i64))>,
+    last: Option<&AttentionRecord>,
+) -> Option<BudgetHit> {
+    let used_tokens = t.tokens_in.saturating_add(t.tokens_out);
+    let own = Budget {
+        usd: t.budget_usd,
+        tokens: t.budget_tokens,
+    };
+    let hit = match own.reached(t.cost, used_tokens) {
+        Some(limit) => BudgetHit {
+            scope: "task",
+            limit,
+            budget: own,
+            cost: t.cost,
+            tokens: used_tokens,
+        },
+        None if t.workspace_budget_waived => return None,
+        None => {
+            let (budget, (cost, tokens)) = workspace?;
+            BudgetHit {
+                scope: "workspace",
+                limit: budget.reached(cost, tokens)?,
+                budget,
+                cost,
+                tokens,
+            }
+        }
+    };
+    if let Some(last) = last {
+        let d: serde_json::Value = serde_json::from_str(&last.detail).unwrap_or_default();
+        let grown = used_tokens > d["task_tokens"].as_i64().unwrap_or(0)
+            || t.cost > d["task_usd"].as_f64().unwrap_or(0.0);
+        if last.status == AttentionStatus::Pending || !grown {
+            return None;
+        }
+    }
+    Some(hit)
+}
+
+/// Raises a `budget` item when the task's usage reached its budget, or its
+/// workspace's tasks together reached the workspace's (unless waived for this
+/// task): the turn is aborted if it runs, and a person answers continue or stop.
+/// Nothing is raised while one is pending, nor again before the task has used
+/// more than when the last one was raised.
+async fn check_budget(tasks: &Tasks, c: &oc::Client, id: &str, session: &str) -> Result<(), Error> {
+    let t = tasks.get(id).await?;
+    if !t.state.has_session() {
+        return Ok(());
+    }
+    let used_tokens = t.tokens_in.saturating_add(t.tokens_out);
+    let own = Budget {
+        usd: t.budget_usd,
+        tokens: t.budget_tokens,
+    };
+    // The workspace's spend is summed only when its budget can matter.
+    let mut workspace = None;
+    if own.reached(t.cost, used_tokens).is_none() && !t.workspace_budget_waived {
+        let spec = match tasks.workspaces.spec(&t.workspace).await {
+            Ok(s) => Some(s),
+            Err(e) if e.kind == atelier_core::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        if let Some(b) = spec.and_then(|s| s.budget) {
+            workspace = Some((b, tasks.store.workspace_spend(&t.workspace).await?));
+        }
+    }
+    let items = tasks.store.attention_list(Some(id), false).await?;
+    let last = items.iter().find(|a| a.kind == AttentionKind::Budget);
+    let Some(BudgetHit {
+        scope,
+        limit: which,
+        budget,
+        cost,
+        tokens,
+    }) = budget_due(&t, workspace, last)
+    else {
+        return Ok(());
+    };
+    let aborted = busy_now(c, session).await;
+    if aborted {
+        c.abort(session)
+            .await
+            .map_err(|e| oc_error("stopping the turn at the budget", e))?;
+    }
+    let whose = if scope == "task" {
+        "the task's".to_owned()
+    } else {
+        format!("workspace {}'s", t.workspace)
+    };
+    let title = match which {
+        "usd" => format!(
+            "budget reached: ${cost:.4} of {whose} ${:.2}; continue?",
+            budget.usd.unwrap_or_default()
+        ),
+        _ => format!(
+            "budget reached: {tokens} of {whose} {} tokens; continue?",
+            budget.tokens.unwrap_or_default()
+        ),
+    };
+    tracing::info!(task = %id, scope, limit = which, aborted, "budget reached");
+    tasks
+        .store
+        .insert_attention(&new_item(
+            &t,
+            AttentionKind::Budget,
+            String::new(),
+            title,
+            serde_json::json!({
+                "scope": scope,
+                "limit": which,
+                "budget_usd": budget.usd,
+                "budget_tokens": budget.tokens,
+                "used_usd": cost,
+                "used_tokens": tokens,
+                "task_usd": t.cost,
+                "task_tokens": used_tokens,
+                "aborted": aborted,
+            })
+            .to_string(),
+        ))
+        .await?;
+    settle_state(tasks, id).await
 }
 
 async fn write_todos(tasks: &Tasks, id: &str, todos: &[oc::Todo]) -> Result<(), Error> {
@@ -728,7 +923,6 @@ async fn follow_once(
         .map_err(|e| oc_error("opening OpenCode's event stream", e))?;
     resync_all(tasks, &c, t, usage).await?;
     let mut last_event = Instant::now();
-    let mut usage_dirty = false;
     loop {
         let tick = Duration::from_secs(5);
         let next = tokio::time::timeout(tick, events.next()).await;
@@ -746,12 +940,8 @@ async fn follow_once(
             return Ok(Ended::TaskOver);
         }
         if let Some(ev) = ev {
-            handle(tasks, &c, &t, session, ev, usage, &mut usage_dirty).await?;
+            handle(tasks, &c, &t, session, ev, usage).await?;
         } else {
-            if usage_dirty {
-                tasks.store.update_task(&t.id, usage.patch()).await?;
-                usage_dirty = false;
-            }
             if t.state == TaskState::Working && last_event.elapsed() >= tasks.cfg.stall_after {
                 raise_stalled(
                     tasks,
@@ -782,12 +972,12 @@ async fn follow_once(
 /// template's `attention_timeout_secs`: a reject with a note, so the agent goes
 /// on without them (a rejected question ends the agent's turn).
 async fn answer_overdue(tasks: &Arc<Tasks>, t: &TaskRecord) -> Result<(), Error> {
-    let Some(secs) = tasks.template(&t.template).await?.attention_timeout_secs else {
+    let Some(secs) = tasks.task_template(t).await?.attention_timeout_secs else {
         return Ok(());
     };
     let now = now_ms();
     for a in tasks.store.attention_list(Some(&t.id), true).await? {
-        if a.kind == AttentionKind::Stalled
+        if !matches!(a.kind, AttentionKind::Permission | AttentionKind::Question)
             || now - a.created_at < i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX)
         {
             continue;
@@ -847,7 +1037,6 @@ async fn handle(
     session: &str,
     ev: oc::Event,
     usage: &mut Usage,
-    usage_dirty: &mut bool,
 ) -> Result<(), Error> {
     match ev {
         oc::Event::PermissionAsked(p) if p.session_id == session => {
@@ -892,7 +1081,6 @@ async fn handle(
             }
             if matches!(status, oc::SessionStatus::Idle) {
                 read_messages(tasks, c, t, session, usage).await?;
-                *usage_dirty = false;
                 if !awaiting_busy(tasks, &t.id) && !busy_now(c, session).await {
                     on_idle(tasks, t).await?;
                 }
@@ -927,7 +1115,6 @@ async fn handle(
             // Usage and the agent's last text first, so a reader who sees the
             // task in review sees its summary too.
             read_messages(tasks, c, t, session, usage).await?;
-            *usage_dirty = false;
             if !awaiting_busy(tasks, &t.id) && !busy_now(c, session).await {
                 on_idle(tasks, t).await?;
             }
@@ -959,11 +1146,12 @@ async fn handle(
             tokens,
             error,
         } if s == session && role == "assistant" => {
-            usage.by_message.insert(
-                message_id,
-                (cost, tokens.input, tokens.output + tokens.reasoning),
-            );
-            *usage_dirty = true;
+            let entry = (cost, tokens.input, tokens.output + tokens.reasoning);
+            if usage.by_message.insert(message_id, entry) != Some(entry) {
+                // Written at once, so a budget stops the turn as it is reached.
+                tasks.store.update_task(&t.id, usage.patch()).await?;
+                check_budget(tasks, c, &t.id, session).await?;
+            }
             if let Some(err) = error
                 && !err.starts_with("MessageAbortedError")
             {
@@ -1031,6 +1219,107 @@ mod tests {
         assert!(!covered(always, &perm("edit", &["npm test"])));
         assert!(!covered(always, &perm("bash", &[])));
         assert!(!covered("not json", &perm("bash", &["npm test"])));
+    }
+
+    fn task(cost: f64, tokens: i64, usd: Option<f64>, limit: Option<i64>) -> TaskRecord {
+        TaskRecord {
+            id: "tk-1".into(),
+            workspace: "shop".into(),
+            template: "implementation".into(),
+            effort: atelier_core::task::Effort::Medium,
+            title: "t".into(),
+            description: "d".into(),
+            state: TaskState::Working,
+            parent: None,
+            branch: "b".into(),
+            base_branch: "main".into(),
+            base_commit: None,
+            repo_path: None,
+            sandbox: None,
+            session: None,
+            parked: false,
+            error: None,
+            todos_done: 0,
+            todos_total: 0,
+            todos: "[]".into(),
+            files: "[]".into(),
+            messages: 1,
+            tokens_in: tokens,
+            tokens_out: 0,
+            cost,
+            summary: None,
+            always: "[]".into(),
+            pending_say: "[]".into(),
+            diff: None,
+            diff_truncated: false,
+            commits: "[]".into(),
+            budget_usd: usd,
+            budget_tokens: limit,
+            workspace_budget_waived: false,
+            conversation: None,
+            conversation_at: None,
+            created_at: 0,
+            started_at: None,
+            finished_at: None,
+            updated_at: 0,
+        }
+    }
+
+    fn item(status: AttentionStatus, task_usd: f64, task_tokens: i64) -> AttentionRecord {
+        AttentionRecord {
+            id: "at-1".into(),
+            task: "tk-1".into(),
+            kind: AttentionKind::Budget,
+            remote_id: String::new(),
+            title: "budget reached".into(),
+            detail: serde_json::json!({"task_usd": task_usd, "task_tokens": task_tokens})
+                .to_string(),
+            status,
+            answer: None,
+            created_at: 0,
+            resolved_at: None,
+        }
+    }
+
+    #[test]
+    fn budgets_are_due_once_per_spend() {
+        let ws = |usd: f64, spent: f64| {
+            Some((
+                Budget {
+                    usd: Some(usd),
+                    tokens: None,
+                },
+                (spent, 0),
+            ))
+        };
+        // Under every limit: nothing.
+        assert_eq!(
+            budget_due(&task(0.5, 10, Some(1.0), Some(100)), ws(9.0, 2.0), None),
+            None
+        );
+        // The task's own tokens.
+        let hit = budget_due(&task(0.5, 100, Some(1.0), Some(100)), None, None).unwrap();
+        assert_eq!((hit.scope, hit.limit, hit.tokens), ("task", "tokens", 100));
+        // The workspace's cost, over all its tasks.
+        let hit = budget_due(&task(0.5, 10, None, None), ws(2.0, 2.5), None).unwrap();
+        assert_eq!((hit.scope, hit.limit, hit.cost), ("workspace", "usd", 2.5));
+        // Waived for this task: the workspace's budget does not stop it; its own does.
+        let mut waived = task(0.5, 10, None, None);
+        waived.workspace_budget_waived = true;
+        assert_eq!(budget_due(&waived, ws(2.0, 2.5), None), None);
+        waived.budget_tokens = Some(5);
+        assert_eq!(
+            budget_due(&waived, ws(2.0, 2.5), None).unwrap().scope,
+            "task"
+        );
+        // One pending at a time; after an answer, again only once it spent more.
+        let t = task(0.5, 100, None, Some(50));
+        let pending = item(AttentionStatus::Pending, 0.1, 60);
+        assert_eq!(budget_due(&t, None, Some(&pending)), None);
+        let answered_here = item(AttentionStatus::Answered, 0.5, 100);
+        assert_eq!(budget_due(&t, None, Some(&answered_here)), None);
+        let answered_before = item(AttentionStatus::Answered, 0.5, 60);
+        assert!(budget_due(&t, None, Some(&answered_before)).is_some());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! API calls below act on OpenCode directly and let the driver record the effect.
 //! A scheduler starts queued tasks up to the concurrency cap.
 
+pub mod conversation;
 mod driver;
 pub mod git;
 
@@ -17,8 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use atelier_core::task::{
-    Answer, AttentionKind, AttentionStatus, Effort, TaskState, TaskTemplate, builtin_templates,
-    slug, title_of, validate_description,
+    Answer, AttentionKind, AttentionStatus, Budget, Effort, TaskState, TaskTemplate,
+    builtin_templates, slug, title_of, validate_description,
 };
 use atelier_core::{ErrorKind, SandboxSpec};
 use atelier_store::{AttentionRecord, NewTask, Store, TaskPatch, TaskRecord};
@@ -69,6 +70,13 @@ pub struct NewTaskRequest {
     /// Start at once instead of landing in the backlog.
     #[serde(default)]
     pub start: bool,
+    /// The task's cost limit in USD: reaching it stops the agent's turn and raises
+    /// a `budget` attention item (continue or stop).
+    #[serde(default)]
+    pub budget_usd: Option<f64>,
+    /// The task's token limit (input + output), likewise.
+    #[serde(default)]
+    pub budget_tokens: Option<i64>,
 }
 
 /// The task service.
@@ -144,9 +152,38 @@ impl Tasks {
         Ok(all)
     }
 
-    /// A template by name.
+    /// Every template as tasks of `workspace` see them: the workspace's own
+    /// (`templates` in its definition) over the global ones over the built-in ones.
+    pub async fn templates_for(&self, workspace: Option<&str>) -> Result<Vec<TaskTemplate>, Error> {
+        let mut all = self.templates().await?;
+        if let Some(w) = workspace {
+            let spec = self.workspaces.spec(w).await?;
+            for name in spec.templates.keys() {
+                let Some(t) = spec.template(name) else {
+                    continue;
+                };
+                match all.iter_mut().find(|b| b.name == t.name) {
+                    Some(slot) => *slot = t,
+                    None => all.push(t),
+                }
+            }
+        }
+        Ok(all)
+    }
+
+    /// A template by name (global or built-in).
     pub async fn template(&self, name: &str) -> Result<TaskTemplate, Error> {
-        let all = self.templates().await?;
+        self.template_for(name, None).await
+    }
+
+    /// A template by name as tasks of `workspace` see it (see
+    /// [`Tasks::templates_for`]).
+    pub async fn template_for(
+        &self,
+        name: &str,
+        workspace: Option<&str>,
+    ) -> Result<TaskTemplate, Error> {
+        let all = self.templates_for(workspace).await?;
         let names = all
             .iter()
             .map(|t| t.name.as_str())
@@ -157,6 +194,15 @@ impl Tasks {
                 "template {name:?} not found; `atelier template list` shows them ({names})"
             ))
         })
+    }
+
+    /// The template of task `t`: its workspace's version first (the global one if
+    /// the workspace is gone).
+    pub(crate) async fn task_template(&self, t: &TaskRecord) -> Result<TaskTemplate, Error> {
+        match self.template_for(&t.template, Some(&t.workspace)).await {
+            Err(e) if e.kind == ErrorKind::NotFound => self.template(&t.template).await,
+            r => r,
+        }
     }
 
     /// Stores a template: overrides the built-in one of that name, or adds one.
@@ -198,11 +244,19 @@ impl Tasks {
         parent: Option<&TaskRecord>,
     ) -> Result<TaskRecord, Error> {
         validate_description(&req.description).map_err(Error::from)?;
+        let budget = Budget {
+            usd: req.budget_usd,
+            tokens: req.budget_tokens,
+        };
+        budget.validate().map_err(Error::from)?;
+        let spec = self.workspaces.spec(&req.workspace).await?;
         let template = self
-            .template(req.template.as_deref().unwrap_or("implementation"))
+            .template_for(
+                req.template.as_deref().unwrap_or("implementation"),
+                Some(&req.workspace),
+            )
             .await?;
         let effort = req.effort.unwrap_or(template.default_effort);
-        let spec = self.workspaces.spec(&req.workspace).await?;
         let repo = spec.repos.first().ok_or_else(|| {
             Error::invalid(format!(
                 "workspace {} has no repository; a task works on a branch of its first repository",
@@ -234,6 +288,8 @@ impl Tasks {
                 parent: parent.map(|p| p.id.clone()),
                 branch,
                 base_branch,
+                budget_usd: budget.usd,
+                budget_tokens: budget.tokens,
             })
             .await?;
         self.wake.notify_one();
@@ -340,6 +396,7 @@ impl Tasks {
         description: Option<String>,
         effort: Option<Effort>,
         start: bool,
+        budget: Budget,
     ) -> Result<TaskRecord, Error> {
         let parent = self.get(id).await?;
         if parent.state != TaskState::Done {
@@ -361,6 +418,8 @@ impl Tasks {
                 template,
                 effort,
                 start,
+                budget_usd: budget.usd,
+                budget_tokens: budget.tokens,
             },
             Some(&parent),
         )
@@ -413,6 +472,57 @@ impl Tasks {
                 "task {id} is {other}; messages go to a started task that is not over"
             ))),
         }
+    }
+
+    /// The task's conversation, the newest `limit` messages (1 to
+    /// [`conversation::MAX_LIMIT`]) oldest first: read from OpenCode while the task's
+    /// sandbox runs, else the copy kept on the task (empty before it has a session).
+    pub async fn messages(
+        &self,
+        id: &str,
+        limit: usize,
+    ) -> Result<conversation::Conversation, Error> {
+        if limit == 0 || limit > conversation::MAX_LIMIT {
+            return Err(Error::invalid(format!(
+                "limit {limit} is out of range: give 1 to {}",
+                conversation::MAX_LIMIT
+            )));
+        }
+        let t = self.get(id).await?;
+        if t.state.has_session()
+            && !t.parked
+            && let Some(session) = &t.session
+        {
+            match driver::read_conversation(self, &t, session, limit).await {
+                Ok((messages, truncated)) => {
+                    return Ok(conversation::Conversation {
+                        task: t.id,
+                        session: Some(session.clone()),
+                        live: true,
+                        captured_at: None,
+                        truncated,
+                        messages,
+                    });
+                }
+                Err(e) => {
+                    tracing::info!(task = %t.id, error = %e.message, "conversation not readable live; showing the kept copy")
+                }
+            }
+        }
+        let (all, kept_truncated) = t
+            .conversation
+            .as_deref()
+            .map(conversation::read_kept)
+            .unwrap_or_default();
+        let (messages, cut) = conversation::newest(all, limit);
+        Ok(conversation::Conversation {
+            task: t.id,
+            session: t.session,
+            live: false,
+            captured_at: t.conversation_at,
+            truncated: kept_truncated || cut,
+            messages,
+        })
     }
 
     /// The branch's diff vs its base: live from the sandbox while the task has
@@ -482,6 +592,10 @@ impl Tasks {
             )));
         };
         let _ = driver::abort(self, t).await;
+        // The conversation as it ended, for when the sandbox is stopped.
+        if let Err(e) = driver::keep_conversation(self, t).await {
+            tracing::info!(task = %t.id, error = %e.message, "could not keep the conversation");
+        }
         let message = format!(
             "{}\n\nAtelier task {} ({} template, {} effort).",
             t.title,
@@ -562,6 +676,9 @@ impl Tasks {
             )));
         }
         let t = self.get(&a.task).await?;
+        if a.kind == AttentionKind::Budget {
+            return Ok((self.answer_budget(&t, &a, answer).await?, Vec::new()));
+        }
         self.unpark(&t).await?;
         let t = self.get(&a.task).await?;
         let delivered = driver::deliver(self, &t, &a, &answer).await;
@@ -610,6 +727,98 @@ impl Tasks {
         }
         self.after_answer(&t.id).await;
         Ok((rec, also))
+    }
+
+    /// Answers a `budget` item: `continue` sets the task's new limits (or lifts the
+    /// one reached) and, when the turn was stopped by it, tells the agent to carry
+    /// on; `stop` leaves the task in review.
+    async fn answer_budget(
+        self: &Arc<Self>,
+        t: &TaskRecord,
+        a: &AttentionRecord,
+        answer: Answer,
+    ) -> Result<AttentionRecord, Error> {
+        let detail: serde_json::Value = serde_json::from_str(&a.detail).unwrap_or_default();
+        let aborted = detail["aborted"].as_bool().unwrap_or(false);
+        let json = serde_json::to_string(&answer).unwrap_or_default();
+        match answer {
+            Answer::Continue {
+                budget_usd,
+                budget_tokens,
+            } => {
+                let used_tokens = t.tokens_in.saturating_add(t.tokens_out);
+                if let Some(u) = budget_usd
+                    && u <= t.cost
+                {
+                    return Err(Error::invalid(format!(
+                        "budget_usd {u} is not above what task {} has used (${:.4}); give more, or none to lift the limit",
+                        t.id, t.cost
+                    )));
+                }
+                if let Some(n) = budget_tokens
+                    && n <= used_tokens
+                {
+                    return Err(Error::invalid(format!(
+                        "budget_tokens {n} is not above what task {} has used ({used_tokens} tokens); give more, or none to lift the limit",
+                        t.id
+                    )));
+                }
+                let workspace_scope = detail["scope"] == "workspace";
+                let given = budget_usd.is_some() || budget_tokens.is_some();
+                let patch = TaskPatch {
+                    budget: (given || !workspace_scope).then_some((budget_usd, budget_tokens)),
+                    workspace_budget_waived: workspace_scope.then_some(true),
+                    ..Default::default()
+                };
+                self.store.update_task(&t.id, patch).await?;
+                let rec = self
+                    .store
+                    .resolve_attention(&a.id, AttentionStatus::Answered, Some(&json))
+                    .await?;
+                if aborted && t.state.has_session() {
+                    self.unpark(t).await?;
+                    let t = self.get(&t.id).await?;
+                    driver::prompt(
+                        self,
+                        &t,
+                        "The budget was raised. Carry on with the task from where you stopped.",
+                    )
+                    .await?;
+                    self.after_answer(&t.id).await;
+                } else {
+                    self.settle_idle(&t.id).await;
+                }
+                Ok(rec)
+            }
+            Answer::Stop => {
+                let rec = self
+                    .store
+                    .resolve_attention(&a.id, AttentionStatus::Answered, Some(&json))
+                    .await?;
+                self.settle_idle(&t.id).await;
+                Ok(rec)
+            }
+            _ => Err(Error::invalid(
+                "a budget item takes continue or stop".to_owned(),
+            )),
+        }
+    }
+
+    /// A waiting task whose turn is over and has nothing pending goes to review.
+    async fn settle_idle(&self, task: &str) {
+        if let Ok(t) = self.get(task).await
+            && t.state == TaskState::Waiting
+            && self
+                .store
+                .attention_list(Some(task), true)
+                .await
+                .is_ok_and(|l| l.is_empty())
+        {
+            let _ = self
+                .store
+                .task_transition(task, TaskState::Review, None)
+                .await;
+        }
     }
 
     /// After an answer: a task with nothing pending works again.
@@ -908,7 +1117,7 @@ impl Tasks {
             )
             .await?;
         let t = self.get(id).await?;
-        let template = self.template(&t.template).await?;
+        let template = self.task_template(&t).await?;
         driver::open_session(self, &t, &template).await?;
         self.store
             .task_transition(id, TaskState::Working, None)
