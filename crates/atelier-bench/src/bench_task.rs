@@ -47,6 +47,22 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// The task's state, read through the API.
+async fn task_state(srv: &Server, id: &str) -> anyhow::Result<String> {
+    let v: serde_json::Value = srv
+        .api(reqwest::Method::GET, &format!("/api/v1/tasks/{id}"))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    Ok(v["task"]["state"]
+        .as_str()
+        .or(v["state"].as_str())
+        .context("task state")?
+        .to_owned())
+}
+
 fn cli(srv: &Server, args: &[&str]) -> anyhow::Result<String> {
     let out = srv.run(args);
     anyhow::ensure!(
@@ -116,6 +132,8 @@ fn run_blocking(rt: &tokio::runtime::Handle, args: Args) -> anyhow::Result<u8> {
 
     let mut spawn_ms = Vec::new();
     let mut task_ms = Vec::new();
+    let mut setup_ms = Vec::new();
+    let mut opencode_ms = Vec::new();
     for i in 0..args.runs {
         let name = format!("bt-spawn-{i}");
         let t = Instant::now();
@@ -143,6 +161,10 @@ fn run_blocking(rt: &tokio::runtime::Handle, args: Args) -> anyhow::Result<u8> {
             .context("task id")?
             .to_owned();
         let deadline = Instant::now() + Duration::from_secs(600);
+        // When the manager had sent the prompt (the task is `working`): splits the
+        // time into the manager's part and OpenCode's. Read every 50 ms.
+        let mut prompted: Option<Instant> = None;
+        let mut next_read = Instant::now();
         let first = loop {
             let reqs = model.requests();
             let mut answering = reqs.iter().filter(|r| r.kind != RequestKind::Title);
@@ -150,15 +172,27 @@ fn run_blocking(rt: &tokio::runtime::Handle, args: Args) -> anyhow::Result<u8> {
                 break r.at;
             }
             anyhow::ensure!(Instant::now() < deadline, "task {id} never asked the model");
+            if prompted.is_none() && Instant::now() >= next_read {
+                next_read = Instant::now() + Duration::from_millis(50);
+                if rt.block_on(task_state(&srv, &id))? != "starting" {
+                    prompted = Some(Instant::now());
+                }
+            }
             std::thread::sleep(Duration::from_millis(10));
         };
         task_ms.push(first.duration_since(t).as_secs_f64() * 1000.0);
+        let prompted = prompted.unwrap_or(first).min(first);
+        setup_ms.push(prompted.duration_since(t).as_secs_f64() * 1000.0);
+        opencode_ms.push(first.duration_since(prompted).as_secs_f64() * 1000.0);
         cli(&srv, &["task", "cancel", &id])?;
         eprintln!(
-            "run {}: spawn {:.0} ms, task start to first model request {:.0} ms",
+            "run {}: spawn {:.0} ms, task start to first model request {:.0} ms \
+             (prompt sent after {:.0} ms, then {:.0} ms in OpenCode)",
             i + 1,
             spawn_ms[i],
-            task_ms[i]
+            task_ms[i],
+            setup_ms[i],
+            opencode_ms[i]
         );
     }
     let (s, k) = (median(&spawn_ms), median(&task_ms));
@@ -168,6 +202,14 @@ fn run_blocking(rt: &tokio::runtime::Handle, args: Args) -> anyhow::Result<u8> {
     );
     println!("  spawn from the prebuild → agent ready     median {s:>8.0} ms  {spawn_ms:.0?}");
     println!("  task start → first model request          median {k:>8.0} ms  {task_ms:.0?}");
+    println!(
+        "    of which: start → prompt sent (manager) median {:>8.0} ms  {setup_ms:.0?}",
+        median(&setup_ms)
+    );
+    println!(
+        "              prompt → request (OpenCode)  median {:>8.0} ms  {opencode_ms:.0?}",
+        median(&opencode_ms)
+    );
     println!(
         "  ratio task / spawn                        {:>8.2}×  (goal ≤ 1.5×)",
         k / s

@@ -1073,6 +1073,7 @@ impl Tasks {
                 tracing::info!(task = %task_id, "{line}");
             })
             .await?;
+        let began = std::time::Instant::now();
         // Named after the task: a crash before the id is recorded still finds it.
         let sb = self
             .sandboxes
@@ -1089,6 +1090,7 @@ impl Tasks {
             })
             .await?;
         let sandbox = sb.id.to_string();
+        let restored = began.elapsed();
         self.store
             .update_task(
                 id,
@@ -1116,9 +1118,18 @@ impl Tasks {
                 },
             )
             .await?;
+        let branched = began.elapsed();
         let t = self.get(id).await?;
         let template = self.task_template(&t).await?;
         driver::open_session(self, &t, &template).await?;
+        tracing::info!(
+            task = %id,
+            sandbox = %sandbox,
+            restore_ms = restored.as_millis() as u64,
+            branch_ms = (branched - restored).as_millis() as u64,
+            session_ms = (began.elapsed() - branched).as_millis() as u64,
+            "task set up: sandbox restored, branch made, prompt sent"
+        );
         self.store
             .task_transition(id, TaskState::Working, None)
             .await?;
