@@ -1,0 +1,252 @@
+import { useEffect, useState } from 'react';
+import { check } from '../api/actions';
+import { api, getText } from '../api/client';
+import type { SandboxView } from '../api/types';
+import { Terminal } from '../components/Terminal';
+import { duration } from '../lib/format';
+import { useLive } from '../lib/hooks';
+import { Link, navigate } from '../lib/router';
+
+function uptime(s: SandboxView): string {
+  if (s.state !== 'running') return '—';
+  return duration(Date.now() - Date.parse(s.updated_at));
+}
+
+export function Sandboxes() {
+  const list = useLive(
+    async () => check(await api.GET('/api/v1/sandboxes')),
+    (e) => e.type.startsWith('sandbox') || e.type === 'resync',
+    [],
+  );
+  return (
+    <section>
+      <div className="page-head">
+        <h1>Sandboxes</h1>
+      </div>
+      {list.error && <p className="error">{list.error}</p>}
+      {list.data && list.data.length === 0 && <p className="empty">No sandboxes.</p>}
+      <div className="table-wrap">
+        <table className="list">
+          <thead>
+            <tr>
+              <th>Name</th>
+              <th>State</th>
+              <th>vCPUs / memory</th>
+              <th>Uptime</th>
+              <th>Image</th>
+            </tr>
+          </thead>
+          <tbody>
+            {(list.data ?? []).map((s) => (
+              <tr key={s.id} data-testid="sandbox-row">
+                <td>
+                  <Link href={`/sandboxes/${s.id}`}>{s.name}</Link>
+                  <div className="small-text mono">{s.id}</div>
+                </td>
+                <td>
+                  <span className={`chip sb-${s.state}`}>{s.state}</span>
+                  {s.operation && <span className="small-text"> {s.operation}…</span>}
+                </td>
+                <td>
+                  {s.vcpus} / {s.memory_mib} MiB
+                </td>
+                <td>{uptime(s)}</td>
+                <td className="mono small-text">{s.image}</td>
+              </tr>
+            ))}
+          </tbody>
+        </table>
+      </div>
+    </section>
+  );
+}
+
+type Op = 'stop' | 'start' | 'pause' | 'resume' | 'fork' | 'delete';
+
+async function runOp(id: string, op: Op, forkName?: string) {
+  const p = { params: { path: { id } } };
+  switch (op) {
+    case 'stop':
+      return check(await api.POST('/api/v1/sandboxes/{id}/stop', p));
+    case 'start':
+      return check(await api.POST('/api/v1/sandboxes/{id}/start', p));
+    case 'pause':
+      return check(await api.POST('/api/v1/sandboxes/{id}/pause', p));
+    case 'resume':
+      return check(await api.POST('/api/v1/sandboxes/{id}/resume', p));
+    case 'fork':
+      return check(await api.POST('/api/v1/sandboxes/{id}/fork', { ...p, body: { name: forkName ?? '' } }));
+    case 'delete':
+      return check(await api.DELETE('/api/v1/sandboxes/{id}', p));
+  }
+}
+
+export function SandboxPage({ id }: { id: string }) {
+  const sb = useLive(
+    async () => check(await api.GET('/api/v1/sandboxes/{id}', { params: { path: { id } } })),
+    (e) => e.type === 'resync' || ('sandbox' in e && e.sandbox === id),
+    [id],
+  );
+  const dev = useLive(
+    async () => (await api.GET('/api/v1/sandboxes/{id}/dev', { params: { path: { id } } })).data ?? [],
+    (e) => e.type === 'dev.state' && e.sandbox === id,
+    [id],
+  );
+  const [log, setLog] = useState<string>('');
+  const [metrics, setMetrics] = useState<unknown>(null);
+  const [err, setErr] = useState<string | null>(null);
+  const [busy, setBusy] = useState(false);
+  const s = sb.data;
+  const running = s?.state === 'running';
+  useEffect(() => {
+    if (!s) return;
+    getText(`/api/v1/sandboxes/${encodeURIComponent(id)}/logs?tail_bytes=16384`).then(setLog, () => setLog(''));
+    if (running) {
+      api.GET('/api/v1/sandboxes/{id}/metrics', { params: { path: { id } } }).then(
+        (r) => setMetrics(r.data ?? null),
+        () => setMetrics(null),
+      );
+    }
+    // eslint-disable-next-line react-hooks/exhaustive-deps
+  }, [id, s?.state]);
+
+  const op = async (o: Op) => {
+    let forkName: string | undefined;
+    if (o === 'fork') {
+      const n = window.prompt('Name of the fork (lowercase letters, digits, -)');
+      if (!n) return;
+      forkName = n;
+    } else if ((o === 'delete' || o === 'stop') && !window.confirm(`${o === 'delete' ? 'Delete' : 'Stop'} ${s?.name ?? id}?`)) return;
+    setBusy(true);
+    setErr(null);
+    try {
+      const r = await runOp(id, o, forkName);
+      if (o === 'delete') navigate('/sandboxes');
+      else if (o === 'fork' && r && typeof r === 'object' && 'id' in r) navigate(`/sandboxes/${String(r.id)}`);
+      else sb.reload();
+    } catch (e) {
+      setErr(e instanceof Error ? e.message : String(e));
+    } finally {
+      setBusy(false);
+    }
+  };
+
+  if (sb.error)
+    return (
+      <section>
+        <p className="error">{sb.error}</p>
+        <Link href="/sandboxes">Back</Link>
+      </section>
+    );
+  if (!s) return <p className="empty">Loading…</p>;
+  const ops: Op[] =
+    s.state === 'running' ? ['stop', 'pause', 'fork', 'delete'] : s.state === 'paused' ? ['resume', 'stop', 'delete'] : s.state === 'stopped' || s.state === 'failed' ? ['start', 'delete'] : [];
+  return (
+    <section>
+      <p className="crumbs">
+        <Link href="/sandboxes">Sandboxes</Link> / <span className="mono">{s.id}</span>
+      </p>
+      <div className="page-head">
+        <h1>{s.name}</h1>
+        <span className={`chip sb-${s.state}`}>{s.state}</span>
+      </div>
+      <div className="actions">
+        {ops.map((o) => (
+          <button key={o} type="button" className={o === 'delete' ? 'small danger' : 'small'} disabled={busy} onClick={() => void op(o)}>
+            {o[0]!.toUpperCase() + o.slice(1)}
+          </button>
+        ))}
+      </div>
+      {err && (
+        <p className="error" role="alert">
+          {err}
+        </p>
+      )}
+      {s.error && <p className="error">{s.error}</p>}
+      <div className="task-grid">
+        <div className="task-main">
+          {running && (
+            <>
+              <h2>Terminal</h2>
+              <Terminal sandbox={s.id} />
+            </>
+          )}
+          <h2>Dev commands</h2>
+          {(dev.data ?? []).length === 0 ? (
+            <p className="empty">None running.</p>
+          ) : (
+            <ul className="links">
+              {(dev.data ?? []).map((d) => (
+                <li key={d.name}>
+                  <strong>{d.name}</strong> <span className="mono small-text">{d.command}</span> <span className="chip">{d.listening ? 'listening' : d.state}</span>{' '}
+                  {d.url && (
+                    <a href={d.url} target="_blank" rel="noreferrer noopener">
+                      {d.url}
+                    </a>
+                  )}
+                </li>
+              ))}
+            </ul>
+          )}
+          <h2>Console log</h2>
+          <pre className="code log" tabIndex={0}>
+            {log || '(empty)'}
+          </pre>
+        </div>
+        <aside className="task-side card">
+          <dl className="kv">
+            <dt>Image</dt>
+            <dd className="mono">{s.image}</dd>
+            <dt>Resources</dt>
+            <dd>
+              {s.vcpus} vCPU · {s.memory_mib} MiB
+            </dd>
+            <dt>Uptime</dt>
+            <dd>{uptime(s)}</dd>
+            {s.boot_ms != null && (
+              <>
+                <dt>Last boot</dt>
+                <dd>
+                  {s.boot_ms} ms ({s.booted_from ?? 'boot'})
+                </dd>
+              </>
+            )}
+            <dt>Egress</dt>
+            <dd>{s.egress}</dd>
+            {s.ip && (
+              <>
+                <dt>Address</dt>
+                <dd className="mono">{s.ip}</dd>
+              </>
+            )}
+            {s.url && (
+              <>
+                <dt>URL</dt>
+                <dd>
+                  <a href={s.url} target="_blank" rel="noreferrer noopener">
+                    {s.url}
+                  </a>
+                </dd>
+              </>
+            )}
+            {s.agent && (
+              <>
+                <dt>Agent</dt>
+                <dd>
+                  {s.agent}
+                  {s.agent_detail ? ` · ${s.agent_detail}` : ''}
+                </dd>
+              </>
+            )}
+          </dl>
+          {metrics != null && (
+            <>
+              <h3>Metrics</h3>
+              <pre className="code small-text">{JSON.stringify(metrics, null, 2)}</pre>
+            </>
+          )}
+        </aside>
+      </div>
+    </section>
+  );
+}
