@@ -9,6 +9,9 @@ pub enum ErrorKind {
     Invalid,
     /// No credentials, or wrong ones.
     Unauthorized,
+    /// Credentials are fine but this request may not use them (a cross-site
+    /// browser request, a missing CSRF token).
+    Forbidden,
     /// The named resource does not exist.
     NotFound,
     /// The resource exists but is in a state that forbids the operation.
@@ -27,6 +30,7 @@ impl ErrorKind {
         match self {
             ErrorKind::Invalid => 400,
             ErrorKind::Unauthorized => 401,
+            ErrorKind::Forbidden => 403,
             ErrorKind::NotFound => 404,
             ErrorKind::Conflict => 409,
             ErrorKind::ResourceExhausted => 507,
@@ -39,7 +43,8 @@ impl ErrorKind {
     pub fn from_http_status(status: u16) -> ErrorKind {
         match status {
             400 | 422 => ErrorKind::Invalid,
-            401 | 403 => ErrorKind::Unauthorized,
+            401 => ErrorKind::Unauthorized,
+            403 => ErrorKind::Forbidden,
             404 => ErrorKind::NotFound,
             409 => ErrorKind::Conflict,
             429 | 507 => ErrorKind::ResourceExhausted,
@@ -52,7 +57,7 @@ impl ErrorKind {
     pub fn exit_code(self) -> i32 {
         match self {
             ErrorKind::Invalid => 2,
-            ErrorKind::Unauthorized => 3,
+            ErrorKind::Unauthorized | ErrorKind::Forbidden => 3,
             ErrorKind::NotFound => 4,
             ErrorKind::Conflict => 5,
             ErrorKind::ResourceExhausted => 6,
@@ -66,6 +71,7 @@ impl ErrorKind {
         match self {
             ErrorKind::Invalid => "invalid",
             ErrorKind::Unauthorized => "unauthorized",
+            ErrorKind::Forbidden => "forbidden",
             ErrorKind::NotFound => "not_found",
             ErrorKind::Conflict => "conflict",
             ErrorKind::ResourceExhausted => "resource_exhausted",

@@ -17,6 +17,8 @@ pub struct Error {
     pub message: String,
     /// For the log only.
     pub detail: Option<String>,
+    /// The input field that was wrong (`repos[1].path`), for invalid input.
+    pub field: Option<String>,
     source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
@@ -56,6 +58,7 @@ impl Error {
             kind,
             message: message.into(),
             detail: None,
+            field: None,
             source: None,
         }
     }
@@ -93,7 +96,9 @@ impl Error {
 
 impl From<ValidationError> for Error {
     fn from(e: ValidationError) -> Self {
-        Error::invalid(e.to_string())
+        let mut err = Error::invalid(e.to_string());
+        err.field = Some(e.field.into_owned());
+        err
     }
 }
 

@@ -253,16 +253,9 @@ async fn sign_in_happens_on_the_manager_and_codes_open_one_host() {
     assert_eq!(r.status(), 401);
 
     let m = env.manager_login().await;
-    // The manager cookie opens no sandbox and no API route.
+    // The manager cookie opens no sandbox (its API use is `dashboard_session_*`).
     let r = env
         .get(A, "/echo")
-        .header("cookie", &m)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401);
-    let r = env
-        .get("localhost", "/api/v1/status")
         .header("cookie", &m)
         .send()
         .await
@@ -645,4 +638,253 @@ async fn over_tls_the_cookie_is_host_prefixed_and_secure() {
         .await
         .unwrap();
     assert_eq!(r.status(), 403);
+}
+
+/// `GET /api/v1/me` through `cookie` with Fetch Metadata `site`; status and body.
+async fn me(env: &Env, cookie: &str, site: &str) -> (u16, serde_json::Value) {
+    let r = env
+        .get("localhost", "/api/v1/me")
+        .header("cookie", cookie)
+        .header("sec-fetch-site", site)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn dashboard_session_opens_the_api_from_its_own_pages_only() {
+    let env = Env::start().await;
+    // No cookie, no token: 401 with a way out.
+    let (status, body) = me(&env, "x=y", "same-origin").await;
+    assert_eq!((status, body["code"].as_str()), (401, Some("unauthorized")));
+    assert!(
+        body["message"].as_str().unwrap().contains("/login"),
+        "{body}"
+    );
+
+    let m = env.manager_login().await;
+    let (status, body) = me(&env, &m, "same-origin").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["via"], "session");
+    assert!(body["session_id"].as_str().unwrap().starts_with("ses-"));
+    let csrf = body["csrf"].as_str().unwrap().to_owned();
+    assert_eq!(csrf.len(), 64);
+    // The token's own view has no CSRF token.
+    let r: serde_json::Value = env
+        .get("localhost", "/api/v1/me")
+        .bearer_auth(&env.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!((r["via"].as_str(), r.get("csrf")), (Some("token"), None));
+
+    // Reads from the dashboard's pages (and typed-in URLs) pass.
+    for site in ["same-origin", "none"] {
+        let r = env
+            .get("localhost", "/api/v1/tasks")
+            .header("cookie", &m)
+            .header("sec-fetch-site", site)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{site}");
+    }
+    // A sandbox page is same-site with the manager: its fetches carry the Lax
+    // cookie, and are refused, reads too.
+    for site in ["same-site", "cross-site"] {
+        let (status, body) = me(&env, &m, site).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (403, Some("forbidden")),
+            "{site}"
+        );
+    }
+    // Without Fetch Metadata the Origin decides.
+    let r = env
+        .get("localhost", "/api/v1/me")
+        .header("cookie", &m)
+        .header("origin", env.origin(A))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+
+    // Writes need the CSRF token, even from the dashboard's own origin.
+    let create = |csrf: Option<&str>| {
+        let mut r = env
+            .req(reqwest::Method::POST, "localhost", "/api/v1/tokens")
+            .header("cookie", &m)
+            .header("sec-fetch-site", "same-origin")
+            .header("origin", env.origin("localhost"))
+            .json(&serde_json::json!({"name": "from-dashboard"}));
+        if let Some(c) = csrf {
+            r = r.header("x-atelier-csrf", c);
+        }
+        r.send()
+    };
+    for bad in [None, Some("0".repeat(64).as_str()), Some("")] {
+        let r = create(bad).await.unwrap();
+        assert_eq!(r.status(), 403, "{bad:?}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert!(
+            body["message"].as_str().unwrap().contains("X-Atelier-Csrf"),
+            "{body}"
+        );
+    }
+    let r = create(Some(&csrf)).await.unwrap();
+    assert_eq!(r.status(), 201, "{:?}", r.text().await);
+    // Another session's token does not fit this one.
+    let m2 = env.manager_login().await;
+    let (_, other) = me(&env, &m2, "same-origin").await;
+    assert_ne!(other["csrf"].as_str(), Some(csrf.as_str()));
+    let r = create(Some(other["csrf"].as_str().unwrap())).await.unwrap();
+    assert_eq!(r.status(), 403);
+
+    // The terminal's WebSocket: the dashboard's own Origin only.
+    assert_eq!(
+        ws_status_path(
+            &env,
+            "/api/v1/sandboxes/sb-aaaaaaaaaa/pty",
+            &m,
+            &env.origin(A)
+        )
+        .await,
+        403
+    );
+    assert_ne!(
+        ws_status_path(
+            &env,
+            "/api/v1/sandboxes/sb-aaaaaaaaaa/pty",
+            &m,
+            &env.origin("localhost")
+        )
+        .await,
+        403
+    );
+    assert_ne!(
+        ws_status_path(
+            &env,
+            "/api/v1/sandboxes/sb-aaaaaaaaaa/pty",
+            &m,
+            &env.origin("localhost")
+        )
+        .await,
+        401
+    );
+
+    // A sandbox host's session is no key to the API.
+    let sa = env.sandbox_session(&m, A).await;
+    let (status, _) = me(&env, &sa, "same-origin").await;
+    assert_eq!(status, 401);
+
+    // Logout ends the API session at once.
+    let r = env
+        .req(reqwest::Method::POST, "localhost", "/logout")
+        .header("cookie", &m)
+        .header("sec-fetch-site", "same-origin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(me(&env, &m, "same-origin").await.0, 401);
+    assert_eq!(me(&env, &m2, "same-origin").await.0, 200);
+}
+
+/// A raw WebSocket handshake to the manager's `path` with `cookie` and `origin`.
+async fn ws_status_path(env: &Env, path: &str, cookie: &str, origin: &str) -> u16 {
+    let mut tcp = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Cookie: {cookie}\r\nOrigin: {origin}\r\n\r\n",
+        env.host("localhost")
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+        .await
+        .expect("handshake answer")
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    head.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn dashboard_files_and_client_routes() {
+    let env = Env::start().await;
+    let get = |path: &'static str| env.get("localhost", path).send();
+    // Unknown API routes stay JSON 404s; missing files are 404s, not the app.
+    for path in [
+        "/api/v1/nope",
+        "/api/nope",
+        "/assets/index-0000.js",
+        "/nope.png",
+    ] {
+        let r = get(path).await.unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+    }
+    let r = env
+        .req(reqwest::Method::POST, "localhost", "/tasks")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    // A client route is index.html (or, in a build without the dashboard, a page
+    // that says how to build it), under the dashboard's CSP.
+    let index = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../web/dist/index.html");
+    for path in ["/", "/tasks/t-1", "/needs-you"] {
+        let r = get(path).await.unwrap();
+        let h = r.headers().clone();
+        let csp = h["content-security-policy"].to_str().unwrap();
+        assert!(
+            csp.contains("default-src 'self'") && csp.contains("frame-ancestors 'none'"),
+            "{csp}"
+        );
+        assert!(
+            h["content-type"].to_str().unwrap().starts_with("text/html"),
+            "{path}"
+        );
+        let status = r.status().as_u16();
+        let body = r.text().await.unwrap();
+        match std::fs::read_to_string(&index) {
+            Ok(want) => {
+                assert_eq!(status, 200, "{path}");
+                assert_eq!(h["cache-control"], "no-cache");
+                assert_eq!(body, want);
+                // Revalidation.
+                let tag = h["etag"].to_str().unwrap().to_owned();
+                let r = env
+                    .get("localhost", path)
+                    .header("if-none-match", &tag)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 304);
+            }
+            Err(_) => {
+                assert_eq!(status, 503, "{path}");
+                assert!(body.contains("npm --prefix web run build"), "{body}");
+            }
+        }
+    }
+    // Hashed assets are cached for good.
+    let assets = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../web/dist/assets");
+    if let Some(first) = std::fs::read_dir(&assets).ok().and_then(|mut d| d.next()) {
+        let name = first.unwrap().file_name().into_string().unwrap();
+        let r = env
+            .get("localhost", &format!("/assets/{name}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.headers()["cache-control"],
+            "public, max-age=31536000, immutable"
+        );
+    }
 }

@@ -194,6 +194,18 @@ async fn workspaces_and_secrets_end_to_end() {
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 400);
+    // The error names the field as a path into the document (a form shows it
+    // there).
+    let resp = srv
+        .api(Method::PUT, "/api/v1/workspaces/demo")
+        .header("content-type", "application/yaml")
+        .body(EXAMPLE.replace("path: /workspace/demo", "path: relative/demo"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let err: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(err["field"], "repos[0].path", "{err}");
     assert!(
         srv.ok(&["workspace", "list"]).lines().count() == 2,
         "only demo"

@@ -1,7 +1,9 @@
-//! The REST API under `/api/v1`, its bearer-token auth, error mapping and the
-//! OpenAPI document generated from the handlers.
+//! The REST API under `/api/v1`, its auth (API tokens; the dashboard's session),
+//! error mapping, the OpenAPI document generated from the handlers, and the
+//! dashboard's files on every other path.
 
 mod contract;
+mod dashboard;
 mod dev;
 mod events;
 mod prebuilds;
@@ -34,7 +36,7 @@ pub use dev::{DevStartBody, DevView};
 pub use prebuilds::PrebuildView;
 pub use sandboxes::{ExecBody, ExecEventView, SandboxView};
 pub use secrets::SecretView;
-pub use sessions::{CreatedTokenView, SessionView, TokenCreateBody, TokenView};
+pub use sessions::{CreatedTokenView, MeView, SessionView, TokenCreateBody, TokenView};
 pub use system::StatusView;
 pub use tasks::{AnswerView, AttentionView, ChainBody, SayBody, TaskDetail, TaskView, UsageView};
 pub use workspaces::WorkspaceView;
@@ -57,7 +59,7 @@ pub struct AppState {
 /// The JSON body of every error response.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ApiErrorBody {
-    /// Stable code: invalid, unauthorized, not_found, conflict, resource_exhausted, unavailable, internal.
+    /// Stable code: invalid, unauthorized, forbidden, not_found, conflict, resource_exhausted, unavailable, internal.
     pub code: ErrorKind,
     /// What went wrong and what to do.
     pub message: String,
@@ -65,6 +67,11 @@ pub struct ApiErrorBody {
     /// about this request carry it.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub request_id: String,
+    /// For invalid input, the field that was wrong, named as in the request:
+    /// a path into a document such as `repos[1].path` (a form shows the error
+    /// there).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
 }
 
 tokio::task_local! {
@@ -158,6 +165,7 @@ impl IntoResponse for ApiError {
         let status =
             StatusCode::from_u16(kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let request_id = current_request_id().unwrap_or_default();
+        let field = self.0.field.clone().filter(|_| kind == ErrorKind::Invalid);
         let message = if status.is_server_error() {
             // The whole chain goes to the log (inside the request's span, so the
             // line carries the request id); the client gets no host detail.
@@ -176,6 +184,7 @@ impl IntoResponse for ApiError {
                 code: kind,
                 message,
                 request_id,
+                field,
             }),
         )
             .into_response()
@@ -185,10 +194,28 @@ impl IntoResponse for ApiError {
 /// Handler result.
 pub type ApiResult<T> = Result<T, ApiError>;
 
+/// How a request to `/api/v1` was authenticated (a request extension that
+/// `GET /api/v1/me` reports).
+#[derive(Clone, Debug)]
+pub(crate) enum ApiAuth {
+    /// An API token in `Authorization: Bearer`.
+    Token(i64),
+    /// The dashboard's manager session cookie.
+    Session {
+        /// The session.
+        session: atelier_store::SessionRecord,
+        /// Its CSRF token.
+        csrf: String,
+    },
+}
+
+/// A bearer token, or the manager session cookie from the dashboard's own pages
+/// (with its CSRF token on writes). Both are read from the store on every
+/// request: a revoked token or session fails at once.
 async fn require_token(
     State(st): State<AppState>,
     headers: HeaderMap,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Response {
     let presented = headers
@@ -196,22 +223,35 @@ async fn require_token(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    // Read from the store on every request: a revoked token fails at once.
-    let ok = match presented {
+    let auth = match presented {
         Some(t) => match proxy::token_id(&st, t).await {
-            Ok(id) => id.is_some(),
+            Ok(id) => id.map(ApiAuth::Token),
             Err(e) => return ApiError(e).into_response(),
         },
-        None => false,
+        None => {
+            let scheme = proxy::request_scheme(&req);
+            match proxy::manager_session(&st, &headers, scheme).await {
+                Ok(Some((session, value))) => {
+                    let csrf = proxy::csrf_token(&value);
+                    if let Err(why) = proxy::api_browser_check(&req, scheme, &csrf) {
+                        return ApiError(Error::new(ErrorKind::Forbidden, why)).into_response();
+                    }
+                    Some(ApiAuth::Session { session, csrf })
+                }
+                Ok(None) => None,
+                Err(e) => return ApiError(e).into_response(),
+            }
+        }
     };
-    if !ok {
+    let Some(auth) = auth else {
         let message = if presented.is_none() {
-            "missing API token: send `Authorization: Bearer <token>` (the CLI reads ATELIER_TOKEN or a token file)"
+            "missing API token: send `Authorization: Bearer <token>` (the CLI reads ATELIER_TOKEN or a token file), or sign in at /login"
         } else {
             "invalid API token (revoked, or never issued)"
         };
         return ApiError(Error::new(ErrorKind::Unauthorized, message)).into_response();
-    }
+    };
+    req.extensions_mut().insert(auth);
     next.run(req).await
 }
 
@@ -243,14 +283,14 @@ mod tests {
         prebuilds::create, prebuilds::list, prebuilds::show, prebuilds::logs,
         events::events,
         sessions::list_sessions, sessions::revoke_session, sessions::revoke_all_sessions,
-        sessions::list_tokens, sessions::create_token, sessions::revoke_token,
+        sessions::list_tokens, sessions::create_token, sessions::revoke_token, sessions::me,
         tasks::create, tasks::list, tasks::usage, tasks::show, tasks::start, tasks::retry, tasks::cancel, tasks::done,
         tasks::say, tasks::chain, tasks::diff, tasks::attention, tasks::attention_item, tasks::answer,
         tasks::templates, tasks::template, tasks::put_template, tasks::reset_template,
     ),
     components(schemas(ApiErrorBody, atelier_core::event::Event, atelier_core::event::EventKind)),
     modifiers(&BearerAuth, &ErrorResponses, &Constraints),
-    security(("bearer" = [])),
+    security(("bearer" = []), ("session" = [])),
 )]
 struct ApiDoc;
 
@@ -258,11 +298,23 @@ struct BearerAuth;
 
 impl utoipa::Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        use utoipa::openapi::security::{
+            ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme,
+        };
         let comps = openapi.components.get_or_insert_with(Default::default);
         comps.add_security_scheme(
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        // The dashboard's session (set by `/login`); writes also need the
+        // `X-Atelier-Csrf` header from `GET /api/v1/me`.
+        comps.add_security_scheme(
+            "session",
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::with_description(
+                proxy::SESSION_COOKIE,
+                "The dashboard's session cookie (`__Host-atelier_session` over HTTPS); \
+                 state-changing requests must also send `X-Atelier-Csrf` from `GET /api/v1/me`",
+            ))),
         );
     }
 }
@@ -315,6 +367,7 @@ pub fn router(state: AppState) -> Router {
             "/secrets/{name}",
             axum::routing::put(secrets::put).delete(secrets::delete),
         )
+        .route("/me", get(sessions::me))
         .route(
             "/sessions",
             get(sessions::list_sessions).delete(sessions::revoke_all_sessions),
@@ -362,11 +415,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/docs", get(system::docs_page))
         .route("/api/docs/{file}", get(system::docs_asset))
         .route("/healthz", get(|| async { "ok" }))
-        .fallback(|| async {
-            ApiError(Error::not_found(
-                "no such route; the API lives under /api/v1 (see /api/docs)",
-            ))
-        })
+        .fallback(dashboard::fallback)
         .layer(middleware::from_fn_with_state(
             state.clone(),
             proxy::dispatch,

@@ -6,8 +6,9 @@
 //! manager, and the pages they serve are hostile, so browser auth is per host:
 //!
 //! - Signing in happens only on the manager's own origin (`/login`), which sets a
-//!   host-only `manager` session cookie. That cookie opens no API route (the API
-//!   takes bearer tokens only) and no sandbox: it can only mint `proxy` sessions.
+//!   host-only `manager` session cookie. That cookie opens the API for the
+//!   dashboard's own pages only (same origin, a CSRF token on every write: see
+//!   [`api_browser_check`]) and no sandbox: there it can only mint `proxy` sessions.
 //! - A sandbox host without a session sends the browser to the manager's
 //!   `/__atelier/authorize`, which redirects back to the sandbox host's
 //!   `/__atelier/session` with a one-time code (single use, [`CODE_TTL`]). The proxy
@@ -152,6 +153,15 @@ impl ProxyState {
 #[derive(Clone, Copy, Debug)]
 pub struct Tls;
 
+/// HTTPS when the request came through the TLS listener.
+pub(crate) fn request_scheme(req: &Request) -> Scheme {
+    if req.extensions().get::<Tls>().is_some() {
+        Scheme::Https
+    } else {
+        Scheme::Http
+    }
+}
+
 fn host_of(req: &Request) -> Option<String> {
     req.headers()
         .get(header::HOST)
@@ -197,11 +207,7 @@ pub(crate) async fn dispatch(State(st): State<AppState>, req: Request, next: Nex
     let Some(proxy) = st.proxy.clone() else {
         return next.run(req).await;
     };
-    let scheme = if req.extensions().get::<Tls>().is_some() {
-        Scheme::Https
-    } else {
-        Scheme::Http
-    };
+    let scheme = request_scheme(&req);
     let host = host_of(&req).unwrap_or_default();
     let route = parse_host(&host, &proxy.domain);
     let path = req.uri().path();
@@ -353,6 +359,78 @@ async fn find_session(
         }
     }
     Ok(None)
+}
+
+/// The manager session in `headers` and its cookie value (the CSRF token is
+/// derived from the value, so it needs no storage).
+pub(crate) async fn manager_session(
+    st: &AppState,
+    headers: &HeaderMap,
+    scheme: Scheme,
+) -> Result<Option<(SessionRecord, String)>, Error> {
+    for value in session_cookies(headers, scheme) {
+        if let Some(s) = st.mgr.store().browser_session(&hash_token(&value)).await?
+            && s.kind == "manager"
+            && s.host.is_none()
+        {
+            return Ok(Some((s, value)));
+        }
+    }
+    Ok(None)
+}
+
+/// The CSRF token of a manager session: what the dashboard sends back in
+/// [`CSRF_HEADER`] on every state-changing request. Derived from the HttpOnly
+/// cookie's value, which no script (and no other host) can read.
+pub(crate) fn csrf_token(cookie_value: &str) -> String {
+    hash_token(&format!("csrf:{cookie_value}"))
+}
+
+/// The header that carries a manager session's CSRF token.
+pub const CSRF_HEADER: &str = "x-atelier-csrf";
+
+/// Checks a request to the API that the manager session cookie authenticated:
+/// only the dashboard's own pages (same origin by Fetch Metadata or Origin; a
+/// WebSocket with the manager's own Origin) may use it, and every state-changing
+/// request must carry the session's CSRF token. Sandbox pages are same-site with
+/// the manager, so `SameSite` alone would not stop them.
+pub(crate) fn api_browser_check(
+    req: &Request,
+    scheme: Scheme,
+    csrf: &str,
+) -> Result<(), &'static str> {
+    let headers = req.headers();
+    let host = host_of(req).unwrap_or_default();
+    let origin = header_str(headers, "origin");
+    let ws = is_websocket(req.method(), headers);
+    if ws && !origin.is_some_and(|o| same_origin(o, &host, scheme)) {
+        return Err(
+            "a WebSocket through the dashboard's session must come from the dashboard's own pages",
+        );
+    }
+    match header_str(headers, "sec-fetch-site") {
+        Some("same-origin" | "none") => {}
+        Some(_) => {
+            return Err(
+                "the API takes the dashboard's session only from the dashboard's own pages",
+            );
+        }
+        None => {
+            if origin.is_some_and(|o| !same_origin(o, &host, scheme)) {
+                return Err("requests from other origins may not use the dashboard's session");
+            }
+        }
+    }
+    let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if !safe && !ws {
+        let sent = header_str(headers, CSRF_HEADER).unwrap_or_default();
+        if !crate::auth::constant_time_eq(sent, csrf) {
+            return Err(
+                "missing or wrong X-Atelier-Csrf header: the dashboard reads its value from GET /api/v1/me",
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A valid API token in the header, or this host's own session cookie.
@@ -824,7 +902,7 @@ pub(crate) fn safe_next(next: Option<String>) -> String {
 
 const LOGIN_FORM: &str = r#"<!doctype html><html><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1"><meta name="referrer" content="no-referrer"><title>Atelier sign-in</title>
 <style>body{font-family:system-ui,sans-serif;max-width:24rem;margin:4rem auto;padding:0 1rem}input,button{font-size:1rem;width:100%;padding:.5rem;margin:.3rem 0;box-sizing:border-box}</style></head>
-<body><h1>Atelier</h1><p>Sign in to open sandbox URLs. Paste an API token (<code>atelier</code> prints the admin token once; it is also in the data directory's <code>admin-token</code>).</p>
+<body><h1>Atelier</h1><p>Sign in to the dashboard and sandbox URLs. Paste an API token (<code>atelier</code> prints the admin token once; it is also in the data directory's <code>admin-token</code>).</p>
 <form method="post" action="/login"><input type="password" name="token" placeholder="atl_…" autofocus required><input type="hidden" name="next" value="__NEXT__"><button type="submit">Sign in</button></form>__ERROR__</body></html>"#;
 
 fn html_escape(s: &str) -> String {

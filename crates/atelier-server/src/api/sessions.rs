@@ -4,13 +4,13 @@
 
 use atelier_store::{SessionRecord, TokenRecord};
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::sandboxes::{ApiJson, rfc3339};
-use super::{ApiErrorBody, ApiResult, AppState};
+use super::{ApiAuth, ApiErrorBody, ApiResult, AppState};
 use crate::Error;
 use crate::auth::{generate_token, hash_token};
 
@@ -197,4 +197,48 @@ pub async fn revoke_token(
     }
     tracing::info!(token_id = id, "API token revoked");
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Who is asking: how this request was authenticated, and for the dashboard's
+/// session the CSRF token its state-changing requests must carry.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct MeView {
+    /// `token` (an API token in `Authorization`) or `session` (the dashboard's
+    /// session cookie).
+    pub via: String,
+    /// The API token's id (for a session: the token that signed in).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<i64>,
+    /// The session's id (`ses-…`), for `via: session`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    /// What to send in `X-Atelier-Csrf` on every request but GET and HEAD, for
+    /// `via: session`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub csrf: Option<String>,
+    /// When the session expires (RFC 3339), for `via: session`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+}
+
+/// How this request was authenticated; the dashboard reads its CSRF token here.
+#[utoipa::path(get, path = "/api/v1/me", tag = "auth",
+    responses((status = 200, body = MeView), (status = 401, body = ApiErrorBody)))]
+pub async fn me(Extension(auth): Extension<ApiAuth>) -> Json<MeView> {
+    Json(match auth {
+        ApiAuth::Token(id) => MeView {
+            via: "token".into(),
+            token_id: Some(id),
+            session_id: None,
+            csrf: None,
+            expires_at: None,
+        },
+        ApiAuth::Session { session, csrf } => MeView {
+            via: "session".into(),
+            token_id: session.token_id,
+            session_id: Some(session.id),
+            csrf: Some(csrf),
+            expires_at: Some(rfc3339(session.expires_at)),
+        },
+    })
 }
