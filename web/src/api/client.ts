@@ -1,15 +1,10 @@
 // The typed API client: openapi-fetch over the generated schema, with the browser
 // session's CSRF header on state-changing requests and a sign-in redirect on 401.
 import createClient, { type Client, type Middleware } from 'openapi-fetch';
-import type { paths } from './schema';
+import type { components, paths } from './schema';
 
-/** What `GET /api/v1/me` answers (not in the OpenAPI snapshot yet). */
-export interface Me {
-  via: 'session' | 'token';
-  session_id?: string;
-  csrf?: string;
-  expires_at?: string;
-}
+/** What `GET /api/v1/me` answers: how we are signed in, and the CSRF token. */
+export type Me = components['schemas']['MeView'];
 
 export const CSRF_HEADER = 'X-Atelier-Csrf';
 
@@ -68,17 +63,13 @@ export const api = makeClient({
 });
 
 /**
- * Reads who we are (and the CSRF token). A 404 means a manager without browser
- * sessions behind the dev proxy (which adds a bearer token): carry on without one.
+ * Reads who we are (and the CSRF token); a 401 goes to the sign-in page. Behind the
+ * dev proxy (which adds a bearer token) `via` is `token` and there is no CSRF token.
  */
-export async function loadMe(f: typeof fetch = fetch): Promise<Me | null> {
-  const r = await f('/api/v1/me', { credentials: 'same-origin' });
-  if (r.status === 401) {
-    goLogin();
-    return null;
-  }
-  if (!r.ok) return null;
-  me = (await r.json()) as Me;
+export async function loadMe(): Promise<Me | null> {
+  const r = await api.GET('/api/v1/me');
+  if (!r.data) return null;
+  me = r.data;
   csrfToken = me.csrf ?? null;
   return me;
 }

@@ -102,6 +102,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/v1/me": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** How this request was authenticated; the dashboard reads its CSRF token here. */
+        get: operations["auth_me"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/v1/prebuilds": {
         parameters: {
             query?: never;
@@ -859,8 +876,14 @@ export interface components {
         };
         /** @description The JSON body of every error response. */
         ApiErrorBody: {
-            /** @description Stable code: invalid, unauthorized, not_found, conflict, resource_exhausted, unavailable, internal. */
+            /** @description Stable code: invalid, unauthorized, forbidden, not_found, conflict, resource_exhausted, unavailable, internal. */
             code: components["schemas"]["ErrorKind"];
+            /**
+             * @description For invalid input, the field that was wrong, named as in the request:
+             *     a path into a document such as `repos[1].path` (a form shows the error
+             *     there).
+             */
+            field?: string | null;
             /** @description What went wrong and what to do. */
             message: string;
             /**
@@ -1076,7 +1099,7 @@ export interface components {
          *     and the API and CLI map a kind onto an HTTP status and an exit code.
          * @enum {string}
          */
-        ErrorKind: "invalid" | "unauthorized" | "not_found" | "conflict" | "resource_exhausted" | "unavailable" | "internal";
+        ErrorKind: "invalid" | "unauthorized" | "forbidden" | "not_found" | "conflict" | "resource_exhausted" | "unavailable" | "internal";
         /**
          * @description One event as delivered: a monotonically increasing id (also the SSE `id:` line,
          *     so `Last-Event-ID` resumes after it), when it happened, and what happened.
@@ -1300,6 +1323,31 @@ export interface components {
              * @description Root filesystem image size in bytes.
              */
             rootfs_bytes: number;
+        };
+        /**
+         * @description Who is asking: how this request was authenticated, and for the dashboard's
+         *     session the CSRF token its state-changing requests must carry.
+         */
+        MeView: {
+            /**
+             * @description What to send in `X-Atelier-Csrf` on every request but GET and HEAD, for
+             *     `via: session`.
+             */
+            csrf?: string | null;
+            /** @description When the session expires (RFC 3339), for `via: session`. */
+            expires_at?: string | null;
+            /** @description The session's id (`ses-…`), for `via: session`. */
+            session_id?: string | null;
+            /**
+             * Format: int64
+             * @description The API token's id (for a session: the token that signed in).
+             */
+            token_id?: number | null;
+            /**
+             * @description `token` (an API token in `Authorization`) or `session` (the dashboard's
+             *     session cookie).
+             */
+            via: string;
         };
         /** @description A host folder shared into the guest (virtio-9p). */
         MountSpec: {
@@ -2145,6 +2193,43 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["ImageView"][];
+                };
+            };
+            /** @description `unauthorized`: the bearer token is missing or invalid */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description `internal`: a fault in the manager; the message carries the request id to look for in the manager log */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+        };
+    };
+    auth_me: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["MeView"];
                 };
             };
             /** @description `unauthorized`: the bearer token is missing or invalid */
