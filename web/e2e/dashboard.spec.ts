@@ -20,8 +20,9 @@ const STEP = 6 * 60_000;
 mkdirSync(ARTIFACTS, { recursive: true });
 
 async function shot(page: Page, name: string) {
-  // Let the live data settle: no request in flight.
-  await page.waitForLoadState('networkidle').catch(() => {});
+  // Let the live data settle: the event stream open, no request in flight.
+  await page.locator('.live-open').waitFor({ timeout: 10_000 }).catch(() => {});
+  await page.waitForLoadState('networkidle', { timeout: 10_000 }).catch(() => {});
   await page.screenshot({ path: join(ARTIFACTS, `${name}.png`), fullPage: true });
 }
 

@@ -50,8 +50,12 @@ export function makeClient(opts: ClientOptions): Client<paths> {
 let csrfToken: string | null = null;
 let me: Me | null = null;
 
-/** Sends the browser to the sign-in page, coming back here after. */
+let leaving = false;
+
+/** Sends the browser to the sign-in page, coming back here after (once). */
 export function goLogin(): void {
+  if (leaving) return;
+  leaving = true;
   window.location.assign(loginUrl(window.location));
 }
 

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { columnOf, groupTasks, laneOf, percent, reduceTasks, touches } from './live';
+import { columnOf, defaultLane, groupTasks, laneOf, percent, reduceTasks, touches } from './live';
 import { task } from '../test/fixtures';
 import type { StreamEvent } from '../api/events';
 
@@ -87,5 +87,13 @@ describe('the SSE reducer', () => {
   it('says which lists an event touches', () => {
     expect([...touches({ type: 'resync' })].sort()).toEqual(['attention', 'prebuilds', 'sandboxes', 'tasks', 'workspaces']);
     expect([...touches(ev())]).toEqual(['tasks']);
+  });
+});
+
+describe('the lane a phone shows first', () => {
+  it('is the first with cards: needs you, in progress, review, backlog, done', () => {
+    expect(defaultLane(groupTasks([]))).toBe('progress');
+    expect(defaultLane(groupTasks([task({ state: 'done' }), task({ state: 'review' })]))).toBe('review');
+    expect(defaultLane(groupTasks([task({ state: 'working' }), task({ state: 'waiting' })]))).toBe('needs');
   });
 });

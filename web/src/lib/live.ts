@@ -152,3 +152,9 @@ export function groupTasks(tasks: TaskView[]): Record<Lane, TaskView[]> {
   }
   return out;
 }
+
+/** The lane a phone shows first: where attention is needed, then work, then the rest. */
+export function defaultLane(lanes: Record<Lane, TaskView[]>): Lane {
+  const order: Lane[] = ['needs', 'progress', 'review', 'backlog', 'done'];
+  return order.find((l) => lanes[l].length > 0) ?? 'progress';
+}

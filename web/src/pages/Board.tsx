@@ -4,7 +4,7 @@ import { stream } from '../api/events';
 import type { TaskView } from '../api/types';
 import { NewTask } from '../components/NewTask';
 import { TaskCard } from '../components/TaskCard';
-import { groupTasks, LANES, reduceTasks, type Lane, type TasksState } from '../lib/live';
+import { defaultLane, groupTasks, LANES, reduceTasks, type Lane, type TasksState } from '../lib/live';
 
 type Action = { type: 'loaded'; tasks: TaskView[] } | { type: 'event'; e: Parameters<typeof reduceTasks>[1] };
 
@@ -17,7 +17,7 @@ export function Board() {
   const [s, dispatch] = useReducer(reducer, { tasks: [], stale: true, loaded: false });
   const [error, setError] = useState<string | null>(null);
   const [showNew, setShowNew] = useState(false);
-  const [tab, setTab] = useState<Lane>('progress');
+  const [picked, setTab] = useState<Lane | null>(null);
 
   // Events patch the board at once; a stale board is re-read (debounced).
   useEffect(() => stream.subscribe((e) => dispatch({ type: 'event', e })), []);
@@ -41,6 +41,8 @@ export function Board() {
   }, [s.stale, s.loaded, s.tasks]);
 
   const lanes = groupTasks(s.tasks);
+  // On a phone one lane shows at a time: until one is picked, the first that has cards.
+  const tab = picked ?? defaultLane(lanes);
   const main = LANES.filter((l) => l.id !== 'failed' && l.id !== 'cancelled');
   return (
     <section className="board-page">

@@ -3,7 +3,7 @@ import { check } from '../api/actions';
 import { api, getText } from '../api/client';
 import type { SandboxView } from '../api/types';
 import { Terminal } from '../components/Terminal';
-import { duration } from '../lib/format';
+import { bytes, duration } from '../lib/format';
 import { useLive } from '../lib/hooks';
 import { Link, navigate } from '../lib/router';
 
@@ -26,7 +26,7 @@ export function Sandboxes() {
       {list.error && <p className="error">{list.error}</p>}
       {list.data && list.data.length === 0 && <p className="empty">No sandboxes.</p>}
       <div className="table-wrap">
-        <table className="list">
+        <table className="list cards">
           <thead>
             <tr>
               <th>Name</th>
@@ -43,21 +43,76 @@ export function Sandboxes() {
                   <Link href={`/sandboxes/${s.id}`}>{s.name}</Link>
                   <div className="small-text mono">{s.id}</div>
                 </td>
-                <td>
+                <td data-label="State">
                   <span className={`chip sb-${s.state}`}>{s.state}</span>
                   {s.operation && <span className="small-text"> {s.operation}…</span>}
                 </td>
-                <td>
-                  {s.vcpus} / {s.memory_mib} MiB
+                <td data-label="Resources">
+                  {s.vcpus} vCPU / {s.memory_mib} MiB
                 </td>
-                <td>{uptime(s)}</td>
-                <td className="mono small-text">{s.image}</td>
+                <td data-label="Uptime">{uptime(s)}</td>
+                <td data-label="Image" className="mono small-text">
+                  {s.image}
+                </td>
               </tr>
             ))}
           </tbody>
         </table>
       </div>
     </section>
+  );
+}
+
+/** The guest agent's metrics sample, the figures a person reads. */
+function Metrics({ m }: { m: unknown }) {
+  const o = (m && typeof m === 'object' ? m : {}) as Record<string, unknown>;
+  const n = (k: string) => (typeof o[k] === 'number' ? (o[k] as number) : null);
+  const memTotal = n('mem_total_bytes');
+  const memAvail = n('mem_available_bytes');
+  const diskTotal = n('disk_total_bytes');
+  const diskFree = n('disk_free_bytes');
+  const load = Array.isArray(o.load_avg) ? (o.load_avg as number[]) : null;
+  const up = n('uptime_secs');
+  return (
+    <>
+      <h3>Metrics</h3>
+      <dl className="metrics" data-testid="metrics">
+        {n('cpu_count') != null && (
+          <>
+            <dt>CPUs</dt>
+            <dd>{n('cpu_count')}</dd>
+          </>
+        )}
+        {load && (
+          <>
+            <dt>Load</dt>
+            <dd>{load.map((x) => x.toFixed(2)).join(' ')}</dd>
+          </>
+        )}
+        {memTotal != null && memAvail != null && (
+          <>
+            <dt>Memory</dt>
+            <dd>
+              {bytes(memTotal - memAvail)} of {bytes(memTotal)}
+            </dd>
+          </>
+        )}
+        {diskTotal != null && diskFree != null && (
+          <>
+            <dt>Disk</dt>
+            <dd>
+              {bytes(diskTotal - diskFree)} of {bytes(diskTotal)}
+            </dd>
+          </>
+        )}
+        {up != null && (
+          <>
+            <dt>Guest uptime</dt>
+            <dd>{duration(up * 1000)}</dd>
+          </>
+        )}
+      </dl>
+    </>
   );
 }
 
@@ -239,12 +294,7 @@ export function SandboxPage({ id }: { id: string }) {
               </>
             )}
           </dl>
-          {metrics != null && (
-            <>
-              <h3>Metrics</h3>
-              <pre className="code small-text">{JSON.stringify(metrics, null, 2)}</pre>
-            </>
-          )}
+          {metrics != null && <Metrics m={metrics} />}
         </aside>
       </div>
     </section>

@@ -179,7 +179,7 @@ export function WorkspacePage({ name }: { name: string }) {
         <div className="task-main">
           <h2>Prebuilds</h2>
           <div className="table-wrap">
-            <table className="list">
+            <table className="list cards">
               <thead>
                 <tr>
                   <th>Id</th>
@@ -197,13 +197,13 @@ export function WorkspacePage({ name }: { name: string }) {
                         {p.id}
                       </button>
                     </td>
-                    <td>
+                    <td data-label="Status">
                       <span className={`chip pb-${p.status}`}>{p.status}</span>
                       {p.status === 'stale' && <span className="small-text"> (rebuild: the workspace or a repo moved on)</span>}
                     </td>
-                    <td>{p.revision}</td>
-                    <td>{ago(p.created_at)}</td>
-                    <td>{p.size_bytes != null ? bytes(p.size_bytes) : '—'}</td>
+                    <td data-label="Revision">{p.revision}</td>
+                    <td data-label="Started">{ago(p.created_at)}</td>
+                    <td data-label="Size">{p.size_bytes != null ? bytes(p.size_bytes) : '—'}</td>
                   </tr>
                 ))}
               </tbody>
