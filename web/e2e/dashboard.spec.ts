@@ -157,6 +157,25 @@ test.describe.serial('dashboard', () => {
     await shot(page, 'task-phone');
   });
 
+  test('the workspace editor shows the manager’s validation error at its field', async ({ page }) => {
+    await page.setViewportSize(DESKTOP);
+    await signIn(page);
+    await page.goto(`/workspaces/${WORKSPACE}`);
+    await page.getByRole('button', { name: 'Edit' }).click();
+    const form = page.getByRole('form', { name: 'Edit workspace' });
+    await form.getByLabel('Guest path').first().fill('relative/shop');
+    await form.getByRole('button', { name: 'Save' }).click();
+    const path = form.getByLabel('Guest path').first();
+    await expect(path).toHaveAttribute('aria-invalid', 'true');
+    const errId = (await path.getAttribute('aria-describedby'))!;
+    await expect(page.locator(`[id="${errId}"]`)).toBeVisible();
+    await shot(page, 'workspace-edit-desktop');
+    await form.getByRole('button', { name: 'Cancel' }).click();
+    await expect(form).toBeHidden();
+    // Nothing was stored: the definition still has its absolute path.
+    await expect(page.getByText('"/workspace/shop"')).toBeVisible();
+  });
+
   test('screenshots of every main page at desktop and phone size', async ({ page }) => {
     await signIn(page);
     // The phone task still has its sandbox (in review).

@@ -3,6 +3,8 @@ import { check } from '../api/actions';
 import { api, getText } from '../api/client';
 import { putRaw } from '../api/raw';
 import type { PrebuildView } from '../api/types';
+import { WorkspaceEditor, type SaveError } from '../components/WorkspaceEditor';
+import type { WorkspaceSpec } from '../lib/workspaceForm';
 import { ago, bytes } from '../lib/format';
 import { useEvents, useLive } from '../lib/hooks';
 import { Link } from '../lib/router';
@@ -138,6 +140,13 @@ export function WorkspacePage({ name }: { name: string }) {
     [name],
   );
   const [open, setOpen] = useState<string | null>(null);
+  const [editing, setEditing] = useState(false);
+  const save = async (spec: WorkspaceSpec): Promise<SaveError | null> => {
+    const r = await api.PUT('/api/v1/workspaces/{name}', { params: { path: { name } }, body: spec });
+    if (r.error) return { message: r.error.message, field: r.error.field };
+    if (!r.response.ok) return { message: `${r.response.status} ${r.response.statusText}` };
+    return null;
+  };
   const [err, setErr] = useState<string | null>(null);
   const trigger = async () => {
     setErr(null);
@@ -174,6 +183,17 @@ export function WorkspacePage({ name }: { name: string }) {
         <p className="error" role="alert">
           {err}
         </p>
+      )}
+      {ws.data && editing && (
+        <WorkspaceEditor
+          spec={ws.data.spec}
+          save={save}
+          onCancel={() => setEditing(false)}
+          onSaved={() => {
+            setEditing(false);
+            ws.reload();
+          }}
+        />
       )}
       <div className="task-grid">
         <div className="task-main">
@@ -220,7 +240,14 @@ export function WorkspacePage({ name }: { name: string }) {
           )}
         </div>
         <aside className="task-side card">
-          <h2>Definition</h2>
+          <div className="row between">
+            <h2>Definition</h2>
+            {ws.data && !editing && (
+              <button type="button" className="small" onClick={() => setEditing(true)}>
+                Edit
+              </button>
+            )}
+          </div>
           {ws.data ? (
             <>
               <p className="small-text">
