@@ -19,3 +19,21 @@ export async function putRaw(path: string, body: string, contentType = 'applicat
     throw new Error(msg);
   }
 }
+
+/**
+ * Streams a text resource (a followed log) chunk by chunk until it ends or `signal`
+ * aborts; keeps at most `keep` characters.
+ */
+export async function streamText(path: string, onText: (all: string) => void, signal: AbortSignal, keep = 256 * 1024): Promise<void> {
+  const r = await fetch(path, { credentials: 'same-origin', signal });
+  if (r.status === 401) goLogin();
+  if (!r.ok || !r.body) throw new Error(`${r.status} ${r.statusText}`);
+  const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+  let all = '';
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    all = (all + value).slice(-keep);
+    onText(all);
+  }
+}

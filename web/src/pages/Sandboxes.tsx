@@ -1,6 +1,7 @@
 import { useEffect, useState } from 'react';
 import { check } from '../api/actions';
 import { api, getText } from '../api/client';
+import { streamText } from '../api/raw';
 import type { SandboxView } from '../api/types';
 import { Terminal } from '../components/Terminal';
 import { bytes, duration } from '../lib/format';
@@ -60,6 +61,28 @@ export function Sandboxes() {
         </table>
       </div>
     </section>
+  );
+}
+
+/** A dev command's output, followed live while shown. */
+function DevLogs({ sandbox, name }: { sandbox: string; name: string }) {
+  const [text, setText] = useState('');
+  const [err, setErr] = useState<string | null>(null);
+  useEffect(() => {
+    const ac = new AbortController();
+    const path = `/api/v1/sandboxes/${encodeURIComponent(sandbox)}/dev/${encodeURIComponent(name)}/logs?follow=true&tail=200`;
+    streamText(path, setText, ac.signal).catch((e: unknown) => {
+      if (!ac.signal.aborted) setErr(e instanceof Error ? e.message : String(e));
+    });
+    return () => ac.abort();
+  }, [sandbox, name]);
+  return (
+    <>
+      {err && <p className="error">{err}</p>}
+      <pre className="code log" tabIndex={0} data-testid="dev-log">
+        {text || '(no output yet)'}
+      </pre>
+    </>
   );
 }
 
@@ -151,6 +174,7 @@ export function SandboxPage({ id }: { id: string }) {
   const [metrics, setMetrics] = useState<unknown>(null);
   const [err, setErr] = useState<string | null>(null);
   const [busy, setBusy] = useState(false);
+  const [logsOf, setLogsOf] = useState<string | null>(null);
   const s = sb.data;
   const running = s?.state === 'running';
   useEffect(() => {
@@ -238,7 +262,11 @@ export function SandboxPage({ id }: { id: string }) {
                     <a href={d.url} target="_blank" rel="noreferrer noopener">
                       {d.url}
                     </a>
-                  )}
+                  )}{' '}
+                  <button type="button" className="small ghost" aria-expanded={logsOf === d.name} onClick={() => setLogsOf((x) => (x === d.name ? null : d.name))}>
+                    {logsOf === d.name ? 'Hide logs' : 'Logs'}
+                  </button>
+                  {logsOf === d.name && <DevLogs sandbox={s.id} name={d.name} />}
                 </li>
               ))}
             </ul>
