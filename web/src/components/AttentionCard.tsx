@@ -189,6 +189,73 @@ function Stalled({ item, onAnswered }: { item: AttentionView; onAnswered?: () =>
   );
 }
 
+/**
+ * A budget item (`budget` kind, being added on the server by another branch; not in
+ * this branch's API document yet, hence the casts): continue, optionally with new
+ * limits, or stop.
+ */
+function Budget({ item, onAnswered }: { item: AttentionView; onAnswered?: () => void }) {
+  const id = useId();
+  const d = (item.detail && typeof item.detail === 'object' ? item.detail : {}) as Record<string, unknown>;
+  const n = (k: string) => (typeof d[k] === 'number' ? (d[k] as number) : null);
+  const [usd, setUsd] = useState('');
+  const [tok, setTok] = useState('');
+  const { busy, err, send } = useAnswer(item.id, onAnswered);
+  const cont = () => {
+    const a: Record<string, unknown> = { answer: 'continue' };
+    if (usd.trim()) a.budget_usd = Number(usd);
+    if (tok.trim()) a.budget_tokens = Number(tok);
+    void send(a as unknown as Answer);
+  };
+  return (
+    <>
+      <dl className="kv">
+        <dt>Scope</dt>
+        <dd>{String(d.scope ?? '')}</dd>
+        {n('budget_usd') != null && (
+          <>
+            <dt>Cost</dt>
+            <dd>
+              ${(n('used_usd') ?? 0).toFixed(2)} of ${n('budget_usd')!.toFixed(2)}
+            </dd>
+          </>
+        )}
+        {n('budget_tokens') != null && (
+          <>
+            <dt>Tokens</dt>
+            <dd>
+              {n('used_tokens') ?? 0} of {n('budget_tokens')}
+            </dd>
+          </>
+        )}
+      </dl>
+      <div className="row wrap">
+        <div className="field">
+          <label htmlFor={`${id}-usd`}>New cost limit, USD (optional)</label>
+          <input id={`${id}-usd`} inputMode="decimal" value={usd} onChange={(e) => setUsd(e.target.value)} />
+        </div>
+        <div className="field">
+          <label htmlFor={`${id}-tok`}>New token limit (optional)</label>
+          <input id={`${id}-tok`} inputMode="numeric" value={tok} onChange={(e) => setTok(e.target.value)} />
+        </div>
+      </div>
+      <div className="actions">
+        <button type="button" disabled={busy} onClick={cont}>
+          Continue
+        </button>
+        <button type="button" className="danger" disabled={busy} onClick={() => void send({ answer: 'stop' } as unknown as Answer)}>
+          Stop here
+        </button>
+      </div>
+      {err && (
+        <p className="error" role="alert">
+          {err}
+        </p>
+      )}
+    </>
+  );
+}
+
 export function AttentionCard({ item, taskTitle, onAnswered }: { item: AttentionView; taskTitle?: string; onAnswered?: () => void }) {
   return (
     <article className={`card attention kind-${item.kind}`} data-testid="attention" data-kind={item.kind} data-item={item.id}>
@@ -206,8 +273,14 @@ export function AttentionCard({ item, taskTitle, onAnswered }: { item: Attention
         <Permission item={item} onAnswered={onAnswered} />
       ) : item.kind === 'question' ? (
         <QuestionForm item={item} onAnswered={onAnswered} />
-      ) : (
+      ) : item.kind === 'stalled' ? (
         <Stalled item={item} onAnswered={onAnswered} />
+      ) : (item.kind as string) === 'budget' ? (
+        <Budget item={item} onAnswered={onAnswered} />
+      ) : (
+        <p className="small-text">
+          Answer this one with <code>atelier attention answer {item.id}</code>.
+        </p>
       )}
     </article>
   );

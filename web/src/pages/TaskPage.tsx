@@ -1,7 +1,7 @@
 import { useEffect, useId, useState, type FormEvent } from 'react';
 import { chain, check, say } from '../api/actions';
 import { api, getText } from '../api/client';
-import { loadConversation, type Message } from '../api/conversation';
+import { loadConversation, type Conversation as Conv } from '../api/conversation';
 import type { Effort, TaskDetail } from '../api/types';
 import { AttentionCard } from '../components/AttentionCard';
 import { DiffView } from '../components/DiffView';
@@ -100,47 +100,67 @@ function Chain({ id }: { id: string }) {
 }
 
 function Conversation({ id, summary, stamp }: { id: string; summary: string | null | undefined; stamp: number }) {
-  const [msgs, setMsgs] = useState<Message[] | null | undefined>(undefined);
+  const [conv, setConv] = useState<Conv | null | undefined>(undefined);
   useEffect(() => {
     let live = true;
     loadConversation(id).then(
-      (m) => live && setMsgs(m),
-      () => live && setMsgs(null),
+      (c) => live && setConv(c),
+      () => live && setConv(null),
     );
     return () => {
       live = false;
     };
   }, [id, stamp]);
-  if (!msgs) {
+  if (!conv) {
     return summary ? (
       <div className="summary" data-testid="summary">
         <h3>Agent’s last message</h3>
         <p className="prewrap">{summary}</p>
       </div>
     ) : (
-      <p className="empty">No message from the agent yet.</p>
+      <p className="empty">{conv === undefined ? 'Loading…' : 'No message from the agent yet.'}</p>
     );
   }
   return (
-    <ol className="conversation">
-      {msgs.map((m) => (
-        <li key={m.id} className={`msg role-${m.role}`}>
-          <span className="chip">{m.role}</span>
-          {m.parts.map((p, i) =>
-            p.type === 'text' ? (
-              <p key={i} className="prewrap">
-                {p.text}
-              </p>
-            ) : (
-              <details key={i}>
-                <summary className="mono">{p.tool ?? p.type}</summary>
-                <pre className="code">{JSON.stringify(p, null, 2)}</pre>
+    <div data-testid="conversation">
+      <p className="small-text">
+        {conv.live ? 'Live from the agent.' : conv.captured_at ? `As kept ${ago(conv.captured_at)}.` : ''}
+        {conv.truncated ? ' Older messages are not shown.' : ''}
+      </p>
+      {conv.messages.length === 0 && <p className="empty">No messages yet.</p>}
+      <ol className="conversation">
+        {conv.messages.map((m) => (
+          <li key={m.id} className={`msg role-${m.role}`}>
+            <div className="row between">
+              <span className="chip">{m.role === 'user' ? 'you' : 'agent'}</span>
+              {m.role === 'assistant' && (m.tokens_in != null || m.cost != null) && (
+                <span className="small-text">
+                  {m.tokens_in != null && `${tokens(m.tokens_in)} in · ${tokens(m.tokens_out ?? 0)} out`}
+                  {m.cost ? ` · ${money(m.cost)}` : ''}
+                </span>
+              )}
+            </div>
+            {m.text && <p className="prewrap">{m.text}</p>}
+            {m.tools.map((t) => (
+              <details key={t.call_id} className="tool">
+                <summary>
+                  <span className="mono">{t.tool}</span> {t.title ?? t.input} <span className={`chip tool-${t.status}`}>{t.status}</span>
+                </summary>
+                {t.input && <pre className="code">{t.input}</pre>}
+                {t.output && (
+                  <pre className="code">
+                    {t.output}
+                    {t.output_truncated ? '\n…' : ''}
+                  </pre>
+                )}
               </details>
-            ),
-          )}
-        </li>
-      ))}
-    </ol>
+            ))}
+            {m.error && <p className="error">{m.error}</p>}
+          </li>
+        ))}
+      </ol>
+      {summary && conv.messages.length === 0 && <p className="prewrap">{summary}</p>}
+    </div>
   );
 }
 
