@@ -23,6 +23,8 @@ async function shot(page: Page, name: string) {
   // Let the live data settle: the event stream open, no request in flight.
   await page.locator('.live-open').waitFor({ timeout: 10_000 }).catch(() => {});
   await page.waitForLoadState('networkidle', { timeout: 10_000 }).catch(() => {});
+  // A full-page shot draws the sticky header where the viewport was: pin it on top.
+  await page.addStyleTag({ content: '.top { position: static !important; }' });
   await page.screenshot({ path: join(ARTIFACTS, `${name}.png`), fullPage: true });
 }
 
@@ -146,9 +148,11 @@ test.describe.serial('dashboard', () => {
     await page.getByRole('tab', { name: /Review/ }).click();
     await expect(page.locator(`[data-lane="review"] [data-task="${id}"]`)).toBeVisible({ timeout: STEP });
     await shot(page, 'board-phone');
-    // Nothing wider than the phone.
+    // Nothing wider than the phone, the main navigation included.
     const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
     expect(overflow).toBeLessThanOrEqual(0);
+    const navOverflow = await nav(page).evaluate((n) => n.scrollWidth - n.clientWidth);
+    expect(navOverflow).toBeLessThanOrEqual(0);
 
     await card(page, id).getByRole('link').first().click();
     const file = page.locator('[data-testid="diff-file"][data-path="feature.txt"]');
