@@ -5,11 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v npm >/dev/null || {
-  echo "error: npm is required to build the dashboard (web/); run scripts/deps.sh or install Node.js 18+" >&2
+  echo "error: npm is required to build the dashboard (web/); install Node.js 20+ with npm (e.g. from NodeSource) and run this again" >&2
   exit 1
 }
-node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 18 ? 0 : 1)' || {
-  echo "error: Node.js 18+ is required to build the dashboard; found $(node --version)" >&2
+# Vite, ESLint's TypeScript parser and Playwright need Node.js 20 (Debian 12 ships 18).
+node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)' || {
+  echo "error: Node.js 20+ is required to build and test the dashboard (web/); found $(node --version); install a newer Node.js (e.g. from NodeSource) and run this again" >&2
   exit 1
 }
 echo "==> dashboard (npm ci, vite build)"
