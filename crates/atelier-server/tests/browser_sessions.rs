@@ -175,11 +175,17 @@ fn cookie_of(h: &HeaderMap) -> String {
     c.split(';').next().unwrap().to_owned()
 }
 
-/// A raw WebSocket handshake to `h` with `cookie` and `origin`; the status code.
+/// A raw WebSocket handshake to `/ws` on `h` with `cookie` and `origin`; the
+/// status code.
 async fn ws_status(env: &Env, h: &str, cookie: &str, origin: &str) -> u16 {
+    ws_handshake(env, h, "/ws", cookie, origin).await
+}
+
+/// A raw WebSocket handshake to `path` on `h` with `cookie` and `origin`.
+async fn ws_handshake(env: &Env, h: &str, path: &str, cookie: &str, origin: &str) -> u16 {
     let mut tcp = tokio::net::TcpStream::connect(env.addr).await.unwrap();
     let req = format!(
-        "GET /ws HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
          Cookie: {cookie}\r\nOrigin: {origin}\r\n\r\n",
         env.host(h)
@@ -747,8 +753,9 @@ async fn dashboard_session_opens_the_api_from_its_own_pages_only() {
 
     // The terminal's WebSocket: the dashboard's own Origin only.
     assert_eq!(
-        ws_status_path(
+        ws_handshake(
             &env,
+            "localhost",
             "/api/v1/sandboxes/sb-aaaaaaaaaa/pty",
             &m,
             &env.origin(A)
@@ -757,8 +764,9 @@ async fn dashboard_session_opens_the_api_from_its_own_pages_only() {
         403
     );
     assert_ne!(
-        ws_status_path(
+        ws_handshake(
             &env,
+            "localhost",
             "/api/v1/sandboxes/sb-aaaaaaaaaa/pty",
             &m,
             &env.origin("localhost")
@@ -767,8 +775,9 @@ async fn dashboard_session_opens_the_api_from_its_own_pages_only() {
         403
     );
     assert_ne!(
-        ws_status_path(
+        ws_handshake(
             &env,
+            "localhost",
             "/api/v1/sandboxes/sb-aaaaaaaaaa/pty",
             &m,
             &env.origin("localhost")
@@ -793,25 +802,6 @@ async fn dashboard_session_opens_the_api_from_its_own_pages_only() {
     assert_eq!(r.status(), 303);
     assert_eq!(me(&env, &m, "same-origin").await.0, 401);
     assert_eq!(me(&env, &m2, "same-origin").await.0, 200);
-}
-
-/// A raw WebSocket handshake to the manager's `path` with `cookie` and `origin`.
-async fn ws_status_path(env: &Env, path: &str, cookie: &str, origin: &str) -> u16 {
-    let mut tcp = tokio::net::TcpStream::connect(env.addr).await.unwrap();
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         Cookie: {cookie}\r\nOrigin: {origin}\r\n\r\n",
-        env.host("localhost")
-    );
-    tcp.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = vec![0u8; 1024];
-    let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
-        .await
-        .expect("handshake answer")
-        .unwrap();
-    let head = String::from_utf8_lossy(&buf[..n]);
-    head.split(' ').nth(1).unwrap().parse().unwrap()
 }
 
 #[tokio::test]
