@@ -85,6 +85,20 @@ async function answerInNeedsYou(page: Page, id: string, screenshot: string) {
   await expect(q).toBeHidden({ timeout: STEP });
 }
 
+// Every page runs under the manager's CSP: a violation is a bug (inline script, CDN).
+test.beforeEach(({ page }) => {
+  const violations: string[] = [];
+  page.on('console', (m) => {
+    if (m.type() === 'error' && /Content Security Policy/i.test(m.text())) violations.push(m.text());
+  });
+  (page as Page & { cspViolations?: string[] }).cspViolations = violations;
+});
+
+test.afterEach(({ page }) => {
+  const v = (page as Page & { cspViolations?: string[] }).cspViolations ?? [];
+  expect(v, 'CSP violations').toEqual([]);
+});
+
 let desktopTask = '';
 let phoneTask = '';
 
@@ -182,6 +196,14 @@ test.describe.serial('dashboard', () => {
 
   test('screenshots of every main page at desktop and phone size', async ({ page }) => {
     await signIn(page);
+    if (SIGNIN === 'form') {
+      // Installable from the manager's origin: a manifest and a service worker on /.
+      const manifest = await page.request.get('/manifest.webmanifest');
+      expect(manifest.ok()).toBe(true);
+      expect((await manifest.json()) as { start_url: string }).toMatchObject({ start_url: '/', display: 'standalone' });
+      const scope = await page.evaluate(async () => (await navigator.serviceWorker.ready).scope);
+      expect(new URL(scope).pathname).toBe('/');
+    }
     // The phone task still has its sandbox (in review).
     await page.goto(`/tasks/${phoneTask || desktopTask}`);
     const sbLink = page.locator('a[href^="/sandboxes/sb-"]').first();
