@@ -9,8 +9,9 @@
 //! a manager without it (before the dashboard was embedded) is reached through
 //! `vite preview`, whose proxy adds the API token (the documented dev mode).
 //!
-//! Skipped, with the reason printed, when the `minimal-opencode` test image, Chromium
-//! or `web/node_modules` is missing (`scripts/test.sh` provides all three).
+//! Skipped, with the reason printed, when the `minimal-opencode` test image, Chromium,
+//! `web/node_modules` or the built `web/dist` is missing (`scripts/test.sh` provides
+//! them all).
 //! Screenshots land in `target/dashboard-screenshots` (or `ATELIER_E2E_ARTIFACTS`);
 //! with `ATELIER_UPDATE_SCREENSHOTS=1` they are also copied to `docs/screenshots`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -67,6 +68,12 @@ fn missing_prerequisite(web: &Path, chromium: &Path) -> Option<String> {
         return Some(format!(
             "no Chromium at {} (`apt-get install chromium`, or set CHROMIUM_PATH)",
             chromium.display()
+        ));
+    }
+    if !web.join("dist/index.html").is_file() {
+        return Some(format!(
+            "no {}/dist (`npm --prefix web ci && npm --prefix web run build`)",
+            web.display()
         ));
     }
     if !web.join("node_modules/@playwright/test").is_dir() {
