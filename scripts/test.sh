@@ -16,7 +16,7 @@ echo "==> dashboard: lint, types, unit tests (the browser test runs in crates/at
 npm --prefix web run lint
 npm --prefix web run typecheck
 npm --prefix web test
-export CHROMIUM_PATH=${CHROMIUM_PATH:-$(command -v chromium)}
+export CHROMIUM_PATH=${CHROMIUM_PATH:-$(command -v chromium || echo /usr/bin/chromium)}
 echo "==> lint"
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
