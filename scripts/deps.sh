@@ -32,6 +32,11 @@ for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -
 id -u atelier-vmm >/dev/null 2>&1 || useradd --system --user-group --no-create-home \
   --home-dir /nonexistent --shell /usr/sbin/nologin --comment "Atelier share VMMs" atelier-vmm
 command -v npm >/dev/null || apt-get install -y -q npm
+# The dashboard's end-to-end test drives Debian's Chromium (headless) with Playwright;
+# only the test run needs it (scripts/test.sh sets ATELIER_NEED_BROWSER=1).
+if [ "${ATELIER_NEED_BROWSER:-0}" = 1 ] && ! command -v chromium >/dev/null; then
+  apt-get install -y -q chromium
+fi
 if ! qemu-system-x86_64 --version 2>/dev/null | grep -qE 'version (9|[1-9][0-9])\.'; then
   apt-get install -y -q -t bookworm-backports qemu-system-x86
 fi

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs Atelier on a fresh Debian 12 host and runs the manager: host packages, the
-# `atelier` and `atelier-bench` binaries, the static guest agent, Swagger UI, the
+# dashboard (web/, embedded in the binary), the `atelier` and `atelier-bench` binaries, the static guest agent, Swagger UI, the
 # default `minimal` image; then `atelier serve` (embedded SQLite in /var/lib/atelier)
 # as a systemd service where systemd is PID 1, else in the foreground (containers,
 # CI). ATELIER_FOREGROUND=1 forces the foreground. Running it again upgrades.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
+# The dashboard (web/dist) is embedded in the binary: build it first.
+bash scripts/build-web.sh
 echo "==> building atelier and atelier-bench (release)"
 cargo build --release --locked -p atelier -p atelier-bench
 agent=$(bash scripts/build-agent.sh)

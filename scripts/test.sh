@@ -5,11 +5,18 @@
 # rebuilt only when their inputs change), then lint and the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ATELIER_NEED_NEXTEST=1 bash scripts/deps.sh
+ATELIER_NEED_NEXTEST=1 ATELIER_NEED_BROWSER=1 bash scripts/deps.sh
 # A clean checkout gains nothing from incremental artifacts; they double the disk use.
 [ "${CI:-}" = true ] && export CARGO_INCREMENTAL=0
 export ATELIER_TEST_CACHE=${ATELIER_TEST_CACHE:-/var/cache/atelier-test}
 export ATELIER_TEST_IMAGES_DIR=$ATELIER_TEST_CACHE/images
+# The dashboard first: the binary embeds web/dist.
+bash scripts/build-web.sh
+echo "==> dashboard: lint, types, unit tests (the browser test runs in crates/atelier/tests/dashboard.rs)"
+npm --prefix web run lint
+npm --prefix web run typecheck
+npm --prefix web test
+export CHROMIUM_PATH=${CHROMIUM_PATH:-$(command -v chromium || echo /usr/bin/chromium)}
 echo "==> lint"
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
