@@ -51,7 +51,9 @@ export interface paths {
          * Answer a pending item. Permissions: `once`, `always`, `reject` (with an
          *     optional `message` the agent continues with). Questions: `reply` with
          *     `answers` (one list of labels or text per question) or `reject`. Stalled:
-         *     `retry` or `abort`. An item answered already is a 409.
+         *     `retry` or `abort`. Budget: `continue` (optional `budget_usd`/`budget_tokens`
+         *     as the task's new limits, each above what it used; none lifts the limit
+         *     reached) or `stop` (the task goes to review). An item answered already is a 409.
          */
         post: operations["attention_answer"];
         delete?: never;
@@ -634,6 +636,32 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/v1/tasks/{id}/messages": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * The task's conversation with its agent: the newest `limit` messages of its
+         *     OpenCode session, oldest first. Each has its text parts joined, its tool calls
+         *     summarised (tool, title, a short input, status, output cut at 4 KiB), and for
+         *     the agent's messages tokens and cost. Read live from OpenCode while the task's
+         *     sandbox runs (`live: true`); otherwise (parked, done, failed, cancelled, or
+         *     the sandbox unreachable) the copy kept on the task at its last turn, with
+         *     `captured_at` (its newest 200 messages). Before the task has a session the
+         *     list is empty.
+         */
+        get: operations["tasks_messages"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/v1/tasks/{id}/retry": {
         parameters: {
             query?: never;
@@ -692,7 +720,7 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** The task templates. */
+        /** The task templates (global and built-in, or as a workspace's tasks see them). */
         get: operations["tasks_templates"];
         put?: never;
         post?: never;
@@ -709,7 +737,7 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** One task template. */
+        /** One task template (global or built-in, or as a workspace's tasks see it). */
         get: operations["tasks_template"];
         /**
          * Store a template: replaces the built-in one of that name for every task
@@ -863,6 +891,22 @@ export interface components {
         } | {
             /** @enum {string} */
             answer: "abort";
+        } | {
+            /** @enum {string} */
+            answer: "continue";
+            /**
+             * Format: int64
+             * @description The task's new token limit (input + output).
+             */
+            budget_tokens?: number | null;
+            /**
+             * Format: double
+             * @description The task's new cost limit (USD).
+             */
+            budget_usd?: number | null;
+        } | {
+            /** @enum {string} */
+            answer: "stop";
         };
         /** @description What answering did. */
         AnswerView: {
@@ -896,7 +940,7 @@ export interface components {
          * @description What kind of person-facing item a task raised.
          * @enum {string}
          */
-        AttentionKind: "permission" | "question" | "stalled";
+        AttentionKind: "permission" | "question" | "stalled" | "budget";
         /**
          * @description Where an attention item is.
          * @enum {string}
@@ -918,7 +962,7 @@ export interface components {
             detail: Record<string, never>;
             /** @description Id (`at-` and 10 characters). */
             id: string;
-            /** @description Permission, question or stalled. */
+            /** @description Permission, question, stalled or budget. */
             kind: components["schemas"]["AttentionKind"];
             /**
              * Format: int64
@@ -932,8 +976,34 @@ export interface components {
             /** @description One line: the permission and what it is for, or the question. */
             title: string;
         };
+        /**
+         * @description A spending limit: cost in USD and/or tokens (input + output, reasoning
+         *     included). Reaching either stops the agent's turn and asks a person.
+         */
+        Budget: {
+            /**
+             * Format: int64
+             * @description Token limit: input plus output tokens.
+             */
+            tokens?: number | null;
+            /**
+             * Format: double
+             * @description Cost limit in USD (as the provider reports cost; unpriced models cost 0).
+             */
+            usd?: number | null;
+        };
         /** @description The next task on a done task's branch. */
         ChainBody: {
+            /**
+             * Format: int64
+             * @description The new task's token limit (input + output).
+             */
+            budget_tokens?: number | null;
+            /**
+             * Format: double
+             * @description The new task's cost limit (USD).
+             */
+            budget_usd?: number | null;
             /** @description What to do (default: a follow-up of the parent's description). */
             description?: string | null;
             effort?: null | components["schemas"]["Effort"];
@@ -948,6 +1018,28 @@ export interface components {
             id: string;
             /** @description First line of its message. */
             subject: string;
+        };
+        /** @description A task's conversation, oldest message first. */
+        Conversation: {
+            /**
+             * Format: int64
+             * @description When the kept copy was read (ms since epoch); `None` when live, or when
+             *     nothing was kept (the task never got a session).
+             */
+            captured_at?: number | null;
+            /**
+             * @description Read from OpenCode just now (the sandbox runs); `false`: the copy kept on
+             *     the task (its newest 200 messages), from `captured_at`.
+             */
+            live: boolean;
+            /** @description The newest `limit` messages, oldest first. */
+            messages: components["schemas"]["MessageView"][];
+            /** @description Its OpenCode session, once it has one. */
+            session?: string | null;
+            /** @description The task. */
+            task: string;
+            /** @description Older messages exist than those returned. */
+            truncated: boolean;
         };
         /** @description Body of a create request. */
         CreateBody: {
@@ -1211,7 +1303,7 @@ export interface components {
         } | {
             /** @description Item id. */
             item: string;
-            /** @description Permission, question or stalled. */
+            /** @description Permission, question, stalled or budget. */
             kind: components["schemas"]["AttentionKind"];
             /** @description Pending, answered or gone. */
             status: components["schemas"]["AttentionStatus"];
@@ -1349,6 +1441,46 @@ export interface components {
              */
             via: string;
         };
+        /** @description One message of a task's session. */
+        MessageView: {
+            /**
+             * Format: int64
+             * @description Finished (assistant messages), ms since epoch.
+             */
+            completed_at?: number | null;
+            /**
+             * Format: double
+             * @description Cost as the provider reports it, USD (assistant messages).
+             */
+            cost?: number | null;
+            /**
+             * Format: int64
+             * @description Created, ms since epoch.
+             */
+            created_at?: number | null;
+            /** @description The error that ended the message, if any. */
+            error?: string | null;
+            /** @description OpenCode's message id (`msg_…`). */
+            id: string;
+            /** @description `provider/model` that answered (assistant messages). */
+            model?: string | null;
+            /** @description `user` (the prompts, follow-ups) or `assistant` (the agent). */
+            role: string;
+            /** @description The text parts, joined by blank lines (at most 64 KiB). */
+            text: string;
+            /**
+             * Format: int64
+             * @description Input tokens (assistant messages).
+             */
+            tokens_in?: number | null;
+            /**
+             * Format: int64
+             * @description Output and reasoning tokens (assistant messages).
+             */
+            tokens_out?: number | null;
+            /** @description The tool calls, in order. */
+            tools: components["schemas"]["ToolCallView"][];
+        };
         /** @description A host folder shared into the guest (virtio-9p). */
         MountSpec: {
             /** @description Refuse writes (enforced by the host side). */
@@ -1360,6 +1492,17 @@ export interface components {
         };
         /** @description What a user asks to create. */
         NewTaskRequest: {
+            /**
+             * Format: int64
+             * @description The task's token limit (input + output), likewise.
+             */
+            budget_tokens?: number | null;
+            /**
+             * Format: double
+             * @description The task's cost limit in USD: reaching it stops the agent's turn and raises
+             *     a `budget` attention item (continue or stop).
+             */
+            budget_usd?: number | null;
             /** @description What to do (the prompt; its first line is the title). */
             description: string;
             effort?: null | components["schemas"]["Effort"];
@@ -1670,8 +1813,11 @@ export interface components {
             efforts?: {
                 [key: string]: components["schemas"]["EffortSettings"];
             };
-            /** @description Name (`implementation`, `security-review`, ...). */
-            name: string;
+            /**
+             * @description Name (`implementation`, `security-review`, ...). In a workspace's
+             *     `templates` map it may be left out (the key names it).
+             */
+            name?: string;
             /** @description Session permission rules, in order (later rules win, as in OpenCode). */
             permission?: components["schemas"]["PermissionRule"][];
             /**
@@ -1690,6 +1836,16 @@ export interface components {
             base_commit?: string | null;
             /** @description Its git branch. */
             branch: string;
+            /**
+             * Format: int64
+             * @description The task's own token limit (input + output), if any.
+             */
+            budget_tokens?: number | null;
+            /**
+             * Format: double
+             * @description The task's own cost limit (USD), if any.
+             */
+            budget_usd?: number | null;
             /** @description Board column: backlog, in-progress, needs-you, done, failed, cancelled. */
             column: string;
             /** @description Commits on the branch (kept once done). */
@@ -1783,6 +1939,8 @@ export interface components {
             updated_at: number;
             /** @description Workspace. */
             workspace: string;
+            /** @description A person let it go on past its workspace's budget. */
+            workspace_budget_waived: boolean;
         };
         /** @description One todo of the agent's list. */
         TodoView: {
@@ -1807,6 +1965,26 @@ export interface components {
             id: number;
             /** @description Name given at creation. */
             name: string;
+        };
+        /** @description One tool call of an assistant message. */
+        ToolCallView: {
+            /** @description OpenCode's call id. */
+            call_id: string;
+            /**
+             * @description What it was called with, in short: the command, the file path, the URL, or
+             *     the arguments as JSON (at most 200 bytes).
+             */
+            input: string;
+            /** @description Its output (completed) or error (error), at most 4 KiB. */
+            output?: string | null;
+            /** @description The output was cut. */
+            output_truncated: boolean;
+            /** @description `pending`, `running`, `completed` or `error`. */
+            status: string;
+            /** @description The tool's one-line title, when it gave one. */
+            title?: string | null;
+            /** @description The tool: `bash`, `write`, `edit`, `read`, `question`, `todowrite`... */
+            tool: string;
         };
         /** @description Usage of one workspace's tasks, summed. */
         UsageView: {
@@ -1870,6 +2048,7 @@ export interface components {
          *     manager. Unknown keys are refused so that typos are caught.
          */
         WorkspaceSpec: {
+            budget?: null | components["schemas"]["Budget"];
             /** @description Dev commands started in every sandbox of this workspace. */
             dev?: components["schemas"]["WorkspaceDev"][];
             /**
@@ -1904,6 +2083,14 @@ export interface components {
             resources?: components["schemas"]["Resources"];
             /** @description Secrets injected as environment variables and files (by reference). */
             secrets?: components["schemas"]["WorkspaceSecrets"];
+            /**
+             * @description Task templates for this workspace's tasks, by name: each replaces the
+             *     global (or built-in) template of its name, or adds one. The inner `name`
+             *     may be left out.
+             */
+            templates?: {
+                [key: string]: components["schemas"]["TaskTemplate"];
+            };
         };
         /** @description A workspace definition as the API shows it. */
         WorkspaceView: {
@@ -4480,6 +4667,67 @@ export interface operations {
             };
         };
     };
+    tasks_messages: {
+        parameters: {
+            query?: {
+                /** @description How many of the newest messages (1 to 1000, default 200). */
+                limit?: number;
+            };
+            header?: never;
+            path: {
+                /** @description Task id */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Conversation"];
+                };
+            };
+            /** @description `invalid`: the body or query does not parse, or a value breaks a rule; the message names the field and the rule */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description `unauthorized`: the bearer token is missing or invalid */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description `not_found`: the sandbox, dev command, workspace, secret, prebuild, image or guest file named does not exist */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description `internal`: a fault in the manager; the message carries the request id to look for in the manager log */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+        };
+    };
     tasks_retry: {
         parameters: {
             query?: never;
@@ -4705,7 +4953,13 @@ export interface operations {
     };
     tasks_templates: {
         parameters: {
-            query?: never;
+            query?: {
+                /**
+                 * @description As this workspace's tasks see them: its own templates (its definition's
+                 *     `templates`) over the global ones over the built-in ones.
+                 */
+                workspace?: string;
+            };
             header?: never;
             path?: never;
             cookie?: never;
@@ -4720,8 +4974,26 @@ export interface operations {
                     "application/json": components["schemas"]["TaskTemplate"][];
                 };
             };
+            /** @description `invalid`: the body or query does not parse, or a value breaks a rule; the message names the field and the rule */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
             /** @description `unauthorized`: the bearer token is missing or invalid */
             401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description `not_found`: the sandbox, dev command, workspace, secret, prebuild, image or guest file named does not exist */
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4742,7 +5014,13 @@ export interface operations {
     };
     tasks_template: {
         parameters: {
-            query?: never;
+            query?: {
+                /**
+                 * @description As this workspace's tasks see them: its own templates (its definition's
+                 *     `templates`) over the global ones over the built-in ones.
+                 */
+                workspace?: string;
+            };
             header?: never;
             path: {
                 /** @description Template name */
@@ -4758,6 +5036,15 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["TaskTemplate"];
+                };
+            };
+            /** @description `invalid`: the body or query does not parse, or a value breaks a rule; the message names the field and the rule */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
                 };
             };
             /** @description `unauthorized`: the bearer token is missing or invalid */

@@ -19,3 +19,6 @@ export type SecretView = S['SecretView'];
 export type DevView = S['DevView'];
 export type AtelierEvent = S['Event'];
 export type ApiErrorBody = S['ApiErrorBody'];
+export type Conversation = S['Conversation'];
+export type MessageView = S['MessageView'];
+export type ToolCallView = S['ToolCallView'];

@@ -202,10 +202,11 @@ function Budget({ item, onAnswered }: { item: AttentionView; onAnswered?: () => 
   const [tok, setTok] = useState('');
   const { busy, err, send } = useAnswer(item.id, onAnswered);
   const cont = () => {
-    const a: Record<string, unknown> = { answer: 'continue' };
-    if (usd.trim()) a.budget_usd = Number(usd);
-    if (tok.trim()) a.budget_tokens = Number(tok);
-    void send(a as unknown as Answer);
+    void send({
+      answer: 'continue',
+      budget_usd: usd.trim() ? Number(usd) : null,
+      budget_tokens: tok.trim() ? Number(tok) : null,
+    });
   };
   return (
     <>
@@ -243,7 +244,7 @@ function Budget({ item, onAnswered }: { item: AttentionView; onAnswered?: () => 
         <button type="button" disabled={busy} onClick={cont}>
           Continue
         </button>
-        <button type="button" className="danger" disabled={busy} onClick={() => void send({ answer: 'stop' } as unknown as Answer)}>
+        <button type="button" className="danger" disabled={busy} onClick={() => void send({ answer: 'stop' })}>
           Stop here
         </button>
       </div>

@@ -13,6 +13,7 @@ export function task(over: Partial<TaskView> = {}): TaskView {
     branch: 'atelier/tk-0000000001-add-feature-txt',
     base_branch: 'main',
     parked: false,
+    workspace_budget_waived: false,
     todos_done: 0,
     todos_total: 0,
     percent: 0,
