@@ -194,6 +194,25 @@ test.describe.serial('dashboard', () => {
     await expect(page.getByText('"/workspace/shop"')).toBeVisible();
   });
 
+  test('a sandbox from the workspace: create it, see it run, delete it', async ({ page }) => {
+    await page.setViewportSize(DESKTOP);
+    await signIn(page);
+    await page.goto('/sandboxes');
+    await page.getByRole('button', { name: 'New sandbox' }).click();
+    const form = page.getByRole('form', { name: 'New sandbox' });
+    await form.getByLabel('Name').fill('from-the-ui');
+    await expect(form.getByLabel('From')).toHaveValue(`ws:${WORKSPACE}`);
+    await form.getByRole('button', { name: 'Create sandbox' }).click();
+    // The API answers once the agent does; the page then opens the sandbox.
+    await page.waitForURL(/\/sandboxes\/sb-/, { timeout: STEP });
+    await expect(page.getByRole('heading', { level: 1 })).toHaveText('from-the-ui');
+    await expect(page.locator('.chip.sb-running').first()).toBeVisible();
+    page.once('dialog', (d) => void d.accept());
+    await page.getByRole('button', { name: 'Delete' }).click();
+    await page.waitForURL((u) => u.pathname === '/sandboxes', { timeout: STEP });
+    await expect(page.getByTestId('sandbox-row').filter({ hasText: 'from-the-ui' })).toHaveCount(0, { timeout: STEP });
+  });
+
   test('screenshots of every main page at desktop and phone size', async ({ page }) => {
     await signIn(page);
     if (SIGNIN === 'form') {

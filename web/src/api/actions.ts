@@ -50,3 +50,27 @@ export async function answer(item: string, a: Answer): Promise<void> {
 }
 
 export { check };
+
+export type NewSandbox = {
+  name: string;
+  /** From this workspace's prebuild (its image and shape), or else from `image`. */
+  workspace: string | null;
+  image?: string;
+  vcpus?: number;
+  memory_mib?: number;
+};
+
+/** Creates a sandbox; resolves once its agent answers (the API waits for it). */
+export async function createSandbox(body: NewSandbox) {
+  return check(await api.POST('/api/v1/sandboxes', { body }));
+}
+
+/** Starts a supervised dev command in a sandbox (with a port: it gets a URL). */
+export async function startDev(sandbox: string, body: { name: string; command: string; port: number | null }) {
+  return check(await api.POST('/api/v1/sandboxes/{id}/dev', { params: { path: { id: sandbox } }, body }));
+}
+
+/** Stops a dev command. */
+export async function stopDev(sandbox: string, name: string): Promise<void> {
+  check(await api.DELETE('/api/v1/sandboxes/{id}/dev/{name}', { params: { path: { id: sandbox, name } } }));
+}

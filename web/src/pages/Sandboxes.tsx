@@ -1,8 +1,9 @@
 import { useEffect, useState } from 'react';
-import { check } from '../api/actions';
+import { check, startDev, stopDev } from '../api/actions';
 import { api, getText } from '../api/client';
 import { streamText } from '../api/raw';
 import type { SandboxView } from '../api/types';
+import { NewDev, NewSandbox } from '../components/NewSandbox';
 import { Terminal } from '../components/Terminal';
 import { bytes, duration } from '../lib/format';
 import { useLive } from '../lib/hooks';
@@ -19,11 +20,26 @@ export function Sandboxes() {
     (e) => e.type.startsWith('sandbox') || e.type === 'resync',
     [],
   );
+  const [showNew, setShowNew] = useState(false);
+  const sources = useLive(
+    async () => ({
+      workspaces: ((await api.GET('/api/v1/workspaces')).data ?? []).map((w) => w.name),
+      images: ((await api.GET('/api/v1/images')).data ?? []).map((i) => i.name),
+    }),
+    (e) => e.type === 'workspace.changed',
+    [],
+  );
   return (
     <section>
       <div className="page-head">
         <h1>Sandboxes</h1>
+        <button type="button" aria-expanded={showNew} onClick={() => setShowNew((x) => !x)}>
+          {showNew ? 'Close' : 'New sandbox'}
+        </button>
       </div>
+      {showNew && sources.data && (
+        <NewSandbox workspaces={sources.data.workspaces} images={sources.data.images} onCreated={(id) => navigate(`/sandboxes/${id}`)} />
+      )}
       {list.error && <p className="error">{list.error}</p>}
       {list.data && list.data.length === 0 && <p className="empty">No sandboxes.</p>}
       <div className="table-wrap">
@@ -210,6 +226,17 @@ export function SandboxPage({ id }: { id: string }) {
     }
   };
 
+  const stop = async (name: string) => {
+    if (!window.confirm(`Stop ${name}?`)) return;
+    setErr(null);
+    try {
+      await stopDev(id, name);
+      dev.reload();
+    } catch (e) {
+      setErr(e instanceof Error ? e.message : String(e));
+    }
+  };
+
   if (sb.error)
     return (
       <section>
@@ -265,11 +292,22 @@ export function SandboxPage({ id }: { id: string }) {
                   )}{' '}
                   <button type="button" className="small ghost" aria-expanded={logsOf === d.name} onClick={() => setLogsOf((x) => (x === d.name ? null : d.name))}>
                     {logsOf === d.name ? 'Hide logs' : 'Logs'}
+                  </button>{' '}
+                  <button type="button" className="small ghost" disabled={busy} onClick={() => void stop(d.name)}>
+                    Stop
                   </button>
                   {logsOf === d.name && <DevLogs sandbox={s.id} name={d.name} />}
                 </li>
               ))}
             </ul>
+          )}
+          {running && (
+            <NewDev
+              onStart={async (body) => {
+                await startDev(s.id, body);
+                dev.reload();
+              }}
+            />
           )}
           <h2>Console log</h2>
           <pre className="code log" tabIndex={0}>
