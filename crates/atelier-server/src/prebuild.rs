@@ -1228,52 +1228,15 @@ http.server.ThreadingHTTPServer(("127.0.0.1", redir), R).serve_forever()
             .expect("a free port")
     }
 
-    #[tokio::test]
-    async fn ls_remote_sends_the_credentials_as_a_header() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let record = dir.path().join("seen.txt");
+    /// The redirecting server (first port) and the recorder (second port, writes
+    /// what it was sent to `record`), both answering.
+    async fn start_recorder(record: &std::path::Path) -> (tokio::process::Child, u16, u16) {
         let (redir, coll) = (free_port(), free_port());
-        let mut servers = tokio::process::Command::new("python3")
+        let servers = tokio::process::Command::new("python3")
             .args(["-c", REDIRECT_AND_RECORD])
             .arg(redir.to_string())
             .arg(coll.to_string())
-            .arg(&record)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("python3");
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while tokio::net::TcpStream::connect(("127.0.0.1", coll))
-            .await
-            .is_err()
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "test server did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let url = format!("http://127.0.0.1:{coll}/demo.git");
-        // The recorder answers 404: the call fails, after sending its header.
-        let r = ls_remote(&url, "main", Some(b"bot:s3cret-token")).await;
-        let _ = servers.kill().await;
-        assert!(r.is_err(), "{r:?}");
-        let seen = std::fs::read_to_string(&record).unwrap_or_default();
-        assert!(
-            seen.contains(&basic_auth_header(b"bot:s3cret-token")["Authorization: ".len()..]),
-            "ls-remote did not send the credentials: {seen}"
-        );
-    }
-
-    #[tokio::test]
-    async fn credentials_are_not_sent_along_a_redirect() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let record = dir.path().join("seen.txt");
-        let (redir, coll) = (free_port(), free_port());
-        let mut servers = tokio::process::Command::new("python3")
-            .args(["-c", REDIRECT_AND_RECORD])
-            .arg(redir.to_string())
-            .arg(coll.to_string())
-            .arg(&record)
+            .arg(record)
             .kill_on_drop(true)
             .spawn()
             .expect("python3");
@@ -1291,6 +1254,31 @@ http.server.ThreadingHTTPServer(("127.0.0.1", redir), R).serve_forever()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        (servers, redir, coll)
+    }
+
+    #[tokio::test]
+    async fn ls_remote_sends_the_credentials_as_a_header() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let record = dir.path().join("seen.txt");
+        let (mut servers, _, coll) = start_recorder(&record).await;
+        let url = format!("http://127.0.0.1:{coll}/demo.git");
+        // The recorder answers 404: the call fails, after sending its header.
+        let r = ls_remote(&url, "main", Some(b"bot:s3cret-token")).await;
+        let _ = servers.kill().await;
+        assert!(r.is_err(), "{r:?}");
+        let seen = std::fs::read_to_string(&record).unwrap_or_default();
+        assert!(
+            seen.contains(&basic_auth_header(b"bot:s3cret-token")["Authorization: ".len()..]),
+            "ls-remote did not send the credentials: {seen}"
+        );
+    }
+
+    #[tokio::test]
+    async fn credentials_are_not_sent_along_a_redirect() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let record = dir.path().join("seen.txt");
+        let (mut servers, redir, _) = start_recorder(&record).await;
         let url = format!("http://127.0.0.1:{redir}/demo.git");
         let fetched = fetch_bundle(&url, "main", b"bot:s3cret-token", dir.path()).await;
         let _ = servers.kill().await;

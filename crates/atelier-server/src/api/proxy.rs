@@ -350,12 +350,25 @@ async fn find_session(
     kind: &str,
     host: Option<&str>,
 ) -> Result<Option<SessionRecord>, Error> {
+    Ok(find_session_and_value(st, headers, scheme, kind, host)
+        .await?
+        .map(|(s, _)| s))
+}
+
+/// [`find_session`], with the cookie value that opened it.
+async fn find_session_and_value(
+    st: &AppState,
+    headers: &HeaderMap,
+    scheme: Scheme,
+    kind: &str,
+    host: Option<&str>,
+) -> Result<Option<(SessionRecord, String)>, Error> {
     for value in session_cookies(headers, scheme) {
         if let Some(s) = st.mgr.store().browser_session(&hash_token(&value)).await?
             && s.kind == kind
             && s.host.as_deref() == host
         {
-            return Ok(Some(s));
+            return Ok(Some((s, value)));
         }
     }
     Ok(None)
@@ -368,15 +381,7 @@ pub(crate) async fn manager_session(
     headers: &HeaderMap,
     scheme: Scheme,
 ) -> Result<Option<(SessionRecord, String)>, Error> {
-    for value in session_cookies(headers, scheme) {
-        if let Some(s) = st.mgr.store().browser_session(&hash_token(&value)).await?
-            && s.kind == "manager"
-            && s.host.is_none()
-        {
-            return Ok(Some((s, value)));
-        }
-    }
-    Ok(None)
+    find_session_and_value(st, headers, scheme, "manager", None).await
 }
 
 /// The CSRF token of a manager session: what the dashboard sends back in

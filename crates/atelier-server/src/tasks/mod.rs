@@ -806,23 +806,16 @@ impl Tasks {
 
     /// A waiting task whose turn is over and has nothing pending goes to review.
     async fn settle_idle(&self, task: &str) {
-        if let Ok(t) = self.get(task).await
-            && t.state == TaskState::Waiting
-            && self
-                .store
-                .attention_list(Some(task), true)
-                .await
-                .is_ok_and(|l| l.is_empty())
-        {
-            let _ = self
-                .store
-                .task_transition(task, TaskState::Review, None)
-                .await;
-        }
+        self.leave_waiting(task, TaskState::Review).await;
     }
 
     /// After an answer: a task with nothing pending works again.
     async fn after_answer(&self, task: &str) {
+        self.leave_waiting(task, TaskState::Working).await;
+    }
+
+    /// A waiting task with nothing pending any more moves on to `to`.
+    async fn leave_waiting(&self, task: &str, to: TaskState) {
         if let Ok(t) = self.get(task).await
             && t.state == TaskState::Waiting
             && self
@@ -831,10 +824,7 @@ impl Tasks {
                 .await
                 .is_ok_and(|l| l.is_empty())
         {
-            let _ = self
-                .store
-                .task_transition(task, TaskState::Working, None)
-                .await;
+            let _ = self.store.task_transition(task, to, None).await;
         }
     }
 
