@@ -19,7 +19,9 @@ use atelier_core::workspace::WorkspaceSpec;
 use atelier_server::opencode::{OpenCodeServer, REQUEST_TIMEOUT, Reply, request_on};
 use atelier_server::{Manager, ManagerConfig};
 use atelier_testkit::model::RequestKind;
-use atelier_testkit::opencode_ws::{MODEL, OPENCODE_IMAGE, PROVIDER, opencode_workspace_yaml};
+use atelier_testkit::opencode_ws::{
+    MODEL, OPENCODE_IMAGE, PROVIDER, has_opencode_image, opencode_workspace_yaml, test_images_dir,
+};
 use atelier_testkit::{GitServer, ModelServer, NetSlot, PublicNet, Script, StaticDns, Turn};
 
 /// A prebuild with a cold OpenCode start under TCG takes minutes.
@@ -30,20 +32,9 @@ const MODEL_HOST: &str = "public.test";
 const MODEL_PORT: u16 = 18090;
 
 fn images_dir() -> PathBuf {
-    let dir = std::env::var_os("ATELIER_TEST_IMAGES_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/atelier-test/images"));
-    let has = std::fs::read_dir(&dir)
-        .map(|rd| {
-            rd.flatten().any(|e| {
-                e.file_name()
-                    .to_string_lossy()
-                    .starts_with(&format!("{OPENCODE_IMAGE}-"))
-            })
-        })
-        .unwrap_or(false);
+    let dir = test_images_dir();
     assert!(
-        has,
+        has_opencode_image(&dir),
         "no {OPENCODE_IMAGE} image in {}; run `bash scripts/test.sh` or build it with `atelier image build {OPENCODE_IMAGE}`",
         dir.display()
     );

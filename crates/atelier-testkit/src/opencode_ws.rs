@@ -7,6 +7,27 @@
 /// The test image with OpenCode.
 pub const OPENCODE_IMAGE: &str = "minimal-opencode";
 
+/// Where the tests' images are: `ATELIER_TEST_IMAGES_DIR`, else the cache
+/// `scripts/test.sh` builds them into.
+pub fn test_images_dir() -> std::path::PathBuf {
+    std::env::var_os("ATELIER_TEST_IMAGES_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from("/var/cache/atelier-test/images"))
+}
+
+/// Whether `dir` holds a built [`OPENCODE_IMAGE`] (`minimal-opencode-<hash>`).
+pub fn has_opencode_image(dir: &std::path::Path) -> bool {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten().any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{OPENCODE_IMAGE}-"))
+            })
+        })
+        .unwrap_or(false)
+}
+
 /// The OpenCode provider id the scripted model is configured under.
 pub const PROVIDER: &str = "local";
 
@@ -63,5 +84,16 @@ mod tests {
         assert!(y.contains("http://model.test:8090/v1"), "{y}");
         assert!(y.contains("path: /workspace/oc"), "{y}");
         assert!(y.contains(r#"allow: [ "model.test" ]"#), "{y}");
+    }
+
+    #[test]
+    fn finds_the_opencode_image_by_its_name_prefix() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(!super::has_opencode_image(dir.path()));
+        assert!(!super::has_opencode_image(&dir.path().join("missing")));
+        std::fs::create_dir(dir.path().join("minimal-0123abcd")).expect("mkdir");
+        assert!(!super::has_opencode_image(dir.path()));
+        std::fs::create_dir(dir.path().join("minimal-opencode-0123abcd")).expect("mkdir");
+        assert!(super::has_opencode_image(dir.path()));
     }
 }

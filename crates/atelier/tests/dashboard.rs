@@ -24,7 +24,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use atelier_testkit::opencode_ws::{OPENCODE_IMAGE, opencode_workspace_yaml};
+use atelier_testkit::opencode_ws::{
+    OPENCODE_IMAGE, has_opencode_image, opencode_workspace_yaml, test_images_dir,
+};
 use atelier_testkit::{ModelServer, Script, StaticDns, Turn};
 use common::{GitServer, PublicNet, Server, free_port, poll_until};
 use serde_json::json;
@@ -46,19 +48,8 @@ fn repo_root() -> PathBuf {
 
 /// Why the test cannot run here, if it cannot.
 fn missing_prerequisite(web: &Path, chromium: &Path) -> Option<String> {
-    let images = std::env::var_os("ATELIER_TEST_IMAGES_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/atelier-test/images"));
-    let has_opencode = std::fs::read_dir(&images)
-        .map(|rd| {
-            rd.flatten().any(|e| {
-                e.file_name()
-                    .to_string_lossy()
-                    .starts_with(&format!("{OPENCODE_IMAGE}-"))
-            })
-        })
-        .unwrap_or(false);
-    if !has_opencode {
+    let images = test_images_dir();
+    if !has_opencode_image(&images) {
         return Some(format!(
             "no {OPENCODE_IMAGE} image in {} (`bash scripts/test.sh` builds it)",
             images.display()
